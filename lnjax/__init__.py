@@ -1,0 +1,19 @@
+"""lnjax: layer normalization and its relatives, and normalized RNNs, in JAX.
+
+Pure functions live at the top level (`lnjax.layer_norm`, ...); Flax wrappers in
+`lnjax.nnx` and `lnjax.linen`.
+"""
+
+from lnjax.normalization import (
+    BatchNormState,
+    batch_norm,
+    batch_norm_state,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    moments,
+    rms_norm,
+    weight_norm,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,389 @@
+"""Normalization as pure functions: layer, RMS, batch, group, instance and weight normalization.
+
+The numerical contract, shared by every op here:
+
+* statistics are computed in at least float32 (float64 inputs keep float64);
+* the output has the input's dtype, whatever the dtype of `scale` and `bias`;
+* the variance is the biased one (divide by n) and, by default, the exact two-pass form
+  `mean((x - mean(x))**2)`; `fast_variance=True` opts into the one-pass `E[x^2] - E[x]^2`,
+  clipped at zero, which cancels catastrophically when |mean| >> std;
+* `eps` is added inside the square root: `(x - mu) / sqrt(var + eps)`;
+* parameters are never broadcast: `scale`/`bias` must have exactly the shape of the axes they
+  apply to, and a mismatch is a ValueError at trace time.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lnjax import _checks
+
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "batch_norm_state",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "moments",
+    "rms_norm",
+    "weight_norm",
+]
+
+
+def _broadcast_to_axes(p, ax: tuple[int, ...], ndim: int, dtype):
+    """Reshapes a parameter of shape `x.shape[ax]` so it broadcasts against `x`."""
+    shape = [1] * ndim
+    for a, n in zip(ax, p.shape):
+        shape[a] = n
+    return p.astype(dtype).reshape(shape)
+
+
+def _scale_shift(y, scale, bias, ax, ndim):
+    if scale is not None:
+        y = y * _broadcast_to_axes(scale, ax, ndim, y.dtype)
+    if bias is not None:
+        y = y + _broadcast_to_axes(bias, ax, ndim, y.dtype)
+    return y
+
+
+def _inv_std(var, eps):
+    # eps is cast so that a NumPy/float64 eps never promotes float32 statistics.
+    return lax.rsqrt(var + jnp.asarray(eps, var.dtype))
+
+
+def _moments(x, ax, *, mask, axis_name, fast_variance):
+    """(mean, biased var, count) over `ax`, keepdims, in the statistics dtype.
+
+    With `axis_name`, sums and counts are reduced across that named axis too, so every device
+    sees the statistics of the global batch. Counts are clamped at 1 so that an all-masked
+    reduction gives mean 0 and variance 0 rather than NaN.
+    """
+    dtype = _checks.stats_dtype(x.dtype)
+    xf = x.astype(dtype)
+    if mask is None:
+        count = jnp.asarray(math.prod(x.shape[a] for a in ax), dtype)
+    else:
+        xf = jnp.where(mask, xf, 0)
+        count = jnp.sum(mask, axis=ax, keepdims=True, dtype=dtype)
+
+    def total(v):
+        s = jnp.sum(v, axis=ax, keepdims=True)
+        return s if axis_name is None else lax.psum(s, axis_name)
+
+    if axis_name is not None:
+        count = lax.psum(count, axis_name)
+    count = jnp.maximum(count, 1)
+    if fast_variance:
+        mean = total(xf) / count
+        var = jnp.maximum(total(xf * xf) / count - mean * mean, 0)
+    else:
+        mean = total(xf) / count
+        d = xf - mean
+        if mask is not None:
+            d = jnp.where(mask, d, 0)
+        var = total(d * d) / count
+    return mean, var, count
+
+
+def _expand_mask(mask, x, ax, name="mask"):
+    """Checks a boolean mask of shape `x.shape[ax]` and expands it to broadcast against x."""
+    if mask is None:
+        return None
+    expected = tuple(x.shape[a] for a in ax)
+    mask = _checks.shape(mask, expected, name, hint=" (one flag per position on the reduced axes)")
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"`{name}` must be boolean, got dtype {mask.dtype}.")
+    return _broadcast_to_axes(mask, ax, x.ndim, jnp.bool_)
+
+
+def moments(x, axis=-1, *, keepdims=False, fast_variance=False, mask=None, axis_name=None):
+    """Mean and biased variance of `x` over `axis`, in at least float32.
+
+    The statistics every op in lnjax shares (Ba et al. 2016, eq. 3:
+    `mu = 1/H sum_i a_i`, `sigma^2 = 1/H sum_i (a_i - mu)^2`).
+
+    Args:
+      x: floating array of any shape.
+      axis: int or tuple of ints, the axes reduced.
+      keepdims: keep reduced axes as size 1.
+      fast_variance: one-pass `E[x^2] - E[x]^2` (clipped at 0) instead of the exact two-pass form.
+      mask: optional boolean array of shape `x.shape[axis]`; False entries are left out.
+        If every entry is masked, mean and variance are 0.
+      axis_name: a named axis (vmap/shard_map/pmap) to reduce over as well.
+
+    Returns:
+      `(mean, var)`, each of shape `x.shape` without (or with size-1) `axis`, dtype
+      `promote_types(x.dtype, float32)`.
+    """
+    x = _checks.floating(x)
+    ax = _checks.axes(axis, x.ndim)
+    m = _expand_mask(mask, x, ax)
+    mean, var, _ = _moments(x, ax, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+    if not keepdims:
+        mean, var = jnp.squeeze(mean, ax), jnp.squeeze(var, ax)
+    return mean, var
+
+
+def _param_check(x, ax, scale, bias, eps):
+    pshape = tuple(x.shape[a] for a in ax)
+    hint = f" (x.shape[axis] for x of shape {x.shape} and axis {ax})"
+    scale = _checks.shape(scale, pshape, "scale", hint)
+    bias = _checks.shape(bias, pshape, "bias", hint)
+    for name, p in (("scale", scale), ("bias", bias)):
+        if p is not None:
+            _checks.floating(p, name)
+    _checks.nonnegative(eps, "eps")
+    return scale, bias
+
+
+def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
+    """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5).
+
+    `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias` with `mu`, `sigma^2` the mean and
+    biased variance of each example over `axis`. Training and inference compute the same thing.
+
+    Args:
+      x: floating array `[..., *features]`.
+      scale: the gain `g`, shape `x.shape[axis]` (or None for 1).
+      bias: the bias `b`, shape `x.shape[axis]` (or None for 0).
+      axis: int or tuple of ints, the axes normalized over (the "H units" of the paper).
+      eps: added to the variance inside the square root; 1e-5 as in the authors' code.
+      fast_variance: one-pass variance (see `moments`).
+
+    Returns:
+      Array of `x`'s shape and dtype.
+    """
+    x = _checks.floating(x)
+    ax = _checks.axes(axis, x.ndim)
+    scale, bias = _param_check(x, ax, scale, bias, eps)
+    mean, var, _ = _moments(x, ax, mask=None, axis_name=None, fast_variance=fast_variance)
+    y = (x.astype(mean.dtype) - mean) * _inv_std(var, eps)
+    return _scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
+
+
+def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6):
+    """RMS normalization (Zhang & Sennrich 2019): layer norm without re-centering.
+
+    `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`.
+
+    Args:
+      x: floating array `[..., *features]`.
+      scale: gain, shape `x.shape[axis]` (or None).
+      bias: optional bias, shape `x.shape[axis]`; off by default as in the authors' code.
+      axis: int or tuple of ints reduced over.
+      eps: inside the square root; 1e-6 as in Flax's RMSNorm.
+
+    Returns:
+      Array of `x`'s shape and dtype.
+    """
+    x = _checks.floating(x)
+    ax = _checks.axes(axis, x.ndim)
+    scale, bias = _param_check(x, ax, scale, bias, eps)
+    xf = x.astype(_checks.stats_dtype(x.dtype))
+    ms = jnp.mean(xf * xf, axis=ax, keepdims=True)
+    return _scale_shift(xf * _inv_std(ms, eps), scale, bias, ax, x.ndim).astype(x.dtype)
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics of batch normalization, each of the feature shape.
+
+    Attributes:
+      mean: running average of the batch means.
+      var: running average of the unbiased batch variances `m / (m - 1) * var`
+        (Ioffe & Szegedy 2015, Alg. 2), used at inference.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+
+
+def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
+    """Initial running statistics: mean 0, variance 1 (as Flax and PyTorch).
+
+    Args:
+      num_features: int or tuple, the feature shape (`x.shape[axis]` of `batch_norm`).
+      dtype: dtype of the statistics; at least float32 is recommended.
+    """
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    for n in shape:
+        _checks.positive_int(n, "num_features")
+    return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
+
+
+def batch_norm(
+    x,
+    scale,
+    bias,
+    state: BatchNormState,
+    *,
+    training: bool,
+    axis=-1,
+    momentum=0.99,
+    eps=1e-5,
+    axis_name=None,
+    mask=None,
+    fast_variance=False,
+):
+    """Batch normalization (Ioffe & Szegedy 2015) with running statistics in `state`.
+
+    Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the batch mean and
+    biased variance over every axis except `axis`; the running averages become
+    `momentum * running + (1 - momentum) * batch`, using the unbiased `m / (m - 1) * sigma_B^2`
+    for the variance. Inference (`training=False`) normalizes with the running averages and
+    returns `state` unchanged.
+
+    `momentum` follows Flax/Keras (the weight of the old value): PyTorch's `momentum=p`
+    corresponds to `momentum=1 - p` here.
+
+    Args:
+      x: floating array, e.g. `[batch, features]` or `[batch, height, width, channels]`.
+      scale: gain, shape `x.shape[axis]`, or None.
+      bias: bias, shape `x.shape[axis]`, or None.
+      state: a `BatchNormState` whose arrays have shape `x.shape[axis]`.
+      training: use (and update) batch statistics if True, running statistics if False.
+      axis: int or tuple of ints, the feature axes kept; statistics reduce over all others.
+      momentum: in [0, 1].
+      eps: inside the square root.
+      axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
+      mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
+        `[batch, features]`); False positions (padding) are left out of the statistics.
+      fast_variance: one-pass variance (see `moments`).
+
+    Returns:
+      `(y, new_state)`, `y` with `x`'s shape and dtype.
+    """
+    x = _checks.floating(x)
+    feat = _checks.axes(axis, x.ndim)
+    red = tuple(a for a in range(x.ndim) if a not in feat)
+    if not red and axis_name is None:
+        raise ValueError(
+            f"`axis`={axis!r} keeps every axis of x (shape {x.shape}); batch_norm needs a batch "
+            "axis to compute statistics over, or an `axis_name` when the batch is vmapped."
+        )
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
+    scale, bias = _param_check(x, feat, scale, bias, eps)
+    _checks.in_unit_interval(momentum, "momentum")
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState (see `batch_norm_state`), got {type(state).__name__}."
+        )
+    fshape = tuple(x.shape[a] for a in feat)
+    hint = f" (x.shape[axis] for x of shape {x.shape}; a state made for another feature size?)"
+    _checks.shape(state.mean, fshape, "state.mean", hint)
+    _checks.shape(state.var, fshape, "state.var", hint)
+    m = _expand_mask(mask, x, red)
+
+    if training:
+        mean, var, count = _moments(x, red, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+        flat = lambda s: lax.stop_gradient(s.reshape(fshape))  # noqa: E731
+        n = flat(jnp.broadcast_to(count, mean.shape))
+        unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
+
+        def ema(old, new):
+            return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+
+        new_state = BatchNormState(ema(state.mean, flat(mean)), ema(state.var, unbiased))
+    else:
+        dtype = _checks.stats_dtype(x.dtype)
+        mean = _broadcast_to_axes(state.mean, feat, x.ndim, dtype)
+        var = _broadcast_to_axes(state.var, feat, x.ndim, dtype)
+        new_state = state
+    y = (x.astype(mean.dtype) - mean) * _inv_std(var, eps)
+    return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
+
+
+def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
+    """Group normalization (Wu & He 2018).
+
+    Per example, the channels are split into `num_groups` contiguous groups and each group is
+    normalized over its channels and all spatial axes. `num_groups=1` is layer norm over
+    channels and space; `num_groups=C` is instance norm.
+
+    Args:
+      x: floating array `[batch, *spatial, channels]` (axis 0 is the batch; use `jax.vmap`
+        for other layouts or unbatched inputs).
+      num_groups: positive int dividing the number of channels (Wu & He use 32).
+      scale: per-channel gain, shape `[channels]`, or None.
+      bias: per-channel bias, shape `[channels]`, or None.
+      axis: the channel axis (-1 for NHWC, 1 for NCHW); must not be 0.
+      eps: inside the square root.
+      fast_variance: one-pass variance (see `moments`).
+
+    Returns:
+      Array of `x`'s shape and dtype.
+    """
+    x = _checks.floating(x)
+    if x.ndim < 2:
+        raise ValueError(f"`x` must have a batch axis and a channel axis, got shape {x.shape}.")
+    (c,) = _checks.axes(axis, x.ndim)
+    if c == 0:
+        raise ValueError(f"`axis`={axis!r} is the batch axis 0; expected the channel axis.")
+    channels = x.shape[c]
+    num_groups = _checks.positive_int(num_groups, "num_groups")
+    if channels % num_groups:
+        raise ValueError(
+            f"`num_groups`={num_groups} does not divide the {channels} channels of x "
+            f"(shape {x.shape}, channel axis {c})."
+        )
+    scale, bias = _param_check(x, (c,), scale, bias, eps)
+    xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
+    red = tuple(a for a in range(1, xg.ndim) if a != c)
+    mean, var, _ = _moments(xg, red, mask=None, axis_name=None, fast_variance=fast_variance)
+    y = ((xg.astype(mean.dtype) - mean) * _inv_std(var, eps)).reshape(x.shape)
+    return _scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)
+
+
+def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
+    """Instance normalization (Ulyanov et al. 2016): per example and channel, over space.
+
+    Args:
+      x: floating array `[batch, *spatial, channels]` with at least one spatial axis.
+      scale, bias: per-channel, shape `[channels]`, or None.
+      axis: the channel axis; must not be 0.
+      eps: inside the square root.
+      fast_variance: one-pass variance (see `moments`).
+
+    Returns:
+      Array of `x`'s shape and dtype. Equal to `group_norm(x, channels, ...)`.
+    """
+    x = _checks.floating(x)
+    if x.ndim < 3:
+        raise ValueError(
+            f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
+            f"{x.shape}; without spatial axes every instance statistic is over one value."
+        )
+    (c,) = _checks.axes(axis, x.ndim)
+    return group_norm(x, x.shape[c], scale, bias, axis=c, eps=eps, fast_variance=fast_variance)
+
+
+def weight_norm(v, g, *, axis=-1, eps=1e-12):
+    """Weight normalization (Salimans & Kingma 2016): `w = g * v / ||v||`.
+
+    The norm is taken over every axis of `v` except `axis`, so each output unit's weight
+    vector has norm `g`. For a Dense kernel `[in, out]` keep `axis=-1`; for a conv kernel
+    `[h, w, in, out]` likewise.
+
+    Args:
+      v: floating array, the direction parameters.
+      g: the norms, shape `v.shape[axis]`.
+      axis: int or tuple of ints, the output axes kept.
+      eps: inside the square root, to keep `v = 0` finite.
+
+    Returns:
+      `w`, with `v`'s shape and dtype.
+    """
+    v = _checks.floating(v, "v")
+    keep = _checks.axes(axis, v.ndim)
+    g = _checks.shape(g, tuple(v.shape[a] for a in keep), "g", f" (v.shape[axis] for v of shape {v.shape})")
+    _checks.floating(g, "g")
+    _checks.nonnegative(eps, "eps")
+    red = tuple(a for a in range(v.ndim) if a not in keep)
+    vf = v.astype(_checks.stats_dtype(v.dtype))
+    sq = jnp.sum(vf * vf, axis=red, keepdims=True)
+    w = vf * _inv_std(sq, eps) * _broadcast_to_axes(g, keep, v.ndim, vf.dtype)
+    return w.astype(v.dtype)

@@ -15,5 +15,17 @@ from lnjax.normalization import (
     rms_norm,
     weight_norm,
 )
+from lnjax.recurrent import (
+    BNLSTMCell,
+    BNLSTMState,
+    GRUCell,
+    LSTMCarry,
+    LSTMCell,
+    RNNCell,
+    bidirectional_rnn,
+    bn_lstm_rnn,
+    rnn,
+    stacked_rnn,
+)
 
 __version__ = "0.1.0"

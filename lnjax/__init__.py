@@ -28,4 +28,6 @@ from lnjax.recurrent import (
     stacked_rnn,
 )
 
+from lnjax import linen, nnx  # noqa: E402  (Flax wrappers; import after the pure ops)
+
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lnjax import _checks
@@ -208,7 +209,7 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
       num_features: int or tuple, the feature shape (`x.shape[axis]` of `batch_norm`).
       dtype: dtype of the statistics; at least float32 is recommended.
     """
-    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    shape = (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
     for n in shape:
         _checks.positive_int(n, "num_features")
     return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
@@ -297,6 +298,12 @@ def batch_norm(
     return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 
+def _channel_axis(axis, ndim):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"`axis` must be a single int, the channel axis; got {axis!r}.")
+    return _checks.axes(axis, ndim)[0]
+
+
 def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
     """Group normalization (Wu & He 2018).
 
@@ -320,7 +327,7 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     x = _checks.floating(x)
     if x.ndim < 2:
         raise ValueError(f"`x` must have a batch axis and a channel axis, got shape {x.shape}.")
-    (c,) = _checks.axes(axis, x.ndim)
+    c = _channel_axis(axis, x.ndim)
     if c == 0:
         raise ValueError(f"`axis`={axis!r} is the batch axis 0; expected the channel axis.")
     channels = x.shape[c]
@@ -357,7 +364,7 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=
             f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
             f"{x.shape}; without spatial axes every instance statistic is over one value."
         )
-    (c,) = _checks.axes(axis, x.ndim)
+    c = _channel_axis(axis, x.ndim)
     return group_norm(x, x.shape[c], scale, bias, axis=c, eps=eps, fast_variance=fast_variance)
 
 

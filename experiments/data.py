@@ -1,0 +1,655 @@
+"""Offline data for the experiments: everything is NumPy, deterministic given a seed, and local.
+
+Contents (float32 features, int32 labels unless stated otherwise):
+
+* `digits`: scikit-learn's 8x8 digits (bundled with scikit-learn, no download) with a fixed,
+  stratified train/test split; optionally as pixel-by-pixel or row-by-row sequences, with an
+  optional fixed pixel permutation (`pixel_permutation`) for the permuted variant.
+* `mnist_idx`: the standard MNIST IDX files from a local directory (plain or gzipped), validated;
+  `read_idx` / `write_idx` for the IDX format itself.
+* `adding_problem`, `copying_memory` (+ `copying_baseline`): the synthetic sequence tasks.
+* `char_corpus`, `batches`, `windows`: character-level language modelling on a local text file.
+* `batch_indices`, `stack_batches`: a deterministic, vectorisable epoch batcher.
+
+Every function taking `rng_or_seed` accepts either an int seed (passed to
+`np.random.default_rng`) or a `np.random.Generator` (consumed in place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "COPY_ALPHABET",
+    "COPY_BLANK",
+    "COPY_DELIMITER",
+    "COPY_NUM_SYMBOLS",
+    "COPY_VOCAB_SIZE",
+    "MNIST_FILES",
+    "CharCorpus",
+    "Dataset",
+    "adding_problem",
+    "batch_indices",
+    "batches",
+    "char_corpus",
+    "copying_baseline",
+    "copying_memory",
+    "digits",
+    "mnist_idx",
+    "pixel_permutation",
+    "read_idx",
+    "stack_batches",
+    "windows",
+    "write_idx",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _as_rng(rng_or_seed, name: str = "rng_or_seed") -> np.random.Generator:
+    if isinstance(rng_or_seed, np.random.Generator):
+        return rng_or_seed
+    if isinstance(rng_or_seed, (int, np.integer)) and not isinstance(rng_or_seed, bool):
+        if rng_or_seed < 0:
+            raise ValueError(f"`{name}` must be a non-negative int seed, got {rng_or_seed!r}.")
+        return np.random.default_rng(int(rng_or_seed))
+    raise TypeError(
+        f"`{name}` must be an int seed or a np.random.Generator, got {type(rng_or_seed).__name__} "
+        f"{rng_or_seed!r}."
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _fraction(name: str, value, *, allow_zero: bool) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok:
+        value_f = float(value)
+        ok = (0.0 <= value_f < 1.0) if allow_zero else (0.0 < value_f < 1.0)
+    if not ok:
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}.")
+    return value_f
+
+
+# --------------------------------------------------------------------------------------------
+# Classification datasets
+# --------------------------------------------------------------------------------------------
+
+
+class Dataset(NamedTuple):
+    """A fixed train/test split of a classification dataset.
+
+    Attributes:
+      x_train: float32 [N_train, ...] features (shape depends on the loader and its options).
+      y_train: int32 [N_train] labels in [0, num_classes).
+      x_test: float32 [N_test, ...] features.
+      y_test: int32 [N_test] labels in [0, num_classes).
+      num_classes: number of classes.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+def pixel_permutation(num_pixels: int, seed: int = 0) -> np.ndarray:
+    """A fixed random permutation of `num_pixels` positions (sampled without replacement).
+
+    Returns int64 [num_pixels] containing every integer in [0, num_pixels) exactly once; the same
+    `seed` always gives the same permutation. `digits(permute=True, permutation_seed=seed)` applies
+    `x_flat[:, perm]` to every image with `perm = pixel_permutation(64, seed)`.
+    """
+    num_pixels = _positive_int("num_pixels", num_pixels)
+    return _as_rng(seed, "seed").permutation(num_pixels)
+
+
+def _stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator):
+    """Train/test index arrays, each class split in proportion `test_fraction`, both shuffled."""
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = min(max(int(round(test_fraction * idx.size)), 1), idx.size - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def digits(
+    split_seed: int = 0,
+    test_fraction: float = 0.2,
+    flatten: bool = True,
+    *,
+    as_sequence: str | None = None,
+    permute: bool = False,
+    permutation_seed: int = 0,
+) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) with a fixed split.
+
+    Pixel values 0..16 are scaled to [0, 1]. The split is stratified by class and depends only on
+    `split_seed` and `test_fraction` (default: 1439 train / 358 test images).
+
+    Args:
+      split_seed: seed of the train/test split.
+      test_fraction: fraction of each class held out for the test set, in (0, 1).
+      flatten: without `as_sequence`: True gives x of shape [N, 64], False [N, 8, 8].
+      as_sequence: None, "pixel" (x of shape [N, 64, 1]: one pixel per step, row-major order) or
+        "row" (x of shape [N, 8, 8]: one row of 8 pixels per step). Overrides `flatten`.
+      permute: apply one fixed pixel permutation, `pixel_permutation(64, permutation_seed)`, to
+        the row-major flattened pixels of every image (train and test alike), before any reshape.
+      permutation_seed: seed of that permutation (independent of `split_seed`).
+
+    Returns:
+      `Dataset` with float32 x in [0, 1] and int32 y in [0, 10), num_classes = 10.
+    """
+    rng = _as_rng(split_seed, "split_seed")
+    test_fraction = _fraction("test_fraction", test_fraction, allow_zero=False)
+    if as_sequence not in (None, "pixel", "row"):
+        raise ValueError(f"`as_sequence` must be None, 'pixel' or 'row', got {as_sequence!r}.")
+
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.data, np.float64) / 16.0).astype(np.float32)  # [1797, 64] row-major
+    y = np.asarray(bunch.target, np.int32)
+    if permute:
+        x = x[:, pixel_permutation(64, permutation_seed)]
+    if as_sequence == "pixel":
+        x = x.reshape(-1, 64, 1)
+    elif as_sequence == "row" or not flatten:
+        x = x.reshape(-1, 8, 8)
+    train, test = _stratified_split(y, test_fraction, rng)
+    return Dataset(
+        np.ascontiguousarray(x[train]), y[train], np.ascontiguousarray(x[test]), y[test], 10
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files (MNIST)
+# --------------------------------------------------------------------------------------------
+
+# IDX type code -> big-endian dtype, as in http://yann.lecun.com/exdb/mnist/
+_IDX_DTYPES: Mapping[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_IDX_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "int16",
+    0x0C: "int32",
+    0x0D: "float32",
+    0x0E: "float64",
+}
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def _is_gz(path) -> bool:
+    return os.fspath(path).endswith(".gz")
+
+
+def write_idx(path, array) -> str:
+    """Writes `array` to `path` in IDX format (gzip-compressed when `path` ends in ".gz").
+
+    Supported dtypes: uint8 (type code 0x08, the MNIST one), int8, int16, int32, float32,
+    float64; 1 to 255 dimensions, each < 2**32. Returns `path` as a string.
+    """
+    path = os.fspath(path)
+    array = np.asarray(array)
+    code = next(
+        (
+            c
+            for c, dt in _IDX_DTYPES.items()
+            if array.dtype.kind == dt.kind and array.dtype.itemsize == dt.itemsize
+        ),
+        None,
+    )
+    if code is None:
+        raise ValueError(
+            f"`array` has dtype {array.dtype}, which IDX cannot store; use one of uint8, int8, "
+            "int16, int32, float32, float64."
+        )
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"`array` must have 1 to 255 dimensions, got shape {array.shape}.")
+    if any(d >= 2**32 for d in array.shape):
+        raise ValueError(f"`array` dimensions must be < 2**32, got shape {array.shape}.")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    payload = header + np.ascontiguousarray(array, _IDX_DTYPES[code]).tobytes()
+    if _is_gz(path):
+        payload = gzip.compress(payload, mtime=0)
+    with open(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read()
+    if _is_gz(path):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"IDX file {path!r}: not a valid gzip file ({e}).") from e
+    return raw
+
+
+def _parse_idx(path: str, raw: bytes, *, dtype_code: int | None = None, ndim: int | None = None):
+    if len(raw) < 4:
+        raise ValueError(
+            f"IDX file {path!r}: truncated header ({len(raw)} bytes, need at least 4)."
+        )
+    if raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"IDX file {path!r}: bad magic number 0x{raw[:4].hex()} (the first two bytes must "
+            "be zero); is this an IDX file?"
+        )
+    code, nd = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"IDX file {path!r}: unknown dtype code 0x{code:02X}.")
+    if dtype_code is not None and code != dtype_code:
+        raise ValueError(
+            f"IDX file {path!r}: dtype code 0x{code:02X} ({_IDX_NAMES[code]}), expected "
+            f"0x{dtype_code:02X} ({_IDX_NAMES[dtype_code]})."
+        )
+    if ndim is not None and nd != ndim:
+        raise ValueError(
+            f"IDX file {path!r}: {nd} dimension(s) in the header (magic 0x{raw[:4].hex()}), "
+            f"expected {ndim}."
+        )
+    if nd == 0:
+        raise ValueError(f"IDX file {path!r}: header declares 0 dimensions.")
+    header_len = 4 + 4 * nd
+    if len(raw) < header_len:
+        raise ValueError(
+            f"IDX file {path!r}: truncated header ({len(raw)} bytes, {nd} dimensions need "
+            f"{header_len})."
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=nd, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(raw) - header_len
+    if actual < expected:
+        raise ValueError(
+            f"IDX file {path!r}: truncated data: shape {shape} needs {expected} bytes, the file "
+            f"has {actual}."
+        )
+    if actual > expected:
+        raise ValueError(
+            f"IDX file {path!r}: {actual - expected} unexpected trailing bytes after the "
+            f"{expected} bytes of data for shape {shape}."
+        )
+    data = np.frombuffer(raw, dtype, count=math.prod(shape), offset=header_len).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def read_idx(path) -> np.ndarray:
+    """Reads an IDX file (gzip-decompressed when `path` ends in ".gz") into a native array.
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) for a malformed
+    one: bad magic number, unknown dtype code, truncated header or data, trailing bytes.
+    """
+    path = os.fspath(path)
+    return _parse_idx(path, _read_bytes(path))
+
+
+def _find_mnist_file(directory: str, name: str) -> str:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    expected = ", ".join(MNIST_FILES.values())
+    raise FileNotFoundError(
+        f"MNIST file not found: {os.path.join(directory, name)!r} (nor with a .gz suffix). "
+        f"The directory must contain {expected} (each optionally gzipped, with a .gz suffix)."
+    )
+
+
+def mnist_idx(directory, *, flatten: bool = True) -> Dataset:
+    """MNIST from the four standard IDX files in a local `directory`.
+
+    Looks for train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and
+    t10k-labels-idx1-ubyte, each either plain or gzipped with a ".gz" suffix (plain preferred).
+    Images must be unsigned bytes (dtype code 0x08) with 3 dimensions [N, rows, cols]; labels
+    unsigned bytes with 1 dimension [N], values in [0, 10).
+
+    Returns:
+      `Dataset` with float32 x in [0, 1] of shape [N, rows * cols] ([N, 784] for MNIST), or
+      [N, rows, cols] if `flatten` is False; int32 y; num_classes = 10.
+
+    Raises:
+      FileNotFoundError: a file is missing (the message names it and lists the expected names).
+      ValueError: a file is malformed (the message names it and what is wrong), the label count
+        differs from the image count, a label is out of range, or train and test image sizes
+        differ.
+    """
+    directory = os.fspath(directory)
+    paths = {key: _find_mnist_file(directory, name) for key, name in MNIST_FILES.items()}
+    out = {}
+    for split in ("train", "test"):
+        img_path, lbl_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        images = _parse_idx(img_path, _read_bytes(img_path), dtype_code=0x08, ndim=3)
+        labels = _parse_idx(lbl_path, _read_bytes(lbl_path), dtype_code=0x08, ndim=1)
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"IDX file {lbl_path!r}: {labels.shape[0]} labels, but {img_path!r} has "
+                f"{images.shape[0]} images."
+            )
+        if labels.size and labels.max() >= 10:
+            bad = int(np.argmax(labels >= 10))
+            raise ValueError(
+                f"IDX file {lbl_path!r}: labels must be in [0, 10), found {int(labels[bad])} at "
+                f"index {bad}."
+            )
+        x = images.astype(np.float32) / np.float32(255.0)
+        out[split] = (x.reshape(x.shape[0], -1) if flatten else x, labels.astype(np.int32))
+    if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
+        raise ValueError(
+            f"MNIST in {directory!r}: train images have shape {out['train'][0].shape[1:]} but "
+            f"test images {out['test'][0].shape[1:]}."
+        )
+    return Dataset(*out["train"], *out["test"], 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic sequence tasks
+# --------------------------------------------------------------------------------------------
+
+
+def adding_problem(rng_or_seed, batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of the adding problem.
+
+    Each sequence has `length` steps with two channels: channel 0 a value u ~ U[0, 1), channel 1
+    a marker. Exactly two markers are 1: one uniformly in the first half, steps
+    [0, length // 2), and one uniformly in the second half, [length // 2, length). The target is
+    the sum of the two marked values; always predicting 1 gives MSE 1/6.
+
+    Returns:
+      x: float32 [batch, length, 2].
+      y: float32 [batch], the sum of the two marked values (computed in float32).
+    """
+    rng = _as_rng(rng_or_seed)
+    batch = _positive_int("batch", batch)
+    length = _positive_int("length", length, minimum=2)
+    values = rng.random((batch, length), dtype=np.float32)
+    half = length // 2
+    first = rng.integers(0, half, size=batch)
+    second = rng.integers(half, length, size=batch)
+    rows = np.arange(batch)
+    markers = np.zeros((batch, length), np.float32)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    x = np.stack([values, markers], axis=-1)
+    y = values[rows, first] + values[rows, second]
+    return x, y.astype(np.float32)
+
+
+COPY_NUM_SYMBOLS = 10  # symbols to remember per sequence
+COPY_ALPHABET = 8  # symbols are drawn from 1..8
+COPY_BLANK = 0
+COPY_DELIMITER = 9
+COPY_VOCAB_SIZE = 10  # tokens 0 (blank), 1..8 (symbols), 9 (delimiter)
+
+
+def copying_memory(rng_or_seed, batch: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of the copying-memory task with delay `T` (sequence length T + 20).
+
+    Input layout per sequence: 10 symbols drawn uniformly (with replacement) from 1..8, then
+    T - 1 blanks (0), the delimiter (9), then 10 blanks. Target: blanks for the first T + 10
+    steps, then the same 10 symbols. Vocabulary size `COPY_VOCAB_SIZE` = 10 for both input and
+    target. A memoryless predictor scores cross-entropy `copying_baseline(T)`.
+
+    Returns:
+      x: int32 [batch, T + 20] input tokens.
+      y: int32 [batch, T + 20] target tokens.
+    """
+    rng = _as_rng(rng_or_seed)
+    batch = _positive_int("batch", batch)
+    T = _positive_int("T", T)
+    n = COPY_NUM_SYMBOLS
+    symbols = rng.integers(1, COPY_ALPHABET + 1, size=(batch, n)).astype(np.int32)
+    x = np.full((batch, T + 2 * n), COPY_BLANK, np.int32)
+    y = np.full((batch, T + 2 * n), COPY_BLANK, np.int32)
+    x[:, :n] = symbols
+    x[:, T + n - 1] = COPY_DELIMITER
+    y[:, T + n :] = symbols
+    return x, y
+
+
+def copying_baseline(T: int) -> float:
+    """Cross-entropy per step (nats) of the memoryless predictor: 10 log 8 / (T + 20)."""
+    T = _positive_int("T", T)
+    return COPY_NUM_SYMBOLS * math.log(COPY_ALPHABET) / (T + 2 * COPY_NUM_SYMBOLS)
+
+
+# --------------------------------------------------------------------------------------------
+# Character-level language modelling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CharCorpus:
+    """A character corpus encoded against its vocabulary.
+
+    Attributes:
+      vocab: the sorted unique characters of the whole file; token i is `vocab[i]`.
+      train: int32 [N_train] tokens, the first part of the file.
+      val: int32 [N_val] tokens, the last `val_fraction` of the file (empty when
+        `val_fraction * len(text) < 1`).
+    """
+
+    vocab: tuple[str, ...]
+    train: np.ndarray
+    val: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 [len(text)] tokens; ValueError for a character not in the vocabulary."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        try:
+            return np.fromiter((index[c] for c in text), np.int32, count=len(text))
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary.") from None
+
+    def decode(self, tokens) -> str:
+        """The text of a 1-D sequence of tokens."""
+        return "".join(self.vocab[int(t)] for t in np.asarray(tokens).reshape(-1))
+
+
+def char_corpus(path, seq_len: int, val_fraction: float = 0.1) -> CharCorpus:
+    """Reads a UTF-8 text file as a character corpus split into train and validation parts.
+
+    The vocabulary is the sorted unique characters of the whole file; the last `val_fraction`
+    of the characters (rounded down) form the validation part, the rest the training part. Each
+    non-empty part must hold at least `seq_len + 1` characters so that `batches` can cut one
+    (input, target) window from it.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: bad `seq_len`/`val_fraction`, the file is empty, not valid UTF-8, shorter than
+        `seq_len + 1` characters, or a part is too short for one window.
+    """
+    seq_len = _positive_int("seq_len", seq_len)
+    val_fraction = _fraction("val_fraction", val_fraction, allow_zero=True)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"text file not found: {path!r}.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise ValueError(f"text file {path!r} is empty.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"text file {path!r} is not valid UTF-8 (byte offset {e.start}: {e.reason})."
+        ) from None
+    if len(text) < seq_len + 1:
+        raise ValueError(
+            f"text file {path!r} has {len(text)} characters; `seq_len`={seq_len} needs at least "
+            f"{seq_len + 1} (an input window plus the next character)."
+        )
+    vocab = tuple(sorted(set(text)))
+    lut = {c: i for i, c in enumerate(vocab)}
+    tokens = np.fromiter((lut[c] for c in text), np.int32, count=len(text))
+    n_val = int(len(text) * val_fraction)
+    n_train = len(text) - n_val
+    for part, n, required in (("training", n_train, True), ("validation", n_val, False)):
+        if n < seq_len + 1 and (required or n > 0):
+            raise ValueError(
+                f"text file {path!r}: the {part} part has {n} characters (`val_fraction`="
+                f"{val_fraction}), fewer than `seq_len` + 1 = {seq_len + 1}; use a longer file, "
+                "a shorter `seq_len` or another `val_fraction`."
+            )
+    return CharCorpus(vocab, tokens[:n_train].copy(), tokens[n_train:].copy())
+
+
+def _check_tokens(data, seq_len: int) -> np.ndarray:
+    data = np.asarray(data)
+    if data.ndim != 1 or not np.issubdtype(data.dtype, np.integer):
+        raise ValueError(
+            f"`data` must be a 1-D integer token array, got dtype {data.dtype} shape {data.shape}."
+        )
+    if data.size < seq_len + 1:
+        raise ValueError(
+            f"`data` has {data.size} tokens; `seq_len`={seq_len} needs at least {seq_len + 1}."
+        )
+    return data
+
+
+def batches(data, batch: int, seq_len: int, rng_or_seed) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of random windows from a 1-D token array (for training).
+
+    Window starts are drawn uniformly from [0, len(data) - seq_len - 1] (with replacement).
+
+    Returns:
+      inputs: [batch, seq_len] `data[s : s + seq_len]` for each start s (dtype of `data`).
+      targets: [batch, seq_len] `data[s + 1 : s + seq_len + 1]`, the next characters.
+    """
+    batch = _positive_int("batch", batch)
+    seq_len = _positive_int("seq_len", seq_len)
+    data = _check_tokens(data, seq_len)
+    rng = _as_rng(rng_or_seed)
+    starts = rng.integers(0, data.size - seq_len, size=batch)
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    chunk = data[idx]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def windows(data, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """All non-overlapping windows of a 1-D token array, in order (for evaluation).
+
+    Window w covers inputs `data[w * seq_len : (w + 1) * seq_len]` and the targets shifted by
+    one; the tail that does not fill a window is dropped.
+
+    Returns:
+      inputs, targets: [(len(data) - 1) // seq_len, seq_len] each.
+    """
+    seq_len = _positive_int("seq_len", seq_len)
+    data = _check_tokens(data, seq_len)
+    n = (data.size - 1) // seq_len
+    inputs = data[: n * seq_len].reshape(n, seq_len)
+    targets = data[1 : n * seq_len + 1].reshape(n, seq_len)
+    return inputs, targets
+
+
+# --------------------------------------------------------------------------------------------
+# Epoch batching
+# --------------------------------------------------------------------------------------------
+
+
+def batch_indices(
+    rng_or_seed,
+    n: int,
+    batch_size: int,
+    drop_remainder: bool = True,
+    *,
+    shuffle: bool = True,
+    return_mask: bool = False,
+):
+    """Example indices for one epoch over `n` examples, as a [num_batches, batch_size] array.
+
+    With `shuffle` the order is a fresh random permutation (from `rng_or_seed`; nothing is drawn
+    otherwise). With `drop_remainder` the last `n % batch_size` examples of that order are
+    dropped (num_batches = n // batch_size, each example at most once). Without it
+    num_batches = ceil(n / batch_size) and the last batch is completed by wrapping around to the
+    start of the order, so every example appears at least once; `return_mask` then tells real
+    entries (True) from the wrapped padding (False).
+
+    Returns:
+      int64 [num_batches, batch_size] indices, and with `return_mask` also a bool mask of the
+      same shape.
+    """
+    n = _positive_int("n", n)
+    batch_size = _positive_int("batch_size", batch_size)
+    order = _as_rng(rng_or_seed).permutation(n) if shuffle else np.arange(n)
+    if drop_remainder:
+        num_batches = n // batch_size
+        if num_batches == 0:
+            raise ValueError(
+                f"`batch_size`={batch_size} exceeds `n`={n} with `drop_remainder`=True: "
+                "the epoch would have no batches."
+            )
+        idx = order[: num_batches * batch_size]
+        mask = np.ones(idx.shape, bool)
+    else:
+        num_batches = -(-n // batch_size)
+        total = num_batches * batch_size
+        idx = order[np.arange(total) % n]
+        mask = np.arange(total) < n
+    idx = idx.reshape(num_batches, batch_size).astype(np.int64)
+    if return_mask:
+        return idx, mask.reshape(num_batches, batch_size)
+    return idx
+
+
+def stack_batches(
+    rng_or_seed, x, y, batch_size: int, *, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of (x, y) as stacked batches, ready for `jax.lax.scan` (remainder dropped).
+
+    Returns:
+      xb: [num_batches, batch_size, *x.shape[1:]], yb: [num_batches, batch_size, *y.shape[1:]]
+      with num_batches = len(x) // batch_size, gathered with `batch_indices`.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"`x` and `y` must have the same leading dimension, got shapes {x.shape} and "
+            f"{y.shape}."
+        )
+    idx = batch_indices(rng_or_seed, x.shape[0], batch_size, shuffle=shuffle)
+    return x[idx], y[idx]

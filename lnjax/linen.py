@@ -1,0 +1,295 @@
+"""Flax Linen modules: thin shells over the pure ops of `lnjax.normalization`.
+
+Each module is an `nn.Module` dataclass whose `@nn.compact` `__call__` creates its parameters
+(`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`), shaped from the input as in Linen, and
+calls the pure op; shapes, dtypes and errors are the pure op's (the output has the input's dtype,
+statistics are at least float32). `BatchNorm` keeps its running statistics in `batch_stats`.
+For new code prefer `lnjax.nnx`, the same modules for Flax NNX.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from lnjax import _checks
+from lnjax.normalization import (
+    BatchNormState,
+    batch_norm,
+    batch_norm_state,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    rms_norm,
+    weight_norm,
+)
+
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "WeightNormDense",
+]
+
+Initializer = Callable[..., jax.Array]
+ones = jax.nn.initializers.ones
+zeros = jax.nn.initializers.zeros
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _feature_shape(x, axis) -> tuple[int, ...]:
+    """`x.shape[axis]`, axis an int or a tuple of ints."""
+    return tuple(jnp.shape(x)[a] for a in _checks.axes(axis, jnp.ndim(x)))
+
+
+def _scale_bias(mdl: nn.Module, shape):
+    """Creates (or fetches) the `scale` and `bias` of `mdl`, each None when switched off."""
+    scale = mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype) if mdl.use_scale else None
+    bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype) if mdl.use_bias else None
+    return scale, bias
+
+
+def _dense(x, w, bias):
+    """`x @ w + bias` in `x`'s dtype; the bias is broadcast explicitly (no rank promotion)."""
+    x = _checks.floating(x)
+    y = jnp.dot(x, w.astype(x.dtype))
+    return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
+
+
+# --- normalization layers ---------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5); see `lnjax.layer_norm`.
+
+    `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias`, with `mu`, `sigma^2` the mean and biased
+    variance of each example over `axis`. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
+
+    Attributes:
+      axis: int or tuple of ints, the axes normalized over.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `x.shape[axis]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+    """
+
+    axis: Any = -1
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+    fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
+        return layer_norm(x, scale, bias, axis=self.axis, eps=self.eps,
+                          fast_variance=self.fast_variance)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization (Zhang & Sennrich 2019); see `lnjax.rms_norm`.
+
+    `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`: layer norm without
+    re-centering. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
+
+    Attributes:
+      axis: int or tuple of ints, the axes normalized over.
+      eps: inside the square root; 1e-6 as in Flax.
+      use_scale: create `scale` (init 1), of shape `x.shape[axis]`.
+      use_bias: create `bias` (init 0); off by default as in the authors' code.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+    """
+
+    axis: Any = -1
+    eps: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = False
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
+        return rms_norm(x, scale, bias, axis=self.axis, eps=self.eps)
+
+
+_MODE_ERROR = (
+    "lnjax.linen.BatchNorm does not know whether to use batch statistics (training) or the "
+    "running averages (evaluation): `use_running_average` is None. Set it in one of these ways:\n\n"
+    "1. as an attribute: `BatchNorm(use_running_average=not train)`;\n"
+    "2. at call time: `BatchNorm()(x, use_running_average=not train)`.\n\n"
+    "In training, also make the statistics mutable: `model.apply(variables, x, "
+    "mutable=['batch_stats'])`."
+)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization (Ioffe & Szegedy 2015) with running statistics; see `lnjax.batch_norm`.
+
+    Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the statistics over every
+    axis but `axis`, and `batch_stats` `mean`, `var` (init 0 and 1, float32) become
+    `momentum * running + (1 - momentum) * batch` (unbiased batch variance); as in Linen they are
+    not updated during `init`. Evaluation normalizes with `mean` and `var`.
+
+    Attributes:
+      use_running_average: the mode, given here or at call time (exactly once, as in Linen).
+      axis: int or tuple of ints, the feature axes kept; statistics reduce over all others.
+      momentum: weight of the old running value (Flax/Keras; PyTorch's `momentum=p` is `1 - p`).
+      eps: added to the variance inside the square root.
+      axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized;
+        not used during `init`, as in Linen.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `x.shape[axis]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+    """
+
+    use_running_average: bool | None = None
+    axis: Any = -1
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+    fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
+        """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
+        are left out of the statistics."""
+        if self.use_running_average is None and use_running_average is None:
+            raise ValueError(_MODE_ERROR)
+        training = not nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        shape = _feature_shape(x, self.axis)
+        mean = self.variable("batch_stats", "mean", lambda: batch_norm_state(shape).mean)
+        var = self.variable("batch_stats", "var", lambda: batch_norm_state(shape).var)
+        init = self.is_initializing()
+        y, state = batch_norm(
+            x, *_scale_bias(self, shape), BatchNormState(mean.value, var.value),
+            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
+            axis_name=None if init else self.axis_name, mask=mask,
+            fast_variance=self.fast_variance,
+        )  # fmt: skip
+        if training and not init:
+            mean.value, var.value = state
+        return y
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018, eq. 1-3); see `lnjax.group_norm`.
+
+    Per example, the channels are split into `num_groups` contiguous groups, each normalized over
+    its channels and all spatial axes, then `y = scale * x_hat + bias` per channel.
+    `x`: `[batch, *spatial, channels]` (channel axis `axis`); `y`: `x`'s shape and dtype.
+
+    Attributes:
+      num_groups: positive int dividing the number of channels; 32 as in the paper.
+      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+    """
+
+    num_groups: int = 32
+    axis: int = -1
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+    fast_variance: bool = False
+
+    def __post_init__(self):
+        _checks.positive_int(self.num_groups, "num_groups")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x):
+        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
+        return group_norm(x, self.num_groups, scale, bias, axis=self.axis, eps=self.eps,
+                          fast_variance=self.fast_variance)
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016); see `lnjax.instance_norm`.
+
+    Each example's channel is normalized over the spatial axes, then `y = scale * x_hat + bias`.
+    `x`: `[batch, *spatial, channels]`, at least one spatial axis; `y`: `x`'s shape and dtype.
+
+    Attributes:
+      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+    """
+
+    axis: int = -1
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+    fast_variance: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
+        return instance_norm(x, scale, bias, axis=self.axis, eps=self.eps,
+                             fast_variance=self.fast_variance)
+
+
+class WeightNormDense(nn.Module):
+    """Dense layer with a weight-normalized kernel (Salimans & Kingma 2016, eq. 2).
+
+    `y = x @ w + bias` with `w = g * v / ||v||` (`lnjax.weight_norm`), the norm over the input
+    features, so each output unit's weight vector has norm `g` (init 1).
+    `x`: `[..., in_features]`; `y`: `[..., features]` in `x`'s dtype (`w`, `bias` are cast).
+
+    Attributes:
+      features: the size of the last axis of `y`.
+      use_bias: create `bias` (init 0), of shape `[features]`.
+      kernel_init: initializer of `v`, `[in_features, features]`; only its direction matters.
+      bias_init, param_dtype: the bias initializer and the dtype of `v`, `g`, `bias`.
+      eps: inside the norm's square root, keeping `v = 0` finite.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Initializer = jax.nn.initializers.lecun_normal()
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+    eps: float = 1e-12
+
+    def __post_init__(self):
+        _checks.positive_int(self.features, "features")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("v", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
+        g = self.param("g", ones, (self.features,), self.param_dtype)
+        b = None
+        if self.use_bias:
+            b = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return _dense(x, weight_norm(v, g, eps=self.eps), b)
+
+
+# --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------

@@ -1,0 +1,365 @@
+"""Flax NNX modules: thin shells over the pure ops of `lnjax.normalization`.
+
+Each module creates its parameters (`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`) and
+running statistics in `__init__`, and its `__call__` calls the pure op; shapes, dtypes and errors
+are the pure op's (the output has the input's dtype, statistics are at least float32).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lnjax import _checks
+from lnjax.normalization import (
+    BatchNormState,
+    batch_norm,
+    batch_norm_state,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    rms_norm,
+    weight_norm,
+)
+
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "WeightNormDense",
+]
+
+Initializer = Callable[..., jax.Array]
+ones = jax.nn.initializers.ones
+zeros = jax.nn.initializers.zeros
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _feature_shape(num_features) -> tuple[int, ...]:
+    """`num_features` (an int, or a tuple for several feature axes) as a tuple of positive ints."""
+    shape = tuple(num_features) if isinstance(num_features, (tuple, list)) else (num_features,)
+    if not shape:
+        raise ValueError("`num_features` must be a positive int or a non-empty tuple of them.")
+    return tuple(_checks.positive_int(n, "num_features") for n in shape)
+
+
+def _param(use: bool, init: Initializer, shape, dtype, rngs: nnx.Rngs | None):
+    """An `nnx.Param` from `init`, or None. Without `rngs` the initializer gets key None, which
+    the default (constant) initializers ignore; random ones need `rngs`."""
+    if not use:
+        return nnx.data(None)  # data, not static, as in nnx.LayerNorm
+    if rngs is not None:
+        return nnx.Param(init(rngs.params(), shape, dtype))
+    try:
+        return nnx.Param(init(None, shape, dtype))
+    except TypeError as e:
+        raise TypeError(f"{e}: a random initializer needs a key; pass `rngs=nnx.Rngs(0)`.") from e
+
+
+def _value(p):
+    return None if p is None else p[...]
+
+
+def _dense(x, w, bias):
+    """`x @ w + bias` in `x`'s dtype; the bias is broadcast explicitly (no rank promotion)."""
+    x = _checks.floating(x)
+    y = jnp.dot(x, w.astype(x.dtype))
+    return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
+
+
+# --- normalization layers ---------------------------------------------------------------------
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5); see `lnjax.layer_norm`.
+
+    `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias`, with `mu`, `sigma^2` the mean and biased
+    variance of each example over `axis`. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
+
+    Args:
+      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
+      axis: int or tuple of ints, the axes normalized over.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `num_features`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+      rngs: needed only by random initializers.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=-1,
+        eps: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = ones,
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        fast_variance: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = _feature_shape(num_features)
+        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
+        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
+
+    def __call__(self, x):
+        return layer_norm(x, _value(self.scale), _value(self.bias), axis=self.axis, eps=self.eps,
+                          fast_variance=self.fast_variance)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalization (Zhang & Sennrich 2019); see `lnjax.rms_norm`.
+
+    `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`: layer norm without
+    re-centering. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
+
+    Args:
+      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
+      axis: int or tuple of ints, the axes normalized over.
+      eps: inside the square root; 1e-6 as in Flax.
+      use_scale: create `scale` (init 1), of shape `num_features`.
+      use_bias: create `bias` (init 0); off by default as in the authors' code.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      rngs: needed only by random initializers.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=-1,
+        eps: float = 1e-6,
+        use_scale: bool = True,
+        use_bias: bool = False,
+        scale_init: Initializer = ones,
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = _feature_shape(num_features)
+        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
+        self.axis, self.eps = axis, eps
+
+    def __call__(self, x):
+        return rms_norm(x, _value(self.scale), _value(self.bias), axis=self.axis, eps=self.eps)
+
+
+_MODE_ERROR = (
+    "lnjax.nnx.BatchNorm does not know whether to use batch statistics (training) or the running "
+    "averages (evaluation): `use_running_average` is None. Set it in one of these ways:\n\n"
+    "1. in the constructor: `BatchNorm(..., use_running_average=False)` (True for evaluation);\n"
+    "2. at call time: `bn(x, use_running_average=True/False)`;\n"
+    "3. on the whole model: `model.train()` / `model.eval()`;\n"
+    "4. as a view: `nnx.view(model, use_running_average=True/False)`."
+)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization (Ioffe & Szegedy 2015) with running statistics; see `lnjax.batch_norm`.
+
+    Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the statistics over every
+    axis but `axis`, and the `nnx.BatchStat`s `mean`, `var` (init 0 and 1, float32) become
+    `momentum * running + (1 - momentum) * batch` (unbiased batch variance). Evaluation normalizes
+    with `mean` and `var`. `model.train()` / `model.eval()` switch the mode, as for `nnx.BatchNorm`.
+
+    Args:
+      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
+      use_running_average: the mode when the call does not give one; False (training) as in
+        `nnx.BatchNorm`; None makes every call choose.
+      axis: int or tuple of ints, the feature axes kept; statistics reduce over all others.
+      momentum: weight of the old running value (Flax/Keras; PyTorch's `momentum=p` is `1 - p`).
+      eps: added to the variance inside the square root.
+      axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `num_features`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+      rngs: needed only by random initializers.
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        use_running_average: bool | None = False,
+        axis=-1,
+        momentum: float = 0.99,
+        eps: float = 1e-5,
+        axis_name: str | None = None,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = ones,
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        fast_variance: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = _feature_shape(num_features)
+        state = batch_norm_state(self.num_features)
+        self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
+        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
+        self.use_running_average = use_running_average
+        self.axis, self.momentum, self.eps = axis, momentum, eps
+        self.axis_name, self.fast_variance = axis_name, fast_variance
+
+    def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
+        """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
+        are left out of the statistics. `use_running_average` overrides the attribute."""
+        mode = self.use_running_average if use_running_average is None else use_running_average
+        if mode is None:
+            raise ValueError(_MODE_ERROR)
+        training = not mode
+        y, state = batch_norm(
+            x, _value(self.scale), _value(self.bias), BatchNormState(self.mean[...], self.var[...]),
+            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
+            axis_name=self.axis_name, mask=mask, fast_variance=self.fast_variance,
+        )  # fmt: skip
+        if training:
+            self.mean[...], self.var[...] = state
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class GroupNorm(nnx.Module):
+    """Group normalization (Wu & He 2018, eq. 1-3); see `lnjax.group_norm`.
+
+    Per example, the channels are split into `num_groups` contiguous groups, each normalized over
+    its channels and all spatial axes, then `y = scale * x_hat + bias` per channel.
+    `x`: `[batch, *spatial, channels]` (channel axis `axis`); `y`: `x`'s shape and dtype.
+
+    Args:
+      num_features: the number of channels.
+      num_groups: positive int dividing `num_features`; 32 as in the paper.
+      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+      rngs: needed only by random initializers.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int = 32,
+        *,
+        axis: int = -1,
+        eps: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = ones,
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        fast_variance: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        self.num_groups = _checks.positive_int(num_groups, "num_groups")
+        if num_features % num_groups:
+            raise ValueError(
+                f"`num_groups`={num_groups} does not divide `num_features`={num_features}."
+            )
+        shape = (self.num_features,)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
+        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
+
+    def __call__(self, x):
+        return group_norm(x, self.num_groups, _value(self.scale), _value(self.bias),
+                          axis=self.axis, eps=self.eps, fast_variance=self.fast_variance)
+
+
+class InstanceNorm(nnx.Module):
+    """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016); see `lnjax.instance_norm`.
+
+    Each example's channel is normalized over the spatial axes, then `y = scale * x_hat + bias`.
+    `x`: `[batch, *spatial, channels]`, at least one spatial axis; `y`: `x`'s shape and dtype.
+
+    Args:
+      num_features: the number of channels.
+      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
+      eps: added to the variance inside the square root.
+      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
+      scale_init, bias_init, param_dtype: their initializers and dtype.
+      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
+      rngs: needed only by random initializers.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = -1,
+        eps: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = ones,
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        fast_variance: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        shape = (self.num_features,)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
+        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
+
+    def __call__(self, x):
+        return instance_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
+                             eps=self.eps, fast_variance=self.fast_variance)
+
+
+class WeightNormDense(nnx.Module):
+    """Dense layer with a weight-normalized kernel (Salimans & Kingma 2016, eq. 2).
+
+    `y = x @ w + bias` with `w = g * v / ||v||` (`lnjax.weight_norm`), the norm over
+    `in_features`, so each output unit's weight vector has norm `g` (init 1).
+    `x`: `[..., in_features]`; `y`: `[..., out_features]` in `x`'s dtype (`w`, `bias` are cast).
+
+    Args:
+      in_features, out_features: sizes of the last axis of `x` and of `y`.
+      use_bias: create `bias` (init 0), of shape `[out_features]`.
+      kernel_init: initializer of `v`, `[in_features, out_features]`; only its direction matters.
+      bias_init, param_dtype: the bias initializer and the dtype of `v`, `g`, `bias`.
+      eps: inside the norm's square root, keeping `v = 0` finite.
+      rngs: for `kernel_init`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
+        bias_init: Initializer = zeros,
+        param_dtype=jnp.float32,
+        eps: float = 1e-12,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _checks.positive_int(in_features, "in_features")
+        self.out_features = _checks.positive_int(out_features, "out_features")
+        self.v = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        self.g = nnx.Param(jnp.ones((out_features,), param_dtype))
+        self.bias = _param(use_bias, bias_init, (out_features,), param_dtype, rngs)
+        self.eps = eps
+
+    def __call__(self, x):
+        return _dense(x, weight_norm(self.v[...], self.g[...], eps=self.eps), _value(self.bias))
+
+
+# --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------

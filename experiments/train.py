@@ -50,7 +50,7 @@ class Task:
 
 def classification_loss(logits, labels):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, {"error": jnp.mean(jnp.argmax(logits, -1) != labels)}
+    return loss, {"error": jnp.mean(jnp.argmax(logits, -1).astype(labels.dtype) != labels)}
 
 
 def regression_loss(outputs, targets):
@@ -159,7 +159,9 @@ def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: i
         )
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
+        # The update itself can overflow (huge learning rate): keep the last finite state.
+        finite &= jnp.stack([jnp.isfinite(a).all() for a in jax.tree.leaves((params, model_state))]).all()
         ok = finite & (state.diverged_at < 0)
         new = TrainState(params, model_state, opt_state, state.key, state.step + 1, state.diverged_at)
         frozen = state._replace(

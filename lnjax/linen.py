@@ -1,4 +1,5 @@
-"""Flax Linen modules: thin shells over the pure ops of `lnjax.normalization`.
+"""Flax Linen modules: thin shells over the pure ops of `lnjax.normalization`
+and the cells and layers of `lnjax.recurrent`.
 
 Each module is an `nn.Module` dataclass whose `@nn.compact` `__call__` creates its parameters
 (`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`), shaped from the input as in Linen, and
@@ -25,13 +26,26 @@ from lnjax.normalization import (
     rms_norm,
     weight_norm,
 )
+from lnjax.recurrent import (
+    BNLSTMCell,
+    GRUCell,
+    LSTMCell,
+    RNNCell,
+    bn_lstm_rnn,
+    rnn,
+)
 
 __all__ = [
+    "BNLSTM",
     "BatchNorm",
+    "Bidirectional",
+    "GRU",
     "GroupNorm",
     "InstanceNorm",
+    "LSTM",
     "LayerNorm",
     "RMSNorm",
+    "SimpleRNN",
     "WeightNormDense",
 ]
 
@@ -293,3 +307,192 @@ class WeightNormDense(nn.Module):
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
+
+
+
+
+def _cell_params(mdl: nn.Module, in_features: int) -> dict:
+    """The pure cell's parameters, stored as `mdl`'s `params` under the same names.
+
+    At initialization they are one `mdl.cell.init(key, in_features)` call (so the tree is exactly
+    the pure one, and `apply({"params": pure_params}, ...)` works); afterwards they are read back.
+    """
+    if mdl.has_variable("params", "w_x"):  # every cell has `w_x`
+        return dict(mdl.variables["params"])
+    if not mdl.is_mutable_collection("params"):  # `apply` without them: Linen's own error
+        mdl.param("w_x", lambda _: None)
+    params = mdl.cell.init(mdl.make_rng("params"), in_features, mdl.param_dtype)
+    return {name: mdl.param(name, lambda _, v=value: v) for name, value in params.items()}
+
+
+class _RNN(nn.Module):
+    def __post_init__(self):
+        self.cell  # noqa: B018  (the pure cell checks the settings)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, xs, *, lengths=None, initial_carry=None, reverse=False, time_major=False,
+                 return_carry=False, precompute_inputs=None, unroll=1):  # fmt: skip
+        """Runs the cell over `xs` with `lnjax.rnn` (see it for the arguments).
+
+        `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
+        outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
+        """
+        params = _cell_params(self, jnp.shape(xs)[-1])
+        ys, carry = rnn(self.cell, params, xs, lengths=lengths, initial_carry=initial_carry,
+                        reverse=reverse, time_major=time_major,
+                        precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
+        return (ys, carry) if return_carry else ys
+
+
+class LSTM(_RNN):
+    """LN-LSTM layer over a sequence: `lnjax.LSTMCell` (equations, gate order and the meaning of
+    every attribute there) run by `lnjax.rnn`. `norm="none"` is the standard LSTM.
+
+    `params` are exactly `cell.init`'s tree (`w_x` `[in_features, 4H]`, `w_h` `[H, 4H]`, `n_x`,
+    `n_h`, and `n_c` if normalized); `cell` is the pure cell: a single step is
+    `module.cell(variables["params"], carry, x_t)`.
+    """
+
+    hidden_size: int
+    norm: str = "layer"
+    per_gate: bool = False
+    norm_input: bool | None = None
+    carry_normalized_cell: bool = False
+    forget_bias: float = 0.0
+    gain_init: float = 1.0
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @property
+    def cell(self) -> LSTMCell:
+        return LSTMCell(self.hidden_size, self.norm, self.gain_init, self.eps,
+                        per_gate=self.per_gate, norm_input=self.norm_input,
+                        carry_normalized_cell=self.carry_normalized_cell,
+                        forget_bias=self.forget_bias)  # fmt: skip
+
+
+class GRU(_RNN):
+    """LN-GRU layer over a sequence: `lnjax.GRUCell` (equations, gate order, attributes) run by
+    `lnjax.rnn`. `norm="none"` is PyTorch's GRU. `params` are exactly `cell.init`'s tree."""
+
+    hidden_size: int
+    norm: str = "layer"
+    norm_input: bool | None = None
+    gain_init: float = 1.0
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @property
+    def cell(self) -> GRUCell:
+        return GRUCell(self.hidden_size, self.norm, self.gain_init, self.eps,
+                       norm_input=self.norm_input)  # fmt: skip
+
+
+class SimpleRNN(_RNN):
+    """LN tanh-RNN layer over a sequence, `h_t = tanh(N(W_h h_{t-1} + W_x x_t))`:
+    `lnjax.RNNCell` run by `lnjax.rnn`. `params` are exactly `cell.init`'s tree."""
+
+    hidden_size: int
+    norm: str = "layer"
+    gain_init: float = 1.0
+    eps: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @property
+    def cell(self) -> RNNCell:
+        return RNNCell(self.hidden_size, self.norm, self.gain_init, self.eps)
+
+
+class Bidirectional(nn.Module):
+    """Runs `forward` and `backward` (`LSTM`, `GRU` or `SimpleRNN` modules, or any with their
+    call signature) over the same inputs, the backward one reversed within each sequence's
+    length, and concatenates their outputs, as `lnjax.bidirectional_rnn` does.
+    Outputs `[*batch, T, H_forward + H_backward]`."""
+
+    forward: nn.Module
+    backward: nn.Module
+
+    def __call__(self, xs, *, lengths=None, time_major=False, return_carry=False,
+                 precompute_inputs=None, unroll=1):  # fmt: skip
+        """Arguments as for `LSTM.__call__`; with `return_carry`, returns
+        `(outputs, (forward_carry, backward_carry))`."""
+        kw = dict(lengths=lengths, time_major=time_major, return_carry=True,
+                  precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
+        yf, cf = self.forward(xs, **kw)
+        yb, cb = self.backward(xs, reverse=True, **kw)
+        ys = jnp.concatenate([yf, yb], axis=-1)
+        return (ys, (cf, cb)) if return_carry else ys
+
+
+_BN_LSTM_MODE_ERROR = (
+    "lnjax.linen.BNLSTM does not know whether to use batch statistics (training) or the per-step "
+    "population statistics (evaluation): `use_running_average` is None. Set it in one of these "
+    "ways:\n\n"
+    "1. as an attribute: `BNLSTM(..., use_running_average=not train)`;\n"
+    "2. at call time: `BNLSTM(...)(xs, use_running_average=not train)`.\n\n"
+    "In training, also make the statistics mutable: `model.apply(variables, xs, "
+    "mutable=['batch_stats'])`."
+)
+
+
+class BNLSTM(nn.Module):
+    """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations, defaults)
+    run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
+
+    Training normalizes with batch statistics at each step and updates `batch_stats` `stats`, a
+    `BNLSTMState` (`[max_steps, 4H]` or `[max_steps, H]` each, and `steps_seen`); as in Linen's
+    `BatchNorm` they are not updated during `init`. Evaluation uses them. `params` are exactly
+    `cell.init`'s tree.
+
+    Attributes:
+      hidden_size, max_steps: H and the longest training length.
+      gain_init, forget_bias, momentum, eps: as for `lnjax.BNLSTMCell`.
+      use_running_average: the mode, given here or at call time (exactly once, as in Linen).
+      axis_name: named axis across which batch statistics are synchronized; not used in `init`.
+      param_dtype: of the parameters; statistics are at least float32.
+    """
+
+    hidden_size: int
+    max_steps: int
+    gain_init: float = 0.1
+    forget_bias: float = 1.0
+    momentum: float = 0.99
+    eps: float = 1e-5
+    use_running_average: bool | None = None
+    axis_name: str | None = None
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        self.cell  # noqa: B018  (the pure cell checks the settings)
+        super().__post_init__()
+
+    @property
+    def cell(self) -> BNLSTMCell:
+        return BNLSTMCell(self.hidden_size, self.max_steps, self.gain_init, self.forget_bias,
+                          self.momentum, self.eps)  # fmt: skip
+
+    @nn.compact
+    def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
+                 return_carry=False, use_running_average: bool | None = None,
+                 unroll=1):  # fmt: skip
+        """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
+        `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
+        `(outputs, final_carry)`."""
+        if self.use_running_average is None and use_running_average is None:
+            raise ValueError(_BN_LSTM_MODE_ERROR)
+        training = not nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        params = _cell_params(self, jnp.shape(xs)[-1])
+        dtype = _checks.stats_dtype(jnp.dtype(self.param_dtype))
+        stats = self.variable("batch_stats", "stats", self.cell.init_state, dtype)
+        init = self.is_initializing()
+        ys, carry, state = bn_lstm_rnn(
+            self.cell, params, stats.value, xs, training=training, lengths=lengths,
+            initial_carry=initial_carry, time_major=time_major,
+            axis_name=None if init else self.axis_name, unroll=unroll,
+        )  # fmt: skip
+        if training and not init:
+            stats.value = state
+        return (ys, carry) if return_carry else ys

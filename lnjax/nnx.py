@@ -1,4 +1,5 @@
-"""Flax NNX modules: thin shells over the pure ops of `lnjax.normalization`.
+"""Flax NNX modules: thin shells over the pure ops of `lnjax.normalization`
+and the cells and layers of `lnjax.recurrent`.
 
 Each module creates its parameters (`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`) and
 running statistics in `__init__`, and its `__call__` calls the pure op; shapes, dtypes and errors
@@ -22,13 +23,26 @@ from lnjax.normalization import (
     rms_norm,
     weight_norm,
 )
+from lnjax.recurrent import (
+    BNLSTMCell,
+    GRUCell,
+    LSTMCell,
+    RNNCell,
+    bn_lstm_rnn,
+    rnn,
+)
 
 __all__ = [
+    "BNLSTM",
     "BatchNorm",
+    "Bidirectional",
+    "GRU",
     "GroupNorm",
     "InstanceNorm",
+    "LSTM",
     "LayerNorm",
     "RMSNorm",
+    "SimpleRNN",
     "WeightNormDense",
 ]
 
@@ -363,3 +377,226 @@ class WeightNormDense(nnx.Module):
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
+
+
+
+
+_BN_LSTM_MODE_ERROR = (
+    "lnjax.nnx.BNLSTM does not know whether to use batch statistics (training) or the per-step "
+    "population statistics (evaluation): `use_running_average` is None. Set it in one of these "
+    "ways:\n\n"
+    "1. in the constructor: `BNLSTM(..., use_running_average=False)` (True for evaluation);\n"
+    "2. at call time: `bn_lstm(xs, use_running_average=True/False)`;\n"
+    "3. on the whole model: `model.train()` / `model.eval()`;\n"
+    "4. as a view: `nnx.view(model, use_running_average=True/False)`."
+)
+
+
+def _is_variable(v):
+    return isinstance(v, nnx.Variable)
+
+
+def _values(tree):
+    """The arrays of a pytree of `nnx.Variable`s, same structure."""
+    return jax.tree.map(lambda v: v[...], tree, is_leaf=_is_variable)
+
+
+class _CellParams(nnx.Module):
+    """Holds the parameters of a pure `lnjax.recurrent` cell, created by `cell.init`.
+
+    Each top-level entry of `cell.init(key, in_features)` becomes an attribute of the same name
+    (an `nnx.Param`, or a dict of them), so `nnx.to_pure_dict(nnx.state(m, nnx.Param))` is exactly
+    the pure tree, and `nnx.update(m, params)` loads pure parameters.
+    """
+
+    def _init_cell(self, cell, in_features, param_dtype, rngs: nnx.Rngs):
+        self.cell = cell
+        self.in_features = _checks.positive_int(in_features, "in_features")
+        params = cell.init(rngs.params(), self.in_features, param_dtype)
+        self._param_names = tuple(params)
+        for name, value in params.items():
+            setattr(self, name, nnx.data(jax.tree.map(nnx.Param, value)))
+
+    @property
+    def params(self) -> dict:
+        """The parameters as the pure cell takes them (`cell.init`'s tree of arrays): a single
+        step is `m.cell(m.params, carry, x_t)`."""
+        return {name: _values(getattr(self, name)) for name in self._param_names}
+
+
+class _RNN(_CellParams):
+    def __call__(self, xs, *, lengths=None, initial_carry=None, reverse=False, time_major=False,
+                 return_carry=False, precompute_inputs=None, unroll=1):  # fmt: skip
+        """Runs the cell over `xs` with `lnjax.rnn` (see it for the arguments).
+
+        `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
+        outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
+        """
+        ys, carry = rnn(self.cell, self.params, xs, lengths=lengths, initial_carry=initial_carry,
+                        reverse=reverse, time_major=time_major,
+                        precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
+        return (ys, carry) if return_carry else ys
+
+
+class LSTM(_RNN):
+    """LN-LSTM layer over a sequence: `lnjax.LSTMCell` (equations, gate order and the meaning of
+    every option there) run by `lnjax.rnn`. `norm="none"` is the standard LSTM.
+
+    Parameters: the attributes `w_x` `[in_features, 4H]`, `w_h` `[H, 4H]`, `n_x`, `n_h` and (if
+    normalized) `n_c`, exactly `cell.init`'s tree; `cell` is the pure cell, `params` its arrays.
+    `rngs` is required (random `w_x`, orthogonal `w_h`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        *,
+        norm: str = "layer",
+        per_gate: bool = False,
+        norm_input: bool | None = None,
+        carry_normalized_cell: bool = False,
+        forget_bias: float = 0.0,
+        gain_init: float = 1.0,
+        eps: float = 1e-5,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        cell = LSTMCell(hidden_size, norm, gain_init, eps, per_gate=per_gate,
+                        norm_input=norm_input, carry_normalized_cell=carry_normalized_cell,
+                        forget_bias=forget_bias)  # fmt: skip
+        self._init_cell(cell, in_features, param_dtype, rngs)
+
+
+class GRU(_RNN):
+    """LN-GRU layer over a sequence: `lnjax.GRUCell` (equations, gate order, options) run by
+    `lnjax.rnn`. `norm="none"` is PyTorch's GRU.
+
+    Parameters: the attributes `w_x` `[in_features, 3H]`, `w_h` `[H, 3H]`, `n_x_gates`,
+    `n_x_cand`, `n_h_gates`, `n_h_cand`, exactly `cell.init`'s tree. `rngs` is required.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        *,
+        norm: str = "layer",
+        norm_input: bool | None = None,
+        gain_init: float = 1.0,
+        eps: float = 1e-5,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        cell = GRUCell(hidden_size, norm, gain_init, eps, norm_input=norm_input)
+        self._init_cell(cell, in_features, param_dtype, rngs)
+
+
+class SimpleRNN(_RNN):
+    """LN tanh-RNN layer over a sequence, `h_t = tanh(N(W_h h_{t-1} + W_x x_t))`:
+    `lnjax.RNNCell` run by `lnjax.rnn`.
+
+    Parameters: the attributes `w_x` `[in_features, H]`, `w_h` `[H, H]`, `n`, exactly
+    `cell.init`'s tree. `rngs` is required.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        *,
+        norm: str = "layer",
+        gain_init: float = 1.0,
+        eps: float = 1e-5,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self._init_cell(RNNCell(hidden_size, norm, gain_init, eps), in_features, param_dtype, rngs)
+
+
+class Bidirectional(nnx.Module):
+    """Runs `forward` and `backward` (`LSTM`, `GRU` or `SimpleRNN` modules, or any with their
+    call signature) over the same inputs, the backward one reversed within each sequence's
+    length, and concatenates their outputs, as `lnjax.bidirectional_rnn` does.
+    Outputs `[*batch, T, H_forward + H_backward]`."""
+
+    def __init__(self, forward: nnx.Module, backward: nnx.Module):
+        self.forward, self.backward = forward, backward
+
+    def __call__(self, xs, *, lengths=None, time_major=False, return_carry=False,
+                 precompute_inputs=None, unroll=1):  # fmt: skip
+        """Arguments as for `LSTM.__call__`; with `return_carry`, returns
+        `(outputs, (forward_carry, backward_carry))`."""
+        kw = dict(lengths=lengths, time_major=time_major, return_carry=True,
+                  precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
+        yf, cf = self.forward(xs, **kw)
+        yb, cb = self.backward(xs, reverse=True, **kw)
+        ys = jnp.concatenate([yf, yb], axis=-1)
+        return (ys, (cf, cb)) if return_carry else ys
+
+
+class BNLSTM(_CellParams):
+    """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations, defaults)
+    run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
+
+    Training (`use_running_average=False`, the default as in `nnx.BatchNorm`) normalizes with
+    batch statistics at each step and updates `stats`, a `BNLSTMState` of `nnx.BatchStat`s
+    (`[max_steps, 4H]` or `[max_steps, H]` each, and `steps_seen`); evaluation uses them.
+    `model.train()` / `model.eval()` and `nnx.view` switch the mode, as for `BatchNorm`.
+    Parameters: `w_x`, `w_h`, `bias`, `g_x`, `g_h`, `n_c`, exactly `cell.init`'s tree.
+
+    Args:
+      in_features, hidden_size, max_steps: input size, H, and the longest training length.
+      gain_init, forget_bias, momentum, eps: as for `lnjax.BNLSTMCell`.
+      use_running_average: the mode when the call does not give one; None makes every call choose.
+      axis_name: named axis across which batch statistics are synchronized.
+      param_dtype: of the parameters; statistics are at least float32.
+      rngs: required (random `w_x`, orthogonal `w_h`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        max_steps: int,
+        *,
+        gain_init: float = 0.1,
+        forget_bias: float = 1.0,
+        momentum: float = 0.99,
+        eps: float = 1e-5,
+        use_running_average: bool | None = False,
+        axis_name: str | None = None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        cell = BNLSTMCell(hidden_size, max_steps, gain_init, forget_bias, momentum, eps)
+        self._init_cell(cell, in_features, param_dtype, rngs)
+        state = cell.init_state(_checks.stats_dtype(jnp.dtype(param_dtype)))
+        self.stats = nnx.data(jax.tree.map(nnx.BatchStat, state))
+        self.use_running_average, self.axis_name = use_running_average, axis_name
+
+    def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
+                 return_carry=False, use_running_average: bool | None = None,
+                 unroll=1):  # fmt: skip
+        """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
+        `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
+        `(outputs, final_carry)`. `use_running_average` overrides the attribute."""
+        mode = self.use_running_average if use_running_average is None else use_running_average
+        if mode is None:
+            raise ValueError(_BN_LSTM_MODE_ERROR)
+        training = not mode
+        ys, carry, state = bn_lstm_rnn(
+            self.cell, self.params, _values(self.stats), xs, training=training, lengths=lengths,
+            initial_carry=initial_carry, time_major=time_major, axis_name=self.axis_name,
+            unroll=unroll,
+        )  # fmt: skip
+        if training:
+            for var, value in zip(jax.tree.leaves(self.stats, is_leaf=_is_variable),
+                                  jax.tree.leaves(state)):  # fmt: skip
+                var[...] = value
+        return (ys, carry) if return_carry else ys
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average

@@ -85,7 +85,9 @@ def _orthogonal_blocks(key, size, blocks, dtype):
     """`[size, blocks * size]`: one orthogonal matrix per gate, as Flax initializes LSTMs."""
     keys = jax.random.split(key, blocks)
     init = jax.nn.initializers.orthogonal()
-    return jnp.concatenate([init(k, (size, size), dtype) for k in keys], axis=-1)
+    # QR runs in float32 (XLA:CPU has none for bf16/f16), then the result is cast.
+    work = dtype if jnp.finfo(dtype).bits > 32 else jnp.float32
+    return jnp.concatenate([init(k, (size, size), work) for k in keys], axis=-1).astype(dtype)
 
 
 def _check_input(x, w_x, name="x"):
@@ -587,15 +589,14 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
         idx = jnp.arange(T)
     else:
         last = jnp.where(state.steps_seen > 0, state.steps_seen, cell.max_steps) - 1
-        idx = jnp.minimum(jnp.arange(T), last)
+        idx = jnp.minimum(jnp.arange(T, dtype=last.dtype), last)
     per_step = jax.tree.map(lambda s: s[idx], (state.x, state.h, state.c))
     bn = dict(training=training, momentum=cell.momentum, eps=cell.eps, axis_name=axis_name)
-    red_mask = (lambda m: m) if batch_shape else (lambda m: None)
 
     def step(carry, inp):
         x_t, (sx, sh, sc), m_t = inp
         c, h = carry
-        m = red_mask(m_t)
+        m = m_t  # shape batch_shape; () when the batch is a named (vmapped) axis
         ax, sx = batch_norm(_matmul(x_t.astype(params["w_x"].dtype), params["w_x"]), params["g_x"], None, sx, mask=m, **bn)
         ah, sh = batch_norm(_matmul(h, params["w_h"]), params["g_h"], None, sh, mask=m, **bn)
         i, f, g, o = jnp.split(ax + ah + _lead(params["bias"], ax.ndim), 4, axis=-1)
@@ -609,7 +610,10 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
     carry, (ys, stats) = lax.scan(step, initial_carry, (xs, per_step, steps_mask), unroll=unroll)
     if training:
         # Steps no sequence reached keep their old statistics.
-        active = jnp.any(steps_mask.reshape(T, -1), axis=1)[:, None]
+        active = jnp.any(steps_mask.reshape(T, -1), axis=1)
+        if axis_name is not None:  # a step is active if any shard's sequence reached it
+            active = lax.pmax(active.astype(jnp.int32), axis_name) > 0
+        active = active[:, None]
         merge = lambda new, old: old.at[:T].set(jnp.where(active, new, old[:T]))  # noqa: E731
         x_s, h_s, c_s = jax.tree.map(merge, stats, (state.x, state.h, state.c))
         seen = jnp.maximum(state.steps_seen, jnp.sum(active, dtype=jnp.int32))

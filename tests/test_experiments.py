@@ -1,0 +1,591 @@
+"""Tests of experiments/: the config CLI, vmapped sweeps, divergence handling, checkpoint
+resume, the models, the Table 1 invariances and the quick reproduction end to end.
+
+The training code is meant to run with JAX's defaults, while tests/conftest.py turns on x64 and
+strict dtype/rank promotion (Optax itself does not run under strict promotion), so in-process
+training runs inside `jax_defaults`; the CLI and the reproduction run in subprocesses.
+
+Compilation dominates the cost of these tiny runs, so every training run here shares one
+persistent XLA compilation cache (in-process and, through the environment, in subprocesses):
+a second run of the same program loads its executable instead of compiling it again.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import convnet_digits, mlp_digits, rnn_adding
+from experiments import invariances, models, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN_TIMEOUT = 300  # seconds for one tiny training subprocess (the machine may be loaded)
+
+# --------------------------------------------------------------------------------------------
+# Helpers and fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache shared by this module's training runs."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield path
+    for n, v in old.items():
+        jax.config.update(n, v)
+    with contextlib.suppress(ImportError, AttributeError):
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def jax_defaults(compile_cache):
+    """JAX's default numerics (no x64, standard promotion), as the training code expects."""
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
+
+
+@pytest.fixture
+def subprocess_env(compile_cache):
+    env = dict(os.environ)
+    env.update({
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    })
+    return env
+
+
+def tiny_config(seeds=(0,), lrs=(1e-3,), *, num_steps=40, norm="layer", checkpoint_every=None):
+    """The digits MLP shrunk to 64-16-10, batch 8: compiles and runs in about a second."""
+    c = mlp_digits.get_config()
+    c.model.hidden = (16,)
+    c.model.norm = norm
+    c.batch_size = 8
+    c.num_steps = num_steps
+    c.steps_per_call = 10
+    c.eval_every = 10
+    c.checkpoint_every = checkpoint_every or num_steps
+    c.sweep.seed = tuple(seeds)
+    c.sweep.learning_rate = tuple(lrs)
+    return c
+
+
+_TASKS = {}
+
+
+def tiny_task(norm="layer"):
+    """`build_task` of `tiny_config`, built once per norm (loading the data takes a while)."""
+    if norm not in _TASKS:
+        _TASKS[norm] = train.build_task(tiny_config(norm=norm))
+    return _TASKS[norm]
+
+
+def member(state, i):
+    """Member `i` of a stacked state, as NumPy."""
+    return jax.tree.map(lambda a: np.asarray(a[i]), state)
+
+
+def assert_trees_equal(a, b, exact=True, rtol=1e-5, atol=1e-6):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def bitwise_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def solo_runs(tmp_path_factory, compile_cache):
+    """`solo(seed, lr)`: the final state and metrics of a one-member fit (cached per module)."""
+    cache = {}
+
+    def solo(seed, lr):
+        if (seed, lr) not in cache:
+            workdir = tmp_path_factory.mktemp(f"solo_{seed}_{lr:g}")
+            with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+                state, rows, members = train.fit(tiny_config((seed,), (lr,)), workdir, progress=False, task=tiny_task())
+            assert members == [{"seed": seed, "learning_rate": lr}]
+            cache[seed, lr] = (member(state, 0), rows)
+        return cache[seed, lr]
+
+    return solo
+
+
+def read_rows(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def finalized_steps(ckpt_dir):
+    """Steps of the checkpoints orbax has finalized (in-progress ones have a tmp suffix)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+
+
+def restore(ckpt_dir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(ckpt_dir) as manager:
+        return jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.StandardRestore()))
+
+
+def train_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "experiments.train", "--config=configs/mlp_digits.py", *overrides,
+            f"--workdir={workdir}"]
+
+
+TINY_FLAGS = ("--config.model.hidden=(16,)", "--config.batch_size=8", "--config.sweep.seed=(0,1)")
+
+
+def run(cmd, env, timeout=RUN_TIMEOUT):
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and the CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_overrides_are_parsed_saved_and_used(tmp_path, subprocess_env):
+    workdir = tmp_path / "run"
+    cmd = train_cmd(workdir, *TINY_FLAGS, "--config.optimizer.learning_rate=3e-4", "--config.num_steps=20",
+                    "--config.steps_per_call=10", "--config.eval_every=10", "--config.checkpoint_every=10")
+    proc = run(cmd, subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["optimizer"]["learning_rate"] == 3e-4
+    assert saved["num_steps"] == 20 and saved["checkpoint_every"] == 10
+    assert saved["model"]["hidden"] == [16] and saved["sweep"]["seed"] == [0, 1]
+    assert saved["optimizer"]["name"] == "adam"  # untouched defaults are kept
+
+    rows = read_rows(workdir / "metrics.jsonl")
+    assert [(r["step"], r["member"]) for r in rows] == [(10, 0), (10, 1), (20, 0), (20, 1)]
+    assert all(r["learning_rate"] == 3e-4 for r in rows)  # no sweep.learning_rate: the override
+    assert [r["seed"] for r in rows] == [0, 1, 0, 1]
+    assert finalized_steps(workdir / "checkpoints") == [10, 20]
+    final = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(f["seed"], f["learning_rate"]) for f in final] == [(0, 3e-4), (1, 3e-4)]
+    assert all(np.isfinite(f["test_loss"]) and f["diverged_at"] == -1 for f in final)
+
+    # The same workdir with another config is refused, and left as it was.
+    before = (workdir / "config.json").read_text(), (workdir / "metrics.jsonl").read_text()
+    proc = run([c.replace("learning_rate=3e-4", "learning_rate=1e-3") for c in cmd], subprocess_env)
+    assert proc.returncode != 0
+    assert "different config" in proc.stderr
+    assert ((workdir / "config.json").read_text(), (workdir / "metrics.jsonl").read_text()) == before
+    assert finalized_steps(workdir / "checkpoints") == [10, 20]
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--config.optimizer.learnin_rate=1", ("learnin_rate", 'Did you mean "learning_rate"')),
+    ("--config.num_steps=abc", ("--config.num_steps=abc", "invalid literal for int()")),
+])
+def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, subprocess_env, flag, expected):
+    proc = run(train_cmd(tmp_path / "run", flag), subprocess_env, timeout=120)
+    assert proc.returncode != 0
+    for text in expected:
+        assert text in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding])
+def test_shipped_configs_are_valid(module):
+    cfg = module.get_config()
+    train.check_config(cfg)
+    assert cfg.num_steps % cfg.steps_per_call == 0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_steps", 25),  # not a multiple of steps_per_call = 10
+    ("eval_every", 15),
+    ("checkpoint_every", 5),
+    ("num_steps", 0),
+    ("steps_per_call", 0),
+    ("batch_size", 0),
+])
+def test_check_config_rejects_bad_schedules(key, value):
+    cfg = tiny_config()
+    cfg[key] = value
+    with pytest.raises(ValueError, match=f"`config.{key}`"):
+        train.check_config(cfg)
+
+
+def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
+    cfg = tiny_config()
+    cfg.batch_size = 10_000
+    with pytest.raises(ValueError, match="batch_size"):
+        train.fit(cfg, tmp_path / "big_batch", progress=False, task=tiny_task())
+
+    # A workdir that holds another run is refused in-process too (and not overwritten).
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(tiny_config(lrs=(3e-4,)).to_json(sort_keys=True))
+    with pytest.raises(ValueError, match="different config"):
+        train.fit(tiny_config(), workdir, progress=False, task=tiny_task())
+    assert json.loads((workdir / "config.json").read_text())["sweep"]["learning_rate"] == [3e-4]
+
+    cfg = tiny_config()
+    cfg.model.kind = "transformer"
+    with pytest.raises(ValueError, match="model.kind"):
+        train.build_task(cfg)
+    cfg = tiny_config()
+    cfg.task.name = "imagenet"
+    with pytest.raises(ValueError, match="task.name"):
+        train.build_task(cfg)
+    cfg.optimizer.name = "lamb"
+    with pytest.raises(ValueError, match="optimizer.name"):
+        train.make_optimizer(cfg.optimizer)
+
+
+def test_sweep_members_order():
+    cfg = tiny_config(seeds=(3, 4), lrs=(1e-3, 1e-2))
+    assert train.sweep_members(cfg) == [
+        {"seed": 3, "learning_rate": 1e-3}, {"seed": 4, "learning_rate": 1e-3},
+        {"seed": 3, "learning_rate": 1e-2}, {"seed": 4, "learning_rate": 1e-2}]
+    cfg = tiny_config(seeds=(), lrs=())
+    assert train.sweep_members(cfg) == [{"seed": 0, "learning_rate": cfg.optimizer.learning_rate}]
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_and_evaluate_work_under_strict_promotion():
+    """Outside the Optax update (which needs standard promotion), the training code is
+    dtype-clean: the stacked init and the evaluation run with x64 and strict promotion on
+    (conftest) and agree with JAX's defaults."""
+    cfg = tiny_config(seeds=(0, 1))
+    task, members = tiny_task(), train.sweep_members(cfg)
+    x, y = jnp.asarray(task.data.x_test), jnp.asarray(task.data.y_test)
+    state = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    metrics = jax.tree.map(np.asarray, train.make_evaluate(task)(state, x, y))
+    assert set(metrics) == {"loss", "error"}
+    assert all(v.shape == (2,) and np.isfinite(v).all() for v in metrics.values())
+    assert ((metrics["error"] >= 0) & (metrics["error"] <= 1)).all()
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        default = jax.tree.map(np.asarray, train.make_evaluate(task)(state, x, y))
+    for k in metrics:
+        np.testing.assert_allclose(metrics[k], default[k], rtol=1e-6)
+
+
+def test_vmapped_sweep_equals_members_trained_one_at_a_time(tmp_path, jax_defaults, solo_runs):
+    """2 seeds x 2 learning rates in one vmapped fit vs four one-member fits. (On XLA:CPU they
+    are bitwise equal; the assertion allows float rounding, which vmap may legitimately change.)"""
+    cfg = tiny_config(seeds=(0, 1), lrs=(1e-3, 3e-3))
+    state, rows, members = train.fit(cfg, tmp_path, progress=False, task=tiny_task())
+    assert [(m["seed"], m["learning_rate"]) for m in members] == [(0, 1e-3), (1, 1e-3), (0, 3e-3), (1, 3e-3)]
+    np.testing.assert_array_equal(state.step, 40)
+    np.testing.assert_array_equal(state.diverged_at, -1)
+
+    bitwise = []
+    for i, m in enumerate(members):
+        got = member(state, i)
+        want, solo_rows = solo_runs(m["seed"], m["learning_rate"])
+        assert_trees_equal(got.params, want.params, exact=False)
+        assert_trees_equal(got.opt_state, want.opt_state, exact=False)
+        assert_trees_equal((got.key, got.step, got.diverged_at), (want.key, want.step, want.diverged_at))
+        bitwise.append(bitwise_equal(got, want))
+        mine = [r for r in rows if r["member"] == i]
+        assert [r["step"] for r in mine] == [r["step"] for r in solo_rows] == [10, 20, 30, 40]
+        for r, s in zip(mine, solo_rows):
+            assert (r["seed"], r["learning_rate"], r["diverged_at"]) == (s["seed"], s["learning_rate"], -1)
+            for k in ("train_loss", "test_loss", "test_error"):
+                np.testing.assert_allclose(r[k], s[k], rtol=1e-5, atol=1e-6)
+    # Not vacuous: the members did train, and differently.
+    p = [member(state, i).params for i in range(4)]
+    assert not bitwise_equal(p[0], p[1]) and not bitwise_equal(p[0], p[2])
+    assert rows[-4]["test_loss"] < 2.3 or rows[-1]["test_loss"] < 2.3
+    print(f"sweep members bitwise equal to their solo runs: {bitwise}")
+
+
+def test_diverged_member_is_frozen_and_isolated(tmp_path, jax_defaults, solo_runs):
+    """lr 1e38 makes the loss NaN at step 1; lr inf makes the first update itself non-finite
+    (from a finite loss and gradient). Four members: the sweep test's compiled programs."""
+    lrs = (1e-3, 3e-3, 1e38, float("inf"))
+    cfg = tiny_config(seeds=(0,), lrs=lrs)
+    task = tiny_task()
+    state, rows, members = train.fit(cfg, tmp_path, progress=False, task=task)
+    assert [m["learning_rate"] for m in members] == list(lrs)
+    diverged = np.asarray(state.diverged_at)
+    assert diverged[0] == diverged[1] == -1
+    assert diverged[2] >= 0 and diverged[3] == 0
+    np.testing.assert_array_equal(state.step, 40)  # frozen members still count steps
+
+    # Frozen at the last finite state: finite parameters (and, for the member that diverged
+    # at step 0, exactly its initial state).
+    for i in (2, 3):
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(member(state, i).params))
+    init = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    assert_trees_equal(member(state, 3).params, member(init, 3).params)
+    assert_trees_equal(member(state, 3).opt_state, member(init, 3).opt_state)
+    assert not bitwise_equal(member(state, 2).params, member(init, 2).params)  # one step was taken
+
+    # Marked in the metrics: every row after the divergence carries diverged_at.
+    for i in (2, 3):
+        mine = [r for r in rows if r["member"] == i]
+        assert [r["step"] for r in mine] == [10, 20, 30, 40]
+        assert all(r["diverged_at"] == diverged[i] for r in mine)
+    # The healthy members are unaffected: the same as training each alone.
+    for i in (0, 1):
+        healthy = [r for r in rows if r["member"] == i]
+        assert all(r["diverged_at"] == -1 and np.isfinite(r["train_loss"]) and np.isfinite(r["test_loss"])
+                   for r in healthy)
+        want, solo_rows = solo_runs(0, lrs[i])
+        assert_trees_equal(member(state, i).params, want.params, exact=False)
+        assert_trees_equal(member(state, i).opt_state, want.opt_state, exact=False)
+        for r, s in zip(healthy, solo_rows):
+            np.testing.assert_allclose(r["test_loss"], s["test_loss"], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_batch_norm_state_is_carried_and_checkpointed(tmp_path, jax_defaults):
+    """BN running statistics change during training, are saved, and restoring them mid-run
+    gives exactly the uninterrupted result."""
+    cfg = tiny_config(seeds=(0, 1), norm="batch", checkpoint_every=20)
+    task = tiny_task("batch")
+    full, rows, members = train.fit(cfg, tmp_path / "full", progress=False, task=task)
+    init = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    assert len(jax.tree.leaves(init.model_state)) == 4  # mean and var of both BN layers
+    for got, start in zip(jax.tree.leaves(full.model_state), jax.tree.leaves(init.model_state)):
+        assert np.isfinite(got).all()
+        assert not np.allclose(got, start)  # the running statistics moved
+    saved = restore(tmp_path / "full" / "checkpoints", 40)["model_state"]
+    assert [sorted(s) for s in saved] == [["mean", "var"], ["mean", "var"]]
+    for s, bn in zip(saved, full.model_state):
+        assert_trees_equal((s["mean"], s["var"]), (np.asarray(bn.mean), np.asarray(bn.var)))
+
+    # Resume from the step-20 checkpoint (the step-40 one and its metrics rows discarded).
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "40")
+    resumed, resumed_rows, _ = train.fit(cfg, resumed_dir, progress=False, task=task)
+    assert_trees_equal(jax.tree.map(np.asarray, resumed), jax.tree.map(np.asarray, full))
+    assert resumed_rows == rows == read_rows(resumed_dir / "metrics.jsonl")
+
+
+def _stop(pid, timeout=5.0):
+    """SIGSTOPs `pid` and waits until it is stopped (so that its files no longer change)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("T", "t", "Z", "X"):
+            return
+        time.sleep(0.001)
+
+
+def _metric_steps(path):
+    steps = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                steps.append(json.loads(line)["step"])
+    return steps
+
+
+def test_kill_and_resume_gives_identical_results(tmp_path, subprocess_env):
+    """`kill -9` mid-run, then the same command: the final checkpoint and metrics.jsonl are
+    exactly those of an uninterrupted run."""
+    num_steps = 200
+    flags = (*TINY_FLAGS, f"--config.num_steps={num_steps}", "--config.steps_per_call=10",
+             "--config.eval_every=10", "--config.checkpoint_every=20")
+    ref_dir, dir_ = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    ref = run(train_cmd(ref_dir, *flags), subprocess_env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # Kill once a checkpoint exists and metrics have been logged past it (so that resuming must
+    # drop those rows); the process is stopped while inspecting, so the check is exact.
+    log = open(tmp_path / "interrupted.log", "w")
+    proc = subprocess.Popen(train_cmd(dir_, *flags), cwd=ROOT, env=subprocess_env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:
+            assert proc.poll() is None, "the run finished before it could be interrupted"
+            assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
+            if finalized_steps(dir_ / "checkpoints"):
+                _stop(proc.pid)
+                ckpt, logged = finalized_steps(dir_ / "checkpoints")[-1], _metric_steps(dir_ / "metrics.jsonl")
+                if max(logged, default=0) > ckpt:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.005)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        print(f"killed with checkpoints {finalized_steps(dir_ / 'checkpoints')} and metrics up to step {max(logged)}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+        log.close()
+    assert ckpt < num_steps and finalized_steps(dir_ / "checkpoints")[-1] == ckpt
+    assert max(_metric_steps(dir_ / "metrics.jsonl")) > ckpt
+    with open(dir_ / "metrics.jsonl", "a") as f:  # as if killed in the middle of a write
+        f.write('{"step": 9999, "member"')
+
+    resumed = run(train_cmd(dir_, *flags), subprocess_env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    rows, ref_rows = read_rows(dir_ / "metrics.jsonl"), read_rows(ref_dir / "metrics.jsonl")
+    keys = [(r["step"], r["member"]) for r in rows]
+    assert keys == [(s, m) for s in range(10, num_steps + 1, 10) for m in (0, 1)]  # none missing or repeated
+    assert rows == ref_rows
+    assert finalized_steps(dir_ / "checkpoints") == finalized_steps(ref_dir / "checkpoints") == [num_steps - 20, num_steps]
+    final, ref_final = restore(dir_ / "checkpoints", num_steps), restore(ref_dir / "checkpoints", num_steps)
+    assert_trees_equal(final, ref_final)  # params, optimizer state, keys, steps: bitwise
+    np.testing.assert_array_equal(final["step"], num_steps)
+    assert resumed.stdout.splitlines()[-2:] == ref.stdout.splitlines()[-2:]
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def _check_apply(model, x, out_shape, stateful):
+    # Eagerly: XLA:CPU compiles a jitted ConvNet for ~5 s, op by op it reuses cached ops.
+    params, state = model.init(jax.random.PRNGKey(0))
+    for training in (True, False):
+        y, new_state = model.apply(params, state, x, training=training)
+        assert y.shape == out_shape and y.dtype == jnp.float32
+        assert np.isfinite(np.asarray(y)).all()
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        changed = not bitwise_equal(new_state, state)
+        assert changed == (stateful and training)
+
+
+@pytest.mark.parametrize("norm", models.NORMS)
+def test_mlp_and_convnet_output_shapes(norm):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 12)).astype(np.float32)
+    _check_apply(models.mlp((12, 16, 8, 3), norm=norm), x, (5, 3), norm == "batch")
+    images = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
+    _check_apply(models.convnet(4, (6, 8), norm=norm, in_channels=2), images, (5, 4), norm == "batch")
+
+
+@pytest.mark.parametrize("cell, norm", [(c, n) for c in ("lstm", "gru", "rnn") for n in ("none", "layer", "rms")]
+                         + [("bn_lstm", "layer")])
+def test_sequence_model_output_shapes(cell, norm):
+    x = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    model = models.sequence_model(3, 2, 8, cell=cell, norm=norm, max_steps=7, norm_input=True)
+    _check_apply(model, x, (5, 2), cell == "bn_lstm")
+
+
+def test_models_reject_bad_names():
+    with pytest.raises(ValueError, match="norm"):
+        models.mlp((4, 8, 2), norm="group")
+    with pytest.raises(ValueError, match="norm"):
+        models.convnet(3, norm="instance")
+    with pytest.raises(ValueError, match="cell"):
+        models.sequence_model(3, 2, 8, cell="transformer")
+    with pytest.raises(ValueError, match="norm"):
+        models.sequence_model(3, 2, 8, cell="lstm", norm="batch")  # BN is the bn_lstm cell
+    with pytest.raises(ValueError, match="max_steps"):
+        models.sequence_model(3, 2, 8, cell="bn_lstm")
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1
+# --------------------------------------------------------------------------------------------
+
+
+def test_invariances_agree_with_the_paper():
+    changes = invariances.measure()
+    assert len(changes) == 18
+    for method, expected in invariances.PAPER.items():
+        for name, invariant in zip(invariances.TRANSFORMS, expected):
+            change = changes[method, name]
+            if invariant:
+                assert change < 1e-4, (method, name, change)
+            else:  # clearly not invariant, not a rounding-level verdict
+                assert change > 1e-2, (method, name, change)
+    table = invariances.table(changes)
+    assert "paper disagrees" not in table
+    assert table.count("invariant (") == sum(sum(v) for v in invariances.PAPER.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The quick reproduction
+# --------------------------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_reproduction_end_to_end(tmp_path):
+    from experiments import reproduce
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "experiments", "--quick", "--out", str(out), "--fresh"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert not (out / "stale.txt").exists()  # --fresh
+
+    report = (out / "report.md").read_text()
+    headings = [line for line in report.splitlines() if line.startswith("#")]
+    for section in ("Table 1", "§6.6", "RNN", "§6.7", "Findings", "Diverged"):
+        assert any(section in h for h in headings), (section, headings)
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
+    assert sorted(set(pngs)) == ["convnet.png", "mlp_bs128.png", "mlp_bs4.png", "rnn_adding.png"]
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR", name
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 0 and height > 0
+
+    findings = json.loads((out / "findings.json").read_text())
+    assert len(findings) == 4 and all(f in report for f in findings)
+    assert "Table 1: 18 of 18 cells agree with the paper." in findings
+
+    runs = reproduce._runs(quick=True)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(name for _, name, _, _ in runs)
+    for _, name, _, cfg in runs:
+        run_dir = out / "runs" / name
+        assert json.loads((run_dir / "config.json").read_text()) == json.loads(cfg.to_json())
+        rows = read_rows(run_dir / "metrics.jsonl")
+        members = len(train.sweep_members(cfg))
+        steps = sorted({r["step"] for r in rows})
+        assert steps[-1] == cfg.num_steps
+        assert len(rows) == len({(r["step"], r["member"]) for r in rows}) == len(steps) * members
+        assert finalized_steps(run_dir / "checkpoints")[-1] == cfg.num_steps

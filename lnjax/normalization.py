@@ -57,7 +57,14 @@ def _inv_std(var, eps):
 
 
 def _moments(x, ax, *, mask, axis_name, fast_variance):
-    """(mean, biased var, count) over `ax`, keepdims, in the statistics dtype.
+    """(mean, residual, biased var, count) over `ax`, keepdims, in the statistics dtype.
+
+    The mean is returned in two parts, `mean + residual`: the first is the rounded mean, the
+    second the mean of `x - mean` (the corrected two-pass algorithm of Chan, Golub & LeVeque).
+    Centring as `(x - mean) - residual` is then exact to the precision of the deviations:
+    for `1e4 + N(0, 1e-2)` in float32 the rounded mean alone is off by ~5% of the standard
+    deviation, which a single subtraction would pass on to every output. The residual costs
+    no extra pass: it is summed alongside the squares.
 
     With `axis_name`, sums and counts are reduced across that named axis too, so every device
     sees the statistics of the global batch. Counts are clamped at 1 so that an all-masked
@@ -81,13 +88,20 @@ def _moments(x, ax, *, mask, axis_name, fast_variance):
     if fast_variance:
         mean = total(xf) / count
         var = jnp.maximum(total(xf * xf) / count - mean * mean, 0)
-    else:
-        mean = total(xf) / count
-        d = xf - mean
-        if mask is not None:
-            d = jnp.where(mask, d, 0)
-        var = total(d * d) / count
-    return mean, var, count
+        return mean, jnp.zeros_like(mean), var, count
+    # `mean` only shifts the data; the gradient flows through the residual, which makes
+    # `(x - mean) - residual` exactly `x - mean(x)` as a function of x.
+    mean = lax.stop_gradient(total(xf) / count)
+    d = xf - mean
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    residual = total(d) / count
+    var = jnp.maximum(total(d * d) / count - residual * residual, 0)
+    return mean, residual, var, count
+
+
+def _center(x, mean, residual):
+    return (x.astype(mean.dtype) - mean) - residual
 
 
 def _expand_mask(mask, x, ax, name="mask"):
@@ -123,7 +137,8 @@ def moments(x, axis=-1, *, keepdims=False, fast_variance=False, mask=None, axis_
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     m = _expand_mask(mask, x, ax)
-    mean, var, _ = _moments(x, ax, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+    mean, residual, var, _ = _moments(x, ax, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+    mean = mean + residual
     if not keepdims:
         mean, var = jnp.squeeze(mean, ax), jnp.squeeze(var, ax)
     return mean, var
@@ -161,8 +176,8 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     scale, bias = _param_check(x, ax, scale, bias, eps)
-    mean, var, _ = _moments(x, ax, mask=None, axis_name=None, fast_variance=fast_variance)
-    y = (x.astype(mean.dtype) - mean) * _inv_std(var, eps)
+    mean, residual, var, _ = _moments(x, ax, mask=None, axis_name=None, fast_variance=fast_variance)
+    y = _center(x, mean, residual) * _inv_std(var, eps)
     return _scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
@@ -280,7 +295,7 @@ def batch_norm(
     m = _expand_mask(mask, x, red)
 
     if training:
-        mean, var, count = _moments(x, red, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+        mean, residual, var, count = _moments(x, red, mask=m, axis_name=axis_name, fast_variance=fast_variance)
         flat = lambda s: lax.stop_gradient(s.reshape(fshape))  # noqa: E731
         n = flat(jnp.broadcast_to(count, mean.shape))
         unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
@@ -288,13 +303,14 @@ def batch_norm(
         def ema(old, new):
             return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
 
-        new_state = BatchNormState(ema(state.mean, flat(mean)), ema(state.var, unbiased))
+        new_state = BatchNormState(ema(state.mean, flat(mean + residual)), ema(state.var, unbiased))
     else:
         dtype = _checks.stats_dtype(x.dtype)
         mean = _broadcast_to_axes(state.mean, feat, x.ndim, dtype)
         var = _broadcast_to_axes(state.var, feat, x.ndim, dtype)
+        residual = jnp.zeros_like(mean)
         new_state = state
-    y = (x.astype(mean.dtype) - mean) * _inv_std(var, eps)
+    y = _center(x, mean, residual) * _inv_std(var, eps)
     return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 
@@ -340,8 +356,8 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     scale, bias = _param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
-    mean, var, _ = _moments(xg, red, mask=None, axis_name=None, fast_variance=fast_variance)
-    y = ((xg.astype(mean.dtype) - mean) * _inv_std(var, eps)).reshape(x.shape)
+    mean, residual, var, _ = _moments(xg, red, mask=None, axis_name=None, fast_variance=fast_variance)
+    y = (_center(xg, mean, residual) * _inv_std(var, eps)).reshape(x.shape)
     return _scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)
 
 

@@ -314,7 +314,7 @@ class RNNCell(_Cell):
 def default_precompute_inputs() -> bool:
     """Whether `rnn` hoists `project_inputs` out of the scan by default, per backend.
 
-    See benchmarks/BENCHMARKS.md ("projection form"): on CPU the per-step form measured
+    See BENCHMARKS.md ("projection form"): on CPU the per-step form measured
     faster at batch 32; on accelerators one large matmul before the scan wins.
     """
     return jax.default_backend() != "cpu"

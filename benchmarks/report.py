@@ -55,6 +55,9 @@ def _header(h, results):
     m, v = h["machine"], h["versions"]
     settings = results[0]["settings"] if results else {}
     allocs = sorted({r["allocator"] for r in results})
+    loads = [c["meta"]["load_before"] for r in results for c in r.get("comparisons", [])]
+    loads += [r["meta"]["load_before"] for r in results if "meta" in r]
+    loads = loads or [h["load_start"][0]]
     lines = [
         "# Benchmarks",
         "",
@@ -94,12 +97,13 @@ def _header(h, results):
             ],
         ),
         "",
-        "**Load.** This machine is shared: other processes ran during the measurements (the load "
-        "average above, and per table below). Each comparison interleaves its contenders (A B C, "
-        "C B A, ...), so a busy moment costs them alike and the *ratios* are the robust result; the "
-        "absolute times are inflated by the load. The `CPU ms` columns (process CPU time per call, "
-        "all threads) are less sensitive to the load than wall time, but count spinning threads as "
-        "work.",
+        f"**Load.** This machine is shared with other processes; the 1-minute load average during "
+        f"the comparisons ranged from {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "
+        "(per table below; the suite itself keeps about one core busy). Each comparison interleaves "
+        "its contenders (A B C, C B A, ...), so a busy moment costs them alike and the *ratios* are "
+        "the robust result; absolute times grow with the load. The `CPU ms` columns (process CPU "
+        "time per call, all threads) are less sensitive to the load than wall time, but count "
+        "spinning threads as work.",
         "",
         "## Method",
         "",

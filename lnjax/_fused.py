@@ -18,9 +18,10 @@ features):
 
 evaluated one block of rows at a time (`lax.scan` over blocks of about `_BLOCK_BYTES`, or a
 `fori_loop` when no block size divides the rows), so that a block's temporaries stay in
-cache: the backward reads `x` and `g` once and writes `dx` once. The forward of the VJP, which
-must also output the statistics, runs by blocks too; the plain forward (no VJP) is the
-single fusion XLA already makes well.
+cache: the backward reads `x` and `g` once and writes `dx` once. For bfloat16/float16 the
+forward of the VJP, which must also output the statistics, runs by blocks too; in float32 an
+optimization barrier keeps XLA from materializing `x - mean` for both the variance and y. The
+plain forward (no VJP) is the single fusion XLA already makes well.
 """
 
 import functools
@@ -31,9 +32,9 @@ from jax import lax
 
 from lnjax import _checks
 
-# Working-set size of one block of rows in the backward pass (float32 bytes of one operand);
-# chosen on a 2-core AMD EPYC with 1 MiB of L2 per core (BENCHMARKS.md, "what was tried").
-_BLOCK_BYTES = 1 << 18
+# Working-set size of one block of rows (float32 bytes of one operand); chosen on a 2-core
+# AMD EPYC with 1 MiB of L2 per core (BENCHMARKS.md, "what was tried").
+_BLOCK_BYTES = 1 << 20
 
 
 def _rows(x):
@@ -120,14 +121,15 @@ def _forward_blocked(forward, x):
     """`forward(x) -> (y, *row_stats)` evaluated one block of rows at a time (`lax.scan`).
 
     The forward of a VJP must also output its per-row statistics (`[n, 1]` residuals); with
-    those as outputs XLA:CPU no longer fuses the whole normalization into one loop and
-    writes full-size temporaries (and bfloat16 inputs upcast in full). By blocks, they stay
-    in cache. Returns None where no block size divides the rows (the caller then evaluates
-    `forward` on the whole array).
+    those as outputs XLA:CPU no longer fuses a bfloat16/float16 normalization into one loop
+    and upcasts the whole input to float32 in memory. By blocks, that stays in cache. For
+    float32 and wider the whole-array forward (with its optimization barrier) measured
+    faster, so this returns None for them, and where no block size divides the rows (the
+    caller then evaluates `forward` on the whole array).
     """
     n, h = x.shape
     r, divides = _block_rows(n, h, _BLOCK_BYTES)
-    if r >= n or not divides:
+    if r >= n or not divides or x.dtype.itemsize >= 4:
         return None
 
     def step(carry, blk):

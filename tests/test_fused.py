@@ -127,9 +127,14 @@ def test_batch_norm_statistics_and_their_gradients():
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_bfloat16_close_to_float32(op):
+@pytest.mark.parametrize("layout", [((32, 64), 1 << 20), ((32, 64), 1024), ((37, 64), 1024)],
+                         ids=["one-block", "scan", "fori"])
+def test_bfloat16_close_to_float32(op, layout, monkeypatch):
+    # The blocked paths move bfloat16 blocks through the loops as raw bits.
+    shape, block_bytes = layout
+    monkeypatch.setattr(_fused, "_BLOCK_BYTES", block_bytes)
     plain, fused, eps = OPS[op]
-    x, g, scale, bias = _inputs((32, 64), jnp.float32, seed=3)
+    x, g, scale, bias = _inputs(shape, jnp.float32, seed=3)
     xb, gb, sb, bb = (a.astype(jnp.bfloat16) for a in (x, g, scale, bias))
     y, vjp = jax.vjp(lambda x, s, b: fused(x, s, b, eps), xb, sb, bb)
     assert y.dtype == jnp.bfloat16

@@ -144,28 +144,31 @@ def _forward_blocked(forward, x):
 # Layer normalization.
 
 
-def _ln_stats(xf, eps):
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
+def _stats(xf, axis, eps):
+    """(mean, residual, rstd) by the corrected two-pass algorithm (as `normalization._moments`):
+    centring as `(x - mean) - residual` stays exact when |mean| >> std."""
+    mean = jnp.mean(xf, axis=axis, keepdims=True)
     d = xf - mean
-    var = jnp.mean(d * d, axis=-1, keepdims=True)
-    return mean, lax.rsqrt(var + jnp.asarray(eps, xf.dtype))
+    residual = jnp.mean(d, axis=axis, keepdims=True)
+    var = jnp.maximum(jnp.mean(d * d, axis=axis, keepdims=True) - residual * residual, 0)
+    return mean, residual, lax.rsqrt(var + jnp.asarray(eps, xf.dtype)), var
 
 
 def _ln_forward(x, scale, bias, eps, barrier=False):
     dtype = _checks.stats_dtype(x.dtype)
     xf = x.astype(dtype)
-    mean, rstd = _ln_stats(xf, eps)
+    mean, residual, rstd, _ = _stats(xf, -1, eps)
     if barrier:
-        # When mean and rstd are also outputs (the residuals of the VJP), XLA materializes
+        # When the statistics are also outputs (the residuals of the VJP), XLA materializes
         # `x - mean` once for both the variance and y (a full-size temporary); the barrier
         # makes y recompute it from x instead, fused with the output.
-        mean, rstd = lax.optimization_barrier((mean, rstd))
-    y = (xf - mean) * rstd
+        mean, residual, rstd = lax.optimization_barrier((mean, residual, rstd))
+    y = ((xf - mean) - residual) * rstd
     if scale is not None:
         y = y * _row(scale, dtype)
     if bias is not None:
         y = y + _row(bias, dtype)
-    return y.astype(x.dtype), mean, rstd
+    return y.astype(x.dtype), mean, residual, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -174,22 +177,22 @@ def _ln(x, scale, bias, eps):
 
 
 def _ln_fwd(x, scale, bias, eps):
-    y, mean, rstd = _forward_blocked(lambda xb: _ln_forward(xb, scale, bias, eps), x) or _ln_forward(
+    y, *stats = _forward_blocked(lambda xb: _ln_forward(xb, scale, bias, eps), x) or _ln_forward(
         x, scale, bias, eps, barrier=True
     )
-    return y, (x, scale, bias, mean, rstd)
+    return y, (x, scale, bias, *stats)
 
 
 def _ln_bwd(eps, res, g):
     del eps
-    x, scale, bias, mean, rstd = res
+    x, scale, bias, mean, residual, rstd = res
     dtype = mean.dtype
     s_row = None if scale is None else _row(scale, dtype)
 
     def body(blocks, valid):
-        xb, gb, m, rs = blocks
+        xb, gb, m, r, rs = blocks
         xf, gf = xb.astype(dtype), gb.astype(dtype)
-        xhat = (xf - m) * rs
+        xhat = ((xf - m) - r) * rs
         gs = gf if s_row is None else gf * s_row
         a = jnp.mean(gs, axis=-1, keepdims=True)
         c = jnp.mean(gs * xhat, axis=-1, keepdims=True)
@@ -198,7 +201,7 @@ def _ln_bwd(eps, res, g):
         return (jnp.sum(gv * xhat, axis=0), jnp.sum(gv, axis=0)), dx
 
     zero = jnp.zeros((x.shape[1],), dtype)
-    (dscale, dbias), dx = _blocked((x, g, mean, rstd), body, (zero, zero), x.dtype, _BLOCK_BYTES)
+    (dscale, dbias), dx = _blocked((x, g, mean, residual, rstd), body, (zero, zero), x.dtype, _BLOCK_BYTES)
     dscale = None if scale is None else dscale.astype(scale.dtype)
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return dx, dscale, dbias
@@ -290,43 +293,40 @@ def _rms_norm_2d(x, scale=None, bias=None, eps=1e-6):
 def _bn_forward(x, scale, bias, eps, barrier=False):
     dtype = _checks.stats_dtype(x.dtype)
     xf = x.astype(dtype)
-    mean = jnp.mean(xf, axis=0, keepdims=True)
-    d = xf - mean
-    var = jnp.mean(d * d, axis=0, keepdims=True)
-    rstd = lax.rsqrt(var + jnp.asarray(eps, dtype))
-    m, r = lax.optimization_barrier((mean, rstd)) if barrier else (mean, rstd)
-    y = (xf - m) * r
+    mean, residual, rstd, var = _stats(xf, 0, eps)
+    m, r, rs = lax.optimization_barrier((mean, residual, rstd)) if barrier else (mean, residual, rstd)
+    y = ((xf - m) - r) * rs
     if scale is not None:
         y = y * _row(scale, dtype)
     if bias is not None:
         y = y + _row(bias, dtype)
-    return y.astype(x.dtype), mean, var, rstd
+    return y.astype(x.dtype), mean, residual, var, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _bn(x, scale, bias, eps):
-    y, mean, var, _ = _bn_forward(x, scale, bias, eps)
-    return y, mean[0], var[0]
+    y, mean, residual, var, _ = _bn_forward(x, scale, bias, eps)
+    return y, (mean + residual)[0], var[0]
 
 
 def _bn_fwd(x, scale, bias, eps):
-    y, mean, var, rstd = _bn_forward(x, scale, bias, eps, barrier=True)
-    return (y, mean[0], var[0]), (x, scale, bias, mean, rstd)
+    y, mean, residual, var, rstd = _bn_forward(x, scale, bias, eps, barrier=True)
+    return (y, (mean + residual)[0], var[0]), (x, scale, bias, mean, residual, rstd)
 
 
 def _bn_bwd(eps, res, cts):
     del eps
-    x, scale, bias, mean, rstd = res
+    x, scale, bias, mean, residual, rstd = res
     gy, gmean, gvar = cts
     dtype = mean.dtype
     n = x.shape[0]
     xf, gf = x.astype(dtype), gy.astype(dtype)
-    xhat = (xf - mean) * rstd
+    xhat = ((xf - mean) - residual) * rstd
     dbias = jnp.sum(gf, axis=0, keepdims=True)
     dscale = jnp.sum(gf * xhat, axis=0, keepdims=True)
-    mean, rstd = lax.optimization_barrier((mean, rstd))
+    mean, residual, rstd = lax.optimization_barrier((mean, residual, rstd))
     k = rstd if scale is None else rstd * _row(scale, dtype)
-    d = xf - mean
+    d = (xf - mean) - residual
     dx = k * (gf - dbias / n - d * rstd * (dscale / n))
     # The statistics are outputs too (for running averages); their cotangents, usually zero.
     dx = dx + gmean.astype(dtype).reshape(1, -1) / n + d * (2 * gvar.astype(dtype).reshape(1, -1) / n)

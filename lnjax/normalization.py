@@ -10,6 +10,13 @@ The numerical contract, shared by every op here:
 * `eps` is added inside the square root: `(x - mu) / sqrt(var + eps)`;
 * parameters are never broadcast: `scale`/`bias` must have exactly the shape of the axes they
   apply to, and a mismatch is a ValueError at trace time.
+
+`implementation="fused"` (layer, RMS and training-mode batch norm over the last axis) swaps
+autodiff of the formula for a closed-form backward (`jax.custom_vjp`, in `lnjax._fused`) that
+saves only `x` and the per-row statistics and runs one cache-sized block of rows at a time:
+forward values are the same, training steps are 1.6-2x faster on CPU (BENCHMARKS.md). Like any
+`custom_vjp` it supports reverse mode (grad, vjp, grad-of-grad) but not forward mode (jvp,
+jacfwd, forward-over-reverse Hessian-vector products), which is why it is not the default.
 """
 
 import math
@@ -20,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lnjax import _checks
+from lnjax import _checks, _fused
 
 __all__ = [
     "BatchNormState",
@@ -156,7 +163,24 @@ def _param_check(x, ax, scale, bias, eps):
     return scale, bias
 
 
-def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
+
+def _use_fused(implementation, x, ax, eps, **conditions) -> bool:
+    """Whether to route to `_fused`; raises if "fused" was asked for where it can't apply."""
+    if implementation is None or implementation == "xla":
+        return False
+    if implementation != "fused":
+        raise ValueError(f'`implementation` must be None, "xla" or "fused", got {implementation!r}.')
+    if ax != (x.ndim - 1,):
+        raise ValueError(f'implementation="fused" normalizes over the last axis only, got axes {ax}.')
+    if not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f'implementation="fused" needs a Python-number `eps` (it is static), got {eps!r}.')
+    for what, ok in conditions.items():
+        if not ok:
+            raise ValueError(f'implementation="fused" does not support {what.replace("_", " ")}.')
+    return True
+
+
+def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False, implementation=None):
     """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5).
 
     `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias` with `mu`, `sigma^2` the mean and
@@ -169,6 +193,8 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
       axis: int or tuple of ints, the axes normalized over (the "H units" of the paper).
       eps: added to the variance inside the square root; 1e-5 as in the authors' code.
       fast_variance: one-pass variance (see `moments`).
+      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
+        on CPU, reverse-mode autodiff only (see the module docstring).
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -176,12 +202,14 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     scale, bias = _param_check(x, ax, scale, bias, eps)
+    if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
+        return _fused._layer_norm_2d(x, scale, bias, float(eps))
     mean, residual, var, _ = _moments(x, ax, mask=None, axis_name=None, fast_variance=fast_variance)
     y = _center(x, mean, residual) * _inv_std(var, eps)
     return _scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
-def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6):
+def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None):
     """RMS normalization (Zhang & Sennrich 2019): layer norm without re-centering.
 
     `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`.
@@ -192,6 +220,8 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6):
       bias: optional bias, shape `x.shape[axis]`; off by default as in the authors' code.
       axis: int or tuple of ints reduced over.
       eps: inside the square root; 1e-6 as in Flax's RMSNorm.
+      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
+        on CPU, reverse-mode autodiff only (see the module docstring).
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -199,6 +229,8 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6):
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     scale, bias = _param_check(x, ax, scale, bias, eps)
+    if _use_fused(implementation, x, ax, eps):
+        return _fused._rms_norm_2d(x, scale, bias, float(eps))
     xf = x.astype(_checks.stats_dtype(x.dtype))
     ms = jnp.mean(xf * xf, axis=ax, keepdims=True)
     return _scale_shift(xf * _inv_std(ms, eps), scale, bias, ax, x.ndim).astype(x.dtype)
@@ -243,6 +275,7 @@ def batch_norm(
     axis_name=None,
     mask=None,
     fast_variance=False,
+    implementation=None,
 ):
     """Batch normalization (Ioffe & Szegedy 2015) with running statistics in `state`.
 
@@ -268,6 +301,9 @@ def batch_norm(
       mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
         `[batch, features]`); False positions (padding) are left out of the statistics.
       fast_variance: one-pass variance (see `moments`).
+      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
+        on CPU, reverse-mode autodiff only (see the module docstring). Training mode only
+        (inference is elementwise), over every axis but the last, without `mask`/`axis_name`.
 
     Returns:
       `(y, new_state)`, `y` with `x`'s shape and dtype.
@@ -294,15 +330,26 @@ def batch_norm(
     _checks.shape(state.var, fshape, "state.var", hint)
     m = _expand_mask(mask, x, red)
 
+    def ema(old, new):
+        return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+
+    if training:
+        fused = _use_fused(
+            implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
+            fast_variance=not fast_variance,
+        )
+    else:  # inference is elementwise: any implementation is the plain one, once validated
+        fused = _use_fused(implementation, x, (x.ndim - 1,), 0.0) and False
+    if fused:
+        y, mean, var = _fused._batch_norm_train_2d(x, scale, bias, float(eps))
+        n = math.prod(x.shape[:-1])
+        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var) * (n / max(n - 1, 1))
+        return y, BatchNormState(ema(state.mean, mean), ema(state.var, var))
     if training:
         mean, residual, var, count = _moments(x, red, mask=m, axis_name=axis_name, fast_variance=fast_variance)
         flat = lambda s: lax.stop_gradient(s.reshape(fshape))  # noqa: E731
         n = flat(jnp.broadcast_to(count, mean.shape))
         unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
-
-        def ema(old, new):
-            return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
-
         new_state = BatchNormState(ema(state.mean, flat(mean + residual)), ema(state.var, unbiased))
     else:
         dtype = _checks.stats_dtype(x.dtype)

@@ -933,3 +933,86 @@ def test_traced_eps_and_momentum_are_accepted():
     assert_close(y, ref_layer_norm(x), 1e-5)
     _, st = jax.jit(lambda x, m: _bn(x, momentum=m))(x, jnp.float32(0.5))
     assert_close(st.mean, 0.5 * f64(x).mean((0, 1)), 1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# implementation="fused": the closed-form backward behind the public ops.
+
+
+def _fused_pair(op):
+    """(xla, fused) versions of a public op as functions of (x, scale, bias) -> outputs."""
+    if op == "batch_norm":
+        def f(impl):
+            def run(x, s, b):
+                y, st = lnjax.batch_norm(x, s, b, batch_norm_state(x.shape[-1], x.dtype), training=True,
+                                         momentum=0.9, implementation=impl)
+                return y, st.mean, st.var
+            return run
+    else:
+        fn = getattr(lnjax, op)
+        def f(impl):
+            return lambda x, s, b: fn(x, s, b, implementation=impl)
+    return f(None), f("fused")
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_fused_implementation_matches_default_values_and_vjp(op, dtype):
+    rng = np.random.default_rng(40)
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 2 + 1, dtype)
+    s, b = jnp.asarray(1 + 0.2 * rng.normal(size=16), dtype), jnp.asarray(0.3 * rng.normal(size=16), dtype)
+    plain, fused = _fused_pair(op)
+    out_p, vjp_p = jax.vjp(plain, x, s, b)
+    out_f, vjp_f = jax.vjp(jax.jit(fused), x, s, b)
+    cts = jax.tree.map(lambda o: jnp.asarray(rng.normal(size=o.shape), o.dtype), out_p)
+    if op == "batch_norm":  # running statistics carry no gradient in either implementation
+        cts = (cts[0], jnp.zeros_like(cts[1]), jnp.zeros_like(cts[2]))
+    tol = 2e-5 if dtype == jnp.float32 else 1e-11
+    for got, want in zip(jax.tree.leaves((out_f, vjp_f(cts))), jax.tree.leaves((out_p, vjp_p(cts)))):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm"])
+def test_fused_implementation_keeps_the_corrected_two_pass_precision(op):
+    x = (1e4 + np.random.default_rng(41).normal(0.0, 1e-2, size=(64, 32))).astype(np.float32)
+    plain, fused = _fused_pair(op)
+    one = jnp.ones(32, jnp.float32)
+    got, want = fused(x, one, None), plain(x, one, None)
+    got, want = (got[0], want[0]) if op == "batch_norm" else (got, want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+def test_fused_implementation_check_grads_second_order_reverse():
+    x = jnp.asarray(np.random.default_rng(42).normal(size=(4, 8)))
+    s = jnp.linspace(0.5, 1.5, 8)
+    check_grads(lambda x, s: lnjax.layer_norm(x, s, implementation="fused"), (x, s), order=2, modes=["rev"])
+
+
+def test_fused_implementation_refuses_forward_mode_loudly():
+    # Documented limitation of custom_vjp: forward mode raises rather than computing anything wrong.
+    x = jnp.ones((2, 8))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: lnjax.layer_norm(x, implementation="fused"), (x,), (x,))
+
+
+FUSED_BAD = [
+    ("name", lambda: lnjax.layer_norm(XB, implementation="triton"), ValueError, r"`implementation` must be None"),
+    ("name-inference", lambda: _bn(training=False, implementation="cuda"), ValueError, r"`implementation` must be"),
+    ("axis", lambda: lnjax.layer_norm(XB, axis=(1, 2), implementation="fused"), ValueError, r"last axis only"),
+    ("rms-axis", lambda: lnjax.rms_norm(XB, axis=1, implementation="fused"), ValueError, r"last axis only"),
+    ("fast-variance", lambda: lnjax.layer_norm(XB, fast_variance=True, implementation="fused"), ValueError,
+     r"does not support fast variance"),
+    ("bn-mask", lambda: _bn(mask=np.ones(SHAPE[:-1], bool), implementation="fused"), ValueError,
+     r"does not support mask"),
+    ("bn-axis", lambda: _bn(axis=1, state=batch_norm_state(6), implementation="fused"), ValueError,
+     r"last axis only"),
+    ("traced-eps", lambda: jax.jit(lambda e: lnjax.layer_norm(XB, eps=e, implementation="fused"))(1e-5),
+     TypeError, r"Python-number `eps`"),
+]
+
+
+@pytest.mark.parametrize("thunk,exc,match", [b[1:] for b in FUSED_BAD], ids=[b[0] for b in FUSED_BAD])
+def test_fused_implementation_bad_configuration(thunk, exc, match):
+    with pytest.raises(exc, match=match):
+        thunk()

@@ -1,6 +1,6 @@
 """The layer-norm implementations tried while looking for a faster VJP on CPU ("what was
 tried" in BENCHMARKS.md). They run as extra contenders of `benchmarks.norms` jobs, next to
-lnjax's current `layer_norm`, the winner (`lnjax._fused`) and PyTorch.
+lnjax's default `layer_norm`, the winner (`layer_norm(implementation="fused")`) and PyTorch.
 
 Each is a complete layer norm over the last axis of a `[rows, H]` array with scale and bias,
 `eps=1e-5`, statistics in float32, exact two-pass variance unless its name says otherwise.
@@ -12,7 +12,7 @@ import functools
 
 DESCRIPTIONS = {
     "lnjax.layer_norm": "current: autodiff of the two-pass formula",
-    "lnjax._fused._layer_norm_2d": "winner: C with 1 MiB blocks; in bfloat16 the VJP's forward "
+    'lnjax.layer_norm(implementation="fused")': "winner: C with 1 MiB blocks; in bfloat16 the VJP's forward "
     "also by blocks, and blocks moved through the loops as raw bits",
     "torch F.layer_norm": "PyTorch eager (reference)",
     "lnjax.layer_norm(fast_variance=True)": "autodiff of the one-pass variance E[x^2]-E[x]^2 (what Flax does)",

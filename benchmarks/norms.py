@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks.report import FUSED
 
 OPS = ("layer", "rms", "batch")
 SHAPES = ((8192, 1024), (32768, 256), (512, 8192))
@@ -80,15 +81,10 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
     if op == "layer":
         fns["lnjax.layer_norm"] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps), "exact variance")
         if with_fused:
-            try:
-                from lnjax import _fused
-            except ImportError:
-                _fused = None
-            if _fused is not None:
-                fns["lnjax._fused._layer_norm_2d"] = (
-                    lambda x, s, b: _fused._layer_norm_2d(x, s, b, eps),
-                    "custom_vjp (this PR), exact variance",
-                )
+            fns[FUSED["layer"]] = (
+                lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, implementation="fused"),
+                "closed-form custom_vjp, exact variance",
+            )
         lin = nn.LayerNorm(epsilon=eps, dtype=dt, param_dtype=dt)
         fns["flax.linen.LayerNorm"] = (
             lambda x, s, b: lin.apply({"params": {"scale": s, "bias": b}}, x),
@@ -98,15 +94,10 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
     elif op == "rms":
         fns["lnjax.rms_norm"] = (lambda x, s, b: lnjax.rms_norm(x, s, eps=eps), "")
         if with_fused:
-            try:
-                from lnjax import _fused
-            except ImportError:
-                _fused = None
-            if _fused is not None:
-                fns["lnjax._fused._rms_norm_2d"] = (
-                    lambda x, s, b: _fused._rms_norm_2d(x, s, None, eps),
-                    "custom_vjp (this PR)",
-                )
+            fns[FUSED["rms"]] = (
+                lambda x, s, b: lnjax.rms_norm(x, s, eps=eps, implementation="fused"),
+                "closed-form custom_vjp",
+            )
         lin = nn.RMSNorm(epsilon=eps, dtype=dt, param_dtype=dt)
         fns["flax.linen.RMSNorm"] = (
             lambda x, s, b: lin.apply({"params": {"scale": s}}, x),
@@ -120,21 +111,11 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
             "training=True, exact variance",
         )
         if with_fused:
-            try:
-                from lnjax import _fused
-            except ImportError:
-                _fused = None
-            if _fused is not None:
-
-                def fused_bn(x, s, b):
-                    y, m, v = _fused._batch_norm_train_2d(x, s, b, eps)
-                    m, v = jax.lax.stop_gradient(m), jax.lax.stop_gradient(v)
-                    k = x.shape[0] / max(x.shape[0] - 1, 1)
-                    new = lnjax.BatchNormState(MOMENTUM * state0.mean + (1 - MOMENTUM) * m,
-                                               MOMENTUM * state0.var + (1 - MOMENTUM) * k * v)
-                    return y, new
-
-                fns["lnjax._fused._batch_norm_train_2d"] = (fused_bn, "custom_vjp (this PR), exact variance")
+            fns[FUSED["batch"]] = (
+                lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps,
+                                                 implementation="fused"),
+                "closed-form custom_vjp, exact variance",
+            )
         lin = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=eps, dtype=dt, param_dtype=dt)
         stats0 = {"mean": jnp.zeros((h,), jnp.float32), "var": jnp.ones((h,), jnp.float32)}
 

@@ -13,8 +13,8 @@ from benchmarks import attempts as ATT
 
 TORCH = {"layer": "torch F.layer_norm", "rms": "torch F.rms_norm", "batch": "torch F.batch_norm"}
 LNJAX = {"layer": "lnjax.layer_norm", "rms": "lnjax.rms_norm", "batch": "lnjax.batch_norm"}
-FUSED = {"layer": "lnjax._fused._layer_norm_2d", "rms": "lnjax._fused._rms_norm_2d",
-         "batch": "lnjax._fused._batch_norm_train_2d"}
+FUSED = {k: f'{v}(implementation="fused")' for k, v in LNJAX.items()}
+FUSED_CELL = '(implementation="fused")'
 FLAX = {
     "layer": ("flax.linen.LayerNorm", "flax.nnx.LayerNorm"),
     "rms": ("flax.linen.RMSNorm", "flax.nnx.RMSNorm"),
@@ -574,8 +574,10 @@ def _targets(norms, rnn, sweep):
     # RNN
     for (B, T), r in sorted(rnn.items(), reverse=True):
         rr = _rows(r)
-        for pre in (False, True):
-            name = f"lnjax LN-LSTM, precompute_inputs={pre}"
+        for pre, fused in ((False, False), (True, False), (False, True), (True, True)):
+            name = f"lnjax LN-LSTM{FUSED_CELL if fused else ''}, precompute_inputs={pre}"
+            if name not in rr:
+                continue
             t = rr[name]["median_s"]
             tag = name + (" (default)" if pre == r.get("default_precompute_inputs") else "")
             if B == 32:
@@ -598,8 +600,8 @@ def _targets(norms, rnn, sweep):
         "Ratios of median times measured in the same process (allocator `glibc`); the status "
         "follows the medians. Where the load distorts the medians, the ratio of the fastest call "
         "of each contender (its best case, when the machine was momentarily free) is given for "
-        "context. `lnjax._fused` is the implementation added with this suite, not yet wired into "
-        "`lnjax.layer_norm` / `rms_norm` / `batch_norm`.",
+        "context. `implementation=\"fused\"` is the closed-form backward (`lnjax._fused`), opt-in "
+        "because, as a `custom_vjp`, it has no forward-mode autodiff.",
         "",
         _table(["target", "implementation", "status", "measured"], rows),
         "",

@@ -22,7 +22,6 @@ same weights and data.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import _harness as H
+from benchmarks.report import FUSED_CELL
 
 CONFIGS = ({"T": 100, "B": 32, "H": 256, "I": 128}, {"T": 200, "B": 1, "H": 128, "I": 128})
 LR = 1e-3
@@ -41,25 +41,6 @@ def _get(tree, key):
     for k in key.split("/"):
         tree = tree[k]
     return tree
-
-
-@contextlib.contextmanager
-def _fused_layer_norm_in_cells(fused):
-    """Within the block, lnjax's cells use `fused._layer_norm_2d` for last-axis layer norm."""
-    import lnjax.recurrent as rec
-
-    original = rec.layer_norm
-
-    def patched(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
-        if axis in (-1, x.ndim - 1) and not fast_variance:
-            return fused._layer_norm_2d(x, scale, bias, eps)
-        return original(x, scale, bias, axis=axis, eps=eps, fast_variance=fast_variance)
-
-    rec.layer_norm = patched
-    try:
-        yield
-    finally:
-        rec.layer_norm = original
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,21 +147,15 @@ def run(job):
         jax_contender(f"lnjax LN-LSTM, precompute_inputs={pre}", "LN-LSTM", loss_fn, p_lstm,
                       grads_view=lambda g: [_get(g, k) for k in LN_LSTM_KEYS])
 
-    # What wiring lnjax._fused into layer_norm would give: the same cell, traced with
-    # lnjax.recurrent's layer_norm replaced by the fused one for last-axis normalization.
-    try:
-        from lnjax import _fused
-    except ImportError:
-        _fused = None
-    if _fused is not None and job.get("fused", True):
+    if job.get("fused", True):
+        fused_cell = lnjax.LSTMCell(Hd, implementation="fused")
         for pre in (False, True):
             def floss(p, xs, tgt, pre=pre):
-                with _fused_layer_norm_in_cells(_fused):
-                    ys, _ = lnjax.rnn(cell, p, xs, precompute_inputs=pre)
+                ys, _ = lnjax.rnn(fused_cell, p, xs, precompute_inputs=pre)
                 return jnp.mean((ys - tgt) ** 2)
 
-            jax_contender(f"lnjax LN-LSTM + _fused layer norm, precompute_inputs={pre}", "LN-LSTM", floss,
-                          p_lstm, note="lnjax._fused patched in at trace time",
+            jax_contender(f"lnjax LN-LSTM{FUSED_CELL}, precompute_inputs={pre}", "LN-LSTM", floss,
+                          p_lstm, note="closed-form layer-norm backward",
                           grads_view=lambda g: [_get(g, k) for k in LN_LSTM_KEYS])
 
     tparams = [torch.tensor(np.asarray(_get(p_lstm, k))).requires_grad_(True) for k in LN_LSTM_KEYS]

@@ -18,6 +18,7 @@ GRU `(r, z, n)`, so that weights map across libraries by slicing.
 """
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -69,14 +70,14 @@ def _lead(v, ndim):
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
-def _apply_norm(norm, z, p, eps, groups=1):
+def _apply_norm(norm, z, p, eps, groups=1, *, implementation=None):
     """`g * norm(z) + b` over the last axis; with `groups` > 1, statistics per group."""
     if norm == "none":
         return z + _lead(p["bias"], z.ndim) if "bias" in p else z
-    fn = layer_norm if norm == "layer" else rms_norm
+    fn = functools.partial(layer_norm if norm == "layer" else rms_norm, eps=eps, implementation=implementation)
     if groups == 1:
-        return fn(z, p["scale"], p.get("bias"), eps=eps)
-    y = fn(z.reshape(z.shape[:-1] + (groups, -1)), eps=eps).reshape(z.shape)
+        return fn(z, p["scale"], p.get("bias"))
+    y = fn(z.reshape(z.shape[:-1] + (groups, -1))).reshape(z.shape)
     y = y * _lead(p["scale"], y.ndim)
     return y + _lead(p["bias"], y.ndim) if "bias" in p else y
 
@@ -117,14 +118,20 @@ class _Cell:
     norm: str = "layer"
     gain_init: float = 1.0
     eps: float = 1e-5
+    implementation: str | None = None  # of the layer/RMS norms: see `layer_norm`
 
     def __post_init__(self):
         _checks.positive_int(self.hidden_size, "hidden_size")
         _check_norm(self.norm)
         _checks.nonnegative(self.eps, "eps")
+        if self.implementation not in (None, "xla", "fused"):
+            raise ValueError(f'`implementation` must be None, "xla" or "fused", got {self.implementation!r}.')
 
     def __call__(self, params, carry, x):
         return self.step(params, carry, self.project_inputs(params, x))
+
+    def _norm(self, norm, z, p, groups=1):
+        return _apply_norm(norm, z, p, self.eps, groups, implementation=self.implementation)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return jnp.zeros((*batch_shape, self.hidden_size), dtype)
@@ -148,6 +155,8 @@ class LSTMCell(_Cell):
       norm: "layer" (default), "rms" or "none".
       gain_init: initial gains; the paper finds 1.0 clearly better than 0.1.
       eps: inside the square root of every normalization.
+      implementation: of the layer/RMS norms, None or "fused" (faster training on CPU,
+        reverse-mode autodiff only; see `layer_norm`). GRUCell and RNNCell take it too.
       per_gate: statistics per gate (H units each) instead of over all 4H (old TF contrib).
       norm_input: normalize `W_x x_t` (the paper). None means True, with a warning at
         `init` when `input_size <= 8`: LN(W_x x) discards the norm of x_t, so a
@@ -199,7 +208,7 @@ class LSTMCell(_Cell):
         """`N_x(W_x x)`, shape `[..., 4H]`; independent of the carry."""
         x = _check_input(x, params["w_x"])
         norm = self.norm if self._norm_x else "none"
-        return _apply_norm(norm, _matmul(x, params["w_x"]), params["n_x"], self.eps, self._groups)
+        return self._norm(norm, _matmul(x, params["w_x"]), params["n_x"], self._groups)
 
     @property
     def _groups(self):
@@ -207,10 +216,10 @@ class LSTMCell(_Cell):
 
     def step(self, params, carry, u):
         c, h = carry
-        gates = u + _apply_norm(self.norm, _matmul(h, params["w_h"]), params["n_h"], self.eps, self._groups)
+        gates = u + self._norm(self.norm, _matmul(h, params["w_h"]), params["n_h"], self._groups)
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        c_out = c if self.norm == "none" else _apply_norm(self.norm, c, params["n_c"], self.eps)
+        c_out = c if self.norm == "none" else self._norm(self.norm, c, params["n_c"])
         h = jax.nn.sigmoid(o) * jnp.tanh(c_out)
         return LSTMCarry(c_out if self.carry_normalized_cell else c, h), h
 
@@ -264,8 +273,8 @@ class GRUCell(_Cell):
         H = self.hidden_size
         return jnp.concatenate(
             [
-                _apply_norm(nx, a[..., : 2 * H], params["n_x_gates"], self.eps),
-                _apply_norm(nx, a[..., 2 * H :], params["n_x_cand"], self.eps),
+                self._norm(nx, a[..., : 2 * H], params["n_x_gates"]),
+                self._norm(nx, a[..., 2 * H :], params["n_x_cand"]),
             ],
             axis=-1,
         )
@@ -273,9 +282,9 @@ class GRUCell(_Cell):
     def step(self, params, carry, u):
         H = self.hidden_size
         a = _matmul(carry, params["w_h"])
-        gates = u[..., : 2 * H] + _apply_norm(self.norm, a[..., : 2 * H], params["n_h_gates"], self.eps)
+        gates = u[..., : 2 * H] + self._norm(self.norm, a[..., : 2 * H], params["n_h_gates"])
         r, z = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
-        hn = _apply_norm(self.norm, a[..., 2 * H :], params["n_h_cand"], self.eps)
+        hn = self._norm(self.norm, a[..., 2 * H :], params["n_h_cand"])
         n = jnp.tanh(u[..., 2 * H :] + r * hn)
         h = z * carry + (1 - z) * n
         return h, h
@@ -303,7 +312,7 @@ class RNNCell(_Cell):
         return _matmul(_check_input(x, params["w_x"]), params["w_x"])
 
     def step(self, params, carry, u):
-        h = jnp.tanh(_apply_norm(self.norm, u + _matmul(carry, params["w_h"]), params["n"], self.eps))
+        h = jnp.tanh(self._norm(self.norm, u + _matmul(carry, params["w_h"]), params["n"]))
         return h, h
 
 

@@ -13,6 +13,7 @@ both float64; x64 is enabled in conftest). Sizes are small (H = 5..6, T <= 10) t
 fast.
 """
 
+import dataclasses
 import functools
 import warnings
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lnjax
 from lnjax import (
     BNLSTMCell,
     BNLSTMState,
@@ -1030,3 +1032,27 @@ def test_adding_problem_ln_lstm_learns_faster_than_lstm():
     assert np.sum(ln_val < lstm_val) >= len(seeds) // 2, (ln_val, lstm_val)
     assert ln_losses[:, -50:].mean() < lstm_losses[:, -50:].mean()
     assert ln_losses.mean() < lstm_losses.mean()
+
+
+@pytest.mark.parametrize("cell", [
+    lnjax.LSTMCell(6, per_gate=True), lnjax.GRUCell(6, norm="rms"), lnjax.RNNCell(6),
+], ids=["lstm-per-gate", "gru-rms", "rnn"])
+def test_fused_norm_implementation_gives_the_same_outputs_and_gradients(cell):
+    fused = dataclasses.replace(cell, implementation="fused")
+    params = cell.init(jax.random.key(3), 4, jnp.float64)
+    xs = jax.random.normal(jax.random.key(4), (2, 5, 4), jnp.float64)
+
+    def loss(c, p):
+        ys, _ = lnjax.rnn(c, p, xs, lengths=jnp.array([5, 3]))
+        return jnp.sum(ys * jnp.cos(ys))
+
+    want, gwant = jax.value_and_grad(lambda p: loss(cell, p))(params)
+    got, ggot = jax.jit(jax.value_and_grad(lambda p: loss(fused, p)))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    for a, b in zip(jax.tree.leaves(ggot), jax.tree.leaves(gwant)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_cell_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match=r"`implementation` must be None"):
+        lnjax.LSTMCell(4, implementation="pallas")

@@ -101,6 +101,27 @@ def _check_input(x, w_x, name="x"):
     return x.astype(w_x.dtype)
 
 
+def _varying_like(carry, inputs):
+    """`carry` marked as varying over every `shard_map` axis that some input varies over.
+
+    Inside `shard_map`, a scan carry must keep its type; the zeros of a default carry vary over
+    no mesh axis, but one step mixes in sharded inputs or parameters and makes the carry vary
+    over their axes. Outside `shard_map` this is the identity.
+    """
+    def varying(x):
+        aval = jax.typeof(x)
+        mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; `vma` before
+        return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+
+    axes = set().union(*(varying(leaf) for leaf in jax.tree.leaves(inputs)))
+
+    def cast(c):
+        missing = tuple(sorted(axes - varying(c)))
+        return lax.pcast(c, missing, to="varying") if missing else c
+
+    return jax.tree.map(cast, carry) if axes else carry
+
+
 def _matmul(a, w):
     return jnp.matmul(a, w, precision=lax.Precision.HIGHEST)
 
@@ -431,6 +452,7 @@ def rnn(
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     if initial_carry is None:
         initial_carry = cell.initial_carry(batch_shape, params["w_h"].dtype)
+    initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)
     if precompute_inputs is None:
@@ -593,6 +615,7 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
     steps_mask = jnp.ones((T,) + batch_shape, bool) if mask is None else mask
     if initial_carry is None:
         initial_carry = cell.initial_carry(batch_shape, params["w_h"].dtype)
+    initial_carry = _varying_like(initial_carry, (params, state, xs, lengths))
     _check_input(xs, params["w_x"], "xs")
     if training:
         idx = jnp.arange(T)

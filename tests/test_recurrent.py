@@ -1056,3 +1056,32 @@ def test_fused_norm_implementation_gives_the_same_outputs_and_gradients(cell):
 def test_cell_rejects_unknown_implementation():
     with pytest.raises(ValueError, match=r"`implementation` must be None"):
         lnjax.LSTMCell(4, implementation="pallas")
+
+
+def test_rnn_runs_inside_shard_map_with_sharded_inputs():
+    # Inside shard_map the default zero carry must be marked varying like the sharded inputs,
+    # or lax.scan refuses the carry type (what data-parallel training hits).
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    cell = lnjax.LSTMCell(4)
+    params = cell.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 3), jnp.float32)
+    bn = lnjax.BNLSTMCell(4, max_steps=5)
+    bparams, bstate = bn.init(jax.random.key(2), 3), bn.init_state()
+
+    def f(p, bp, bs, xs):
+        ys, _ = lnjax.rnn(cell, p, xs, lengths=jnp.array([5, 2]))
+        bys, _, _ = lnjax.bn_lstm_rnn(bn, bp, bs, xs, training=True, axis_name="data")
+        return ys, bys
+
+    sharded = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), P(), P("data")), out_specs=P("data")))
+    for got, want in zip(sharded(params, bparams, bstate, xs),
+                         _unsharded(f, params, bparams, bstate, xs)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _unsharded(f, p, bp, bs, xs):
+    # axis_name needs a named axis outside shard_map too: a size-1 vmap provides it.
+    ys, bys = jax.vmap(f, in_axes=(None, None, None, 0), axis_name="data")(p, bp, bs, xs[None])
+    return ys[0], bys[0]

@@ -27,6 +27,25 @@ from lnjax.recurrent import (
     rnn,
     stacked_rnn,
 )
+from lnjax.relatives import (
+    GRAPH_NORM_KINDS,
+    SwitchableControl,
+    batch_layer_norm,
+    batch_layer_norm_state,
+    divisive_norm,
+    domain_agnostic_batch_norm,
+    graph_adjacency_norm,
+    graph_batch_norm,
+    graph_learned_norm,
+    graph_learned_weights,
+    graph_node_norm,
+    graph_norm,
+    proxy_norm,
+    proxy_quantiles,
+    switchable_control,
+    switchable_norm,
+    switchable_norm_state,
+)
 
 from lnjax import linen, nnx  # noqa: E402  (Flax wrappers; import after the pure ops)
 

@@ -34,18 +34,40 @@ from lnjax.recurrent import (
     bn_lstm_rnn,
     rnn,
 )
+from lnjax.relatives import (
+    GRAPH_NORM_KINDS,
+    SwitchableControl,
+    _check_kinds as _check_graph_kinds,
+    batch_layer_norm,
+    divisive_norm,
+    domain_agnostic_batch_norm,
+    graph_adjacency_norm,
+    graph_batch_norm,
+    graph_learned_norm,
+    graph_learned_weights,
+    graph_node_norm,
+    graph_norm,
+    proxy_norm,
+    switchable_norm,
+)
 
 __all__ = [
     "BNLSTM",
+    "BatchLayerNorm",
     "BatchNorm",
     "Bidirectional",
+    "DivisiveNorm",
+    "DomainAgnosticBatchNorm",
     "GRU",
+    "GraphNorm",
     "GroupNorm",
     "InstanceNorm",
     "LSTM",
     "LayerNorm",
+    "ProxyNorm",
     "RMSNorm",
     "SimpleRNN",
+    "SwitchableNorm",
     "WeightNormDense",
 ]
 
@@ -496,3 +518,276 @@ class BNLSTM(nn.Module):
         if training and not init:
             stats.value = state
         return (ys, carry) if return_carry else ys
+
+
+# --- relatives of layer norm (shells over lnjax.relatives) ------------------------------------
+
+
+def _mode(mdl: nn.Module, use_running_average) -> bool:
+    """`training`, from the attribute or the call (exactly once, as in Linen's BatchNorm)."""
+    if mdl.use_running_average is None and use_running_average is None:
+        raise ValueError(_MODE_ERROR.replace("BatchNorm", type(mdl).__name__))
+    return not nn.merge_param("use_running_average", mdl.use_running_average, use_running_average)
+
+
+def _running_stats(mdl: nn.Module, shape):
+    """The `batch_stats` `mean`, `var` of `mdl` (init 0 and 1) and their values as a state."""
+    mean = mdl.variable("batch_stats", "mean", lambda: batch_norm_state(shape).mean)
+    var = mdl.variable("batch_stats", "var", lambda: batch_norm_state(shape).var)
+    return (mean, var), BatchNormState(mean.value, var.value)
+
+
+def _store(variables, training: bool, mdl: nn.Module, state):
+    """Writes `state` back unless evaluating or initializing (Linen's BatchNorm does neither)."""
+    if training and not mdl.is_initializing():
+        variables[0].value, variables[1].value = state
+
+
+class SwitchableNorm(nn.Module):
+    """Switchable normalization (Luo et al. 2018); see `lnjax.switchable_norm`.
+
+    A learned softmax mix of instance, layer and batch statistics: `params` `scale`, `bias`
+    `[channels]`, control logits `mean_logits`, `var_logits` `[3]` (IN, LN, BN; init 0); the BN
+    branch's running `batch_stats` `mean`, `var`. `x`: `[batch, *spatial, channels]`.
+
+    Attributes:
+      use_running_average, momentum, eps, axis_name: as for `BatchNorm`.
+      axis: the channel axis; not 0.
+      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
+    """
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool | None = None):
+        training = _mode(self, use_running_average)
+        shape = _feature_shape(x, self.axis)
+        logits = self.param("mean_logits", zeros, (3,), self.param_dtype), self.param(
+            "var_logits", zeros, (3,), self.param_dtype)  # fmt: skip
+        variables, stats = _running_stats(self, shape)
+        y, state = switchable_norm(
+            x, *_scale_bias(self, shape), SwitchableControl(*logits), stats, training=training,
+            axis=self.axis, momentum=self.momentum, eps=self.eps,
+            axis_name=None if self.is_initializing() else self.axis_name,
+        )  # fmt: skip
+        _store(variables, training, self, state)
+        return y
+
+
+class BatchLayerNorm(nn.Module):
+    """Batch layer normalization (Ziaee & Cano 2022); see `lnjax.batch_layer_norm`.
+
+    `params` `scale`, `bias` of shape `x.shape[axis]`; `batch_stats` `mean`, `var` of shape
+    `x.shape[1:]`, the running batch statistics.
+
+    Attributes:
+      use_running_average, momentum, axis_name: as for `BatchNorm`.
+      axis: int or tuple of ints, the feature axes (not 0).
+      batch_size: the `m` of the weights (default `x.shape[0]`).
+      eps: inside the square roots; 1e-3 as the authors'.
+      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
+    """
+
+    use_running_average: bool | None = None
+    axis: Any = -1
+    batch_size: int | None = None
+    momentum: float = 0.99
+    eps: float = 1e-3
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, use_running_average: bool | None = None):
+        training = _mode(self, use_running_average)
+        variables, stats = _running_stats(self, tuple(jnp.shape(x)[1:]))
+        y, state = batch_layer_norm(
+            x, *_scale_bias(self, _feature_shape(x, self.axis)), stats, training=training,
+            axis=self.axis, momentum=self.momentum, eps=self.eps, batch_size=self.batch_size,
+            axis_name=None if self.is_initializing() else self.axis_name,
+        )  # fmt: skip
+        _store(variables, training, self, state)
+        return y
+
+
+class DivisiveNorm(nn.Module):
+    """Divisive normalization (Ren, Liao et al. 2017); see `lnjax.divisive_norm`.
+
+    `v = x - E_A[x]`, `y = scale * v / sqrt(sigma^2 + E_B[v^2]) + bias`, `A`, `B` windows of
+    `radius`, `suppression_radius` units along `axis`. `params` `scale`, `bias` `x.shape[axis]`.
+
+    Attributes:
+      radius, sigma, axis, suppression_radius, summation, edges: as for `lnjax.divisive_norm`.
+      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
+    """
+
+    radius: Any = None
+    sigma: float = 1.0
+    axis: Any = -1
+    suppression_radius: Any = ...
+    summation: bool = True
+    edges: str = "mean"
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, return_l1: bool = False):
+        """Returns `y`, or `(y, mean(|v|))` with `return_l1` (the authors' L1 penalty)."""
+        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
+        return divisive_norm(x, scale, bias, radius=self.radius, sigma=self.sigma, axis=self.axis,
+                             suppression_radius=self.suppression_radius,
+                             summation=self.summation, edges=self.edges,
+                             return_l1=return_l1)  # fmt: skip
+
+
+class GraphNorm(nn.Module):
+    """Graph normalizations of Chen et al. (2020); see `lnjax.graph_learned_norm`.
+
+    `kind="learned"`: `y = scale * sum_k lambda^_k norm_k(x) + bias` over `kinds`, with `params`
+    `weights` `[len(kinds), features]` (equal after `weighting`'s normalization at init); a
+    single `kind` is that normalization alone. The batch-wise part keeps `batch_stats` `mean`,
+    `var`. `x`: node features `[num_nodes, features]`.
+
+    Attributes:
+      kind: "learned" or one of `lnjax.GRAPH_NORM_KINDS`.
+      kinds, weighting: the mixed normalizations and how their weights are normalized.
+      use_running_average, momentum, axis_name: for the batch-wise part, as for `BatchNorm`.
+      eps: inside every square root.
+      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
+    """
+
+    kind: str = "learned"
+    kinds: tuple = GRAPH_NORM_KINDS
+    weighting: str = "softmax"
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, segment_ids=None, num_segments=None, edges=None, node_mask=None,
+                 indices_are_sorted: bool = False, use_running_average: bool | None = None):  # fmt: skip
+        """Graph inputs as for the pure ops; only those of the used normalizations are needed."""
+        if self.kind == "learned":
+            components = _check_graph_kinds(self.kinds)
+        elif self.kind in GRAPH_NORM_KINDS:
+            components = (self.kind,)
+        else:
+            raise ValueError(f'`kind` must be "learned" or one of {GRAPH_NORM_KINDS}, got {self.kind!r}.')
+        shape = _feature_shape(x, -1)
+        scale, bias = _scale_bias(self, shape)
+        training, variables, stats = False, None, None
+        if "batch" in components:
+            training = _mode(self, use_running_average)
+            variables, stats = _running_stats(self, shape)
+        axis_name = None if self.is_initializing() else self.axis_name
+        state = None
+        if self.kind == "learned":
+            weights = self.param("weights", lambda _, s, d: graph_learned_weights(
+                s[1], components, self.weighting, d), (len(components),) + shape, self.param_dtype)  # fmt: skip
+            y, state = graph_learned_norm(
+                x, scale, bias, weights, stats, training=training, segment_ids=segment_ids,
+                num_segments=num_segments, edges=edges, kinds=components,
+                weighting=self.weighting, momentum=self.momentum, eps=self.eps,
+                node_mask=node_mask, indices_are_sorted=indices_are_sorted, axis_name=axis_name,
+            )  # fmt: skip
+        elif self.kind == "batch":
+            y, state = graph_batch_norm(x, scale, bias, stats, training=training,
+                                        momentum=self.momentum, eps=self.eps,
+                                        node_mask=node_mask, axis_name=axis_name)  # fmt: skip
+        elif self.kind == "graph":
+            y = graph_norm(x, scale, bias, segment_ids=segment_ids, num_segments=num_segments,
+                           eps=self.eps, indices_are_sorted=indices_are_sorted)  # fmt: skip
+        elif self.kind == "adjacency":
+            y = graph_adjacency_norm(x, scale, bias, edges=edges, eps=self.eps)
+        else:
+            y = graph_node_norm(x, scale, bias, eps=self.eps)
+        if variables is not None:
+            _store(variables, training, self, state)
+        return y
+
+
+class DomainAgnosticBatchNorm(nn.Module):
+    """Domain-agnostic batch normalization (Romijnders et al. 2018); see
+    `lnjax.domain_agnostic_batch_norm`: `BatchNorm` whose training statistics (and running
+    `batch_stats`) come from the source-domain examples only, applied to every example.
+
+    Attributes: as for `BatchNorm` (without `fast_variance`); the call takes `source_mask`.
+    """
+
+    use_running_average: bool | None = None
+    axis: Any = -1
+    momentum: float = 0.99
+    eps: float = 1e-5
+    axis_name: str | None = None
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_init: Initializer = ones
+    bias_init: Initializer = zeros
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, source_mask, use_running_average: bool | None = None):
+        """`source_mask`: boolean `[batch]`, True for source-domain examples."""
+        training = _mode(self, use_running_average)
+        shape = _feature_shape(x, self.axis)
+        variables, stats = _running_stats(self, shape)
+        y, state = domain_agnostic_batch_norm(
+            x, *_scale_bias(self, shape), stats, source_mask=source_mask, training=training,
+            axis=self.axis, momentum=self.momentum, eps=self.eps,
+            axis_name=None if self.is_initializing() else self.axis_name,
+        )  # fmt: skip
+        _store(variables, training, self, state)
+        return y
+
+
+class ProxyNorm(nn.Module):
+    """Proxy-normalized activation (Labatie et al. 2021); see `lnjax.proxy_norm`.
+
+    `(phi(scale * y + bias) - E[phi(scale * Y~ + bias)]) / sqrt(Var[...] + eps)`, with
+    `Y~ ~ N(proxy_bias, (1 + proxy_scale)^2)` per channel; `params` `scale` (init 1), `bias`,
+    `proxy_scale`, `proxy_bias` (init 0), each `[channels]`.
+
+    Attributes:
+      activation: the elementwise activation `phi`.
+      axis: the channel axis.
+      eps: inside the square root; 0.03 as the authors'.
+      num_samples: number of Gaussian quantile points of the proxy.
+      param_dtype: dtype of the parameters.
+    """
+
+    activation: Callable = jax.nn.relu
+    axis: int = -1
+    eps: float = 0.03
+    num_samples: int = 200
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y):
+        shape = _feature_shape(y, self.axis)
+        p = {name: self.param(name, init, shape, self.param_dtype)
+             for name, init in (("scale", ones), ("bias", zeros), ("proxy_scale", zeros),
+                                ("proxy_bias", zeros))}  # fmt: skip
+        return proxy_norm(y, p["scale"], p["bias"], p["proxy_scale"], p["proxy_bias"],
+                          activation=self.activation, axis=self.axis, eps=self.eps,
+                          num_samples=self.num_samples)  # fmt: skip

@@ -31,18 +31,41 @@ from lnjax.recurrent import (
     bn_lstm_rnn,
     rnn,
 )
+from lnjax.relatives import (
+    GRAPH_NORM_KINDS,
+    SwitchableControl,
+    _check_kinds as _check_graph_kinds,
+    batch_layer_norm,
+    divisive_norm,
+    domain_agnostic_batch_norm,
+    graph_adjacency_norm,
+    graph_batch_norm,
+    graph_learned_norm,
+    graph_learned_weights,
+    graph_node_norm,
+    graph_norm,
+    proxy_norm,
+    switchable_control,
+    switchable_norm,
+)
 
 __all__ = [
     "BNLSTM",
+    "BatchLayerNorm",
     "BatchNorm",
     "Bidirectional",
+    "DivisiveNorm",
+    "DomainAgnosticBatchNorm",
     "GRU",
+    "GraphNorm",
     "GroupNorm",
     "InstanceNorm",
     "LSTM",
     "LayerNorm",
+    "ProxyNorm",
     "RMSNorm",
     "SimpleRNN",
+    "SwitchableNorm",
     "WeightNormDense",
 ]
 
@@ -600,3 +623,291 @@ class BNLSTM(_CellParams):
         """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+# --- relatives of layer norm (shells over lnjax.relatives) ------------------------------------
+
+
+class _RunningAverageMode(nnx.Module):
+    """The train/eval switch of the modules with running statistics, as `BatchNorm`'s."""
+
+    def _training(self, use_running_average):
+        mode = self.use_running_average if use_running_average is None else use_running_average
+        if mode is None:
+            raise ValueError(_MODE_ERROR.replace("BatchNorm", type(self).__name__))
+        return not mode
+
+    def _init_stats(self, shape):
+        state = batch_norm_state(shape)
+        self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
+
+    def _stats(self) -> BatchNormState:
+        return BatchNormState(self.mean[...], self.var[...])
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class SwitchableNorm(_RunningAverageMode):
+    """Switchable normalization (Luo et al. 2018); see `lnjax.switchable_norm`.
+
+    A learned softmax mix of instance, layer and batch statistics: parameters `scale`, `bias`
+    `[channels]` and the control logits `mean_logits`, `var_logits` `[3]` (IN, LN, BN; init 0,
+    equal weights); `nnx.BatchStat`s `mean`, `var` `[channels]` for the BN branch.
+    `x`: `[batch, *spatial, channels]`; `y`: `x`'s shape and dtype.
+
+    Args:
+      num_features: the number of channels.
+      use_running_average, momentum, axis_name, eps: as for `BatchNorm`.
+      axis: the channel axis; not 0.
+      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
+    """
+
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis=-1,
+                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
+                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
+                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        shape = (self.num_features,)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
+        control = switchable_control(param_dtype)
+        self.mean_logits, self.var_logits = nnx.Param(control.mean_logits), nnx.Param(control.var_logits)
+        self._init_stats(shape)
+        self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
+        self.eps, self.axis_name = eps, axis_name
+
+    def __call__(self, x, *, use_running_average: bool | None = None):
+        training = self._training(use_running_average)
+        control = SwitchableControl(self.mean_logits[...], self.var_logits[...])
+        y, state = switchable_norm(x, _value(self.scale), _value(self.bias), control, self._stats(),
+                                   training=training, axis=self.axis, momentum=self.momentum,
+                                   eps=self.eps, axis_name=self.axis_name)  # fmt: skip
+        if training:
+            self.mean[...], self.var[...] = state
+        return y
+
+
+class BatchLayerNorm(_RunningAverageMode):
+    """Batch layer normalization (Ziaee & Cano 2022); see `lnjax.batch_layer_norm`.
+
+    `y = scale * ((1/m - 1e-4) x_f + (1 - 1/m - 1e-4) x_b) / sqrt(d) + bias`, `x_f` normalized
+    by feature statistics, `x_b` by batch statistics over axis 0, whose running averages are
+    the `nnx.BatchStat`s `mean`, `var` of shape `example_shape`.
+
+    Args:
+      example_shape: `x.shape[1:]`, the shape of one example (the running statistics' shape).
+      axis: int or tuple of ints, the feature axes of `x` (not 0); `scale`, `bias` have their shape.
+      batch_size: the `m` of the weights (default `x.shape[0]`); the authors fix it to the
+        training batch size, evaluation included.
+      use_running_average, momentum, axis_name: as for `BatchNorm`.
+      eps: inside the square roots; 1e-3 as the authors'.
+      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
+    """
+
+    def __init__(self, example_shape, *, axis=-1, batch_size: int | None = None,
+                 use_running_average: bool | None = False, momentum: float = 0.99,
+                 eps: float = 1e-3, axis_name: str | None = None, use_scale: bool = True,
+                 use_bias: bool = True, scale_init: Initializer = ones,
+                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        self.example_shape = _feature_shape(example_shape)
+        feat = _checks.axes(axis, len(self.example_shape) + 1)
+        if 0 in feat:
+            raise ValueError(f"`axis`={axis!r} includes the batch axis 0; expected feature axes.")
+        pshape = tuple(self.example_shape[a - 1] for a in feat)
+        self.scale = _param(use_scale, scale_init, pshape, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, pshape, param_dtype, rngs)
+        self._init_stats(self.example_shape)
+        self.use_running_average, self.axis, self.batch_size = use_running_average, axis, batch_size
+        self.momentum, self.eps, self.axis_name = momentum, eps, axis_name
+
+    def __call__(self, x, *, use_running_average: bool | None = None):
+        training = self._training(use_running_average)
+        y, state = batch_layer_norm(x, _value(self.scale), _value(self.bias), self._stats(),
+                                    training=training, axis=self.axis, momentum=self.momentum,
+                                    eps=self.eps, batch_size=self.batch_size,
+                                    axis_name=self.axis_name)  # fmt: skip
+        if training:
+            self.mean[...], self.var[...] = state
+        return y
+
+
+class DivisiveNorm(nnx.Module):
+    """Divisive normalization (Ren, Liao et al. 2017); see `lnjax.divisive_norm`.
+
+    `v = x - E_A[x]`, `y = scale * v / sqrt(sigma^2 + E_B[v^2]) + bias`, with `A`, `B` windows of
+    `radius`, `suppression_radius` units along `axis` (None: the whole axis).
+
+    Args:
+      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
+      radius, sigma, axis, suppression_radius, summation, edges: as for `lnjax.divisive_norm`.
+      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
+    """
+
+    def __init__(self, num_features, *, radius, sigma: float = 1.0, axis=-1,
+                 suppression_radius=..., summation: bool = True, edges: str = "mean",
+                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
+                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        self.num_features = _feature_shape(num_features)
+        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
+        self.radius, self.sigma, self.axis = radius, sigma, axis
+        self.suppression_radius, self.summation, self.edges = suppression_radius, summation, edges
+
+    def __call__(self, x, *, return_l1: bool = False):
+        """Returns `y`, or `(y, mean(|v|))` with `return_l1` (the authors' L1 penalty)."""
+        return divisive_norm(x, _value(self.scale), _value(self.bias), radius=self.radius,
+                             sigma=self.sigma, axis=self.axis,
+                             suppression_radius=self.suppression_radius,
+                             summation=self.summation, edges=self.edges,
+                             return_l1=return_l1)  # fmt: skip
+
+
+def _graph_components(kind, kinds):
+    if kind == "learned":
+        return _check_graph_kinds(kinds)
+    if kind not in GRAPH_NORM_KINDS:
+        raise ValueError(f'`kind` must be "learned" or one of {GRAPH_NORM_KINDS}, got {kind!r}.')
+    return (kind,)
+
+
+class GraphNorm(_RunningAverageMode):
+    """Graph normalizations of Chen et al. (2020); see `lnjax.graph_learned_norm`.
+
+    `kind="learned"` (default): `y = scale * sum_k lambda^_k norm_k(x) + bias` over `kinds`,
+    with per-feature `weights` `[len(kinds), features]` normalized by `weighting` (equal at
+    init). A single `kind` ("node", "adjacency", "graph", "batch") is that normalization alone.
+    When the batch-wise one is used, `mean`, `var` are its `nnx.BatchStat`s.
+    `x`: node features `[num_nodes, features]`.
+
+    Args:
+      num_features: the number of node features.
+      kind: "learned" or one of `lnjax.GRAPH_NORM_KINDS`.
+      kinds, weighting: the mixed normalizations and how their weights are normalized.
+      use_running_average, momentum, axis_name: for the batch-wise part, as for `BatchNorm`.
+      eps: inside every square root.
+      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
+    """
+
+    def __init__(self, num_features: int, *, kind: str = "learned", kinds=GRAPH_NORM_KINDS,
+                 weighting: str = "softmax", use_running_average: bool | None = False,
+                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
+                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
+                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        self.kind, self.components = kind, _graph_components(kind, kinds)
+        shape = (self.num_features,)
+        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
+        self.weights = nnx.data(None)
+        if kind == "learned":
+            self.weights = nnx.Param(graph_learned_weights(self.num_features, self.components,
+                                                           weighting, param_dtype))  # fmt: skip
+        if "batch" in self.components:
+            self._init_stats(shape)
+        self.weighting, self.use_running_average, self.momentum = weighting, use_running_average, momentum
+        self.eps, self.axis_name = eps, axis_name
+
+    def __call__(self, x, *, segment_ids=None, num_segments=None, edges=None, node_mask=None,
+                 indices_are_sorted: bool = False, use_running_average: bool | None = None):  # fmt: skip
+        """`segment_ids`, `num_segments` (graph-wise), `edges` (adjacency-wise) and `node_mask`
+        (batch-wise) as for the pure ops; only those of the used normalizations are needed."""
+        has_batch = "batch" in self.components
+        training = self._training(use_running_average) if has_batch else False
+        stats = self._stats() if has_batch else None
+        scale, bias = _value(self.scale), _value(self.bias)
+        if self.kind == "learned":
+            y, state = graph_learned_norm(
+                x, scale, bias, self.weights[...], stats, training=training,
+                segment_ids=segment_ids, num_segments=num_segments, edges=edges,
+                kinds=self.components, weighting=self.weighting, momentum=self.momentum,
+                eps=self.eps, node_mask=node_mask, indices_are_sorted=indices_are_sorted,
+                axis_name=self.axis_name,
+            )  # fmt: skip
+        elif self.kind == "batch":
+            y, state = graph_batch_norm(x, scale, bias, stats, training=training,
+                                        momentum=self.momentum, eps=self.eps,
+                                        node_mask=node_mask, axis_name=self.axis_name)  # fmt: skip
+        elif self.kind == "graph":
+            y = graph_norm(x, scale, bias, segment_ids=segment_ids, num_segments=num_segments,
+                           eps=self.eps, indices_are_sorted=indices_are_sorted)  # fmt: skip
+        elif self.kind == "adjacency":
+            y = graph_adjacency_norm(x, scale, bias, edges=edges, eps=self.eps)
+        else:
+            y = graph_node_norm(x, scale, bias, eps=self.eps)
+        if has_batch and training:
+            self.mean[...], self.var[...] = state
+        return y
+
+
+class DomainAgnosticBatchNorm(_RunningAverageMode):
+    """Domain-agnostic batch normalization (Romijnders et al. 2018); see
+    `lnjax.domain_agnostic_batch_norm`: `BatchNorm` whose training statistics (and running
+    averages) come from the source-domain examples only, applied to every example.
+
+    Args: as for `BatchNorm` (without `fast_variance`); the call takes `source_mask` `[batch]`.
+    """
+
+    def __init__(self, num_features, *, use_running_average: bool | None = False, axis=-1,
+                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
+                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
+                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):  # fmt: skip
+        self.num_features = _feature_shape(num_features)
+        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
+        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
+        self._init_stats(self.num_features)
+        self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
+        self.eps, self.axis_name = eps, axis_name
+
+    def __call__(self, x, *, source_mask, use_running_average: bool | None = None):
+        """`source_mask`: boolean `[batch]`, True for source-domain examples."""
+        training = self._training(use_running_average)
+        y, state = domain_agnostic_batch_norm(
+            x, _value(self.scale), _value(self.bias), self._stats(), source_mask=source_mask,
+            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
+            axis_name=self.axis_name,
+        )  # fmt: skip
+        if training:
+            self.mean[...], self.var[...] = state
+        return y
+
+
+class ProxyNorm(nnx.Module):
+    """Proxy-normalized activation (Labatie et al. 2021); see `lnjax.proxy_norm`.
+
+    Replaces the activation after a layer or group norm that has no affine part of its own:
+    `(phi(scale * y + bias) - E[phi(scale * Y~ + bias)]) / sqrt(Var[...] + eps)`, with
+    `Y~ ~ N(proxy_bias, (1 + proxy_scale)^2)` per channel. Parameters `scale` (init 1), `bias`,
+    `proxy_scale`, `proxy_bias` (init 0), each `[channels]`.
+
+    Args:
+      num_features: the number of channels.
+      activation: the elementwise activation `phi`.
+      axis: the channel axis.
+      eps: inside the square root; 0.03 as the authors'.
+      num_samples: number of Gaussian quantile points of the proxy.
+      param_dtype: dtype of the parameters.
+    """
+
+    def __init__(self, num_features: int, *, activation: Callable = jax.nn.relu, axis: int = -1,
+                 eps: float = 0.03, num_samples: int = 200, param_dtype=jnp.float32):  # fmt: skip
+        self.num_features = _checks.positive_int(num_features, "num_features")
+        shape = (self.num_features,)
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.proxy_scale = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.proxy_bias = nnx.Param(jnp.zeros(shape, param_dtype))
+        self.activation, self.axis, self.eps = activation, axis, eps
+        self.num_samples = _checks.positive_int(num_samples, "num_samples")
+
+    def __call__(self, y):
+        return proxy_norm(y, self.scale[...], self.bias[...], self.proxy_scale[...],
+                          self.proxy_bias[...], activation=self.activation, axis=self.axis,
+                          eps=self.eps, num_samples=self.num_samples)  # fmt: skip

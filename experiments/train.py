@@ -10,10 +10,24 @@ Checkpoints (orbax) are written every `config.checkpoint_every` steps and on com
 same command resumes from the latest one and, all randomness being derived from the step
 counter, ends with exactly the parameters and metrics of an uninterrupted run.
 
+Devices: the training step runs under `jax.shard_map` on a 2-D mesh with axes ("sweep",
+"data") (`config.mesh`). The stacked members are split over "sweep"; within a member the batch
+is split over "data" and the training set is sharded over "data" too (each device, and so each
+process, holds one contiguous slice of the examples; a batch is gathered from the slices with a
+reduce-scatter). The loss, and so the gradients, are averaged over "data" and batch norm
+synchronizes its statistics over it, so any mesh computes what one device computes with the
+whole batch (to float rounding). One device is the 1 x 1 mesh of the same code. Multi-process
+runs (`--coordinator_address`, `--num_processes`, `--process_id`, or `--distributed` for JAX's
+cluster auto-detection) call `jax.distributed.initialize` and then run the same program over
+the global mesh; process 0 writes config.json and metrics.jsonl, and every process takes part
+in the (single) orbax checkpoint and in restoring it.
+
 Run a config:  python -m experiments.train --config=configs/mlp_digits.py --workdir=runs/mlp
 """
 
 import dataclasses
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -25,6 +39,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments import data as data_lib
 from experiments import models
@@ -75,19 +92,37 @@ def build_task(cfg) -> Task:
         xte, yte = data_lib.adding_problem(cfg.task.seed + 1, cfg.task.test_size, cfg.task.length)
         ds = data_lib.Dataset(xtr, ytr, xte, yte, 0)
         loss_fn, n_out = regression_loss, 1
+    elif name == "copying":
+        xtr, ytr = data_lib.copying_memory(cfg.task.seed, cfg.task.train_size, cfg.task.length)
+        xte, yte = data_lib.copying_memory(cfg.task.seed + 1, cfg.task.test_size, cfg.task.length)
+        ds = data_lib.Dataset(xtr, ytr, xte, yte, data_lib.COPY_VOCAB_SIZE)
+        loss_fn, n_out = classification_loss, ds.num_classes
+    elif name == "char_lm":
+        corpus = data_lib.char_corpus(cfg.task.path, cfg.task.length)
+        xtr, ytr = data_lib.windows(corpus.train, cfg.task.length)
+        xte, yte = data_lib.windows(corpus.val, cfg.task.length) if corpus.val.size else (xtr, ytr)
+        ds = data_lib.Dataset(xtr, ytr, xte, yte, len(corpus.vocab))
+        loss_fn, n_out = classification_loss, ds.num_classes
     else:
-        raise ValueError(f"`task.name` must be digits, digits_rows, digits_pixels, mnist or adding, got {name!r}.")
+        raise ValueError(
+            "`task.name` must be digits, digits_rows, digits_pixels, mnist, adding, copying or "
+            f"char_lm, got {name!r}."
+        )
 
     m = cfg.model
     if m.kind == "mlp":
-        model = models.mlp((int(np.prod(ds.x_train.shape[1:])), *m.hidden, n_out), norm=m.norm)
+        model = models.mlp((int(np.prod(ds.x_train.shape[1:])), *m.hidden, n_out), norm=m.norm,
+                           batch_size=cfg.batch_size)
     elif m.kind == "convnet":
         model = models.convnet(n_out, tuple(m.hidden), norm=m.norm, in_channels=ds.x_train.shape[-1])
     elif m.kind == "rnn":
+        tokens = name in ("copying", "char_lm")  # int tokens in, one prediction per step out
         model = models.sequence_model(
-            ds.x_train.shape[-1], n_out, m.hidden[0], cell=m.cell, norm=m.norm,
-            gain_init=m.get("gain_init"), norm_input=m.get("norm_input"),
+            ds.num_classes if tokens else ds.x_train.shape[-1], n_out, m.hidden[0], cell=m.cell,
+            norm=m.norm, gain_init=m.get("gain_init"), norm_input=m.get("norm_input"),
             max_steps=ds.x_train.shape[1], forget_bias=m.get("forget_bias"),
+            tokens=tokens, readout="all" if tokens else "last",
+            dn_radius=m.get("dn_radius"), dn_sigma=m.get("dn_sigma"),
         )
     else:
         raise ValueError(f"`model.kind` must be mlp, convnet or rnn, got {m.kind!r}.")
@@ -117,10 +152,110 @@ def sweep_members(cfg) -> list[dict]:
     return [{"seed": int(s), "learning_rate": float(lr)} for lr, s in itertools.product(lrs, seeds)]
 
 
-def init_state(task: Task, opt, members) -> TrainState:
-    """The stacked initial state of every member (leading axis = member)."""
-    seeds = jnp.asarray([m["seed"] for m in members], jnp.uint32)
-    lrs = jnp.asarray([m["learning_rate"] for m in members], jnp.float32)
+# --------------------------------------------------------------------------------------------
+# The device mesh
+# --------------------------------------------------------------------------------------------
+
+SWEEP, DATA = "sweep", "data"  # the mesh axes: sweep members, and the batch within a member
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_mesh_config(cfg, num_members: int):
+    """The device-independent checks of `config.mesh` (types and divisibility)."""
+    share = {SWEEP: (num_members, f"the number of sweep members ({num_members}: seeds x learning rates)"),
+             DATA: (cfg.batch_size, f"`config.batch_size`={cfg.batch_size}")}
+    for axis, (total, what) in share.items():
+        size = cfg.mesh[axis]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"`config.mesh.{axis}` must be an int >= 0 (0: automatic), got {size!r}.")
+        if size and total % size:
+            raise ValueError(
+                f"`config.mesh.{axis}`={size} must divide {what}: every device along the "
+                f"{axis!r} mesh axis gets an equal share (choose a divisor of {total}, or 0 for automatic)."
+            )
+
+
+def mesh_shape(cfg, num_members: int, num_devices: int, *, num_processes: int = 1) -> tuple[int, int]:
+    """The `(sweep, data)` mesh shape for `config.mesh` on `num_devices` devices.
+
+    A positive `config.mesh.sweep` / `config.mesh.data` is used as given; 0 is automatic: among
+    the sizes that divide the number of members (sweep) and the batch size (data), the pair
+    using the most devices, then the largest sweep size (sweep members need no communication).
+    Raises a ValueError naming the config key for a size that does not divide, for more devices
+    than are visible, and, with several processes, for a mesh that leaves some devices out.
+    """
+    _check_mesh_config(cfg, num_members)
+    fixed_s, fixed_d = cfg.mesh[SWEEP], cfg.mesh[DATA]
+    wanted = (fixed_s or 1) * (fixed_d or 1)
+    if wanted > num_devices:
+        raise ValueError(
+            f"`config.mesh` asks for sweep x data = {fixed_s or 1} x {fixed_d or 1} = {wanted} devices, "
+            f"but only {num_devices} are visible (jax.device_count()); use at most {num_devices}, or 0 for automatic."
+        )
+    candidates = [
+        (s, d)
+        for s in ([fixed_s] if fixed_s else _divisors(num_members))
+        for d in ([fixed_d] if fixed_d else _divisors(cfg.batch_size))
+        if s * d <= num_devices
+    ]
+    s, d = max(candidates, key=lambda sd: (sd[0] * sd[1], sd[0]))
+    if num_processes > 1 and s * d != num_devices:
+        raise ValueError(
+            f"`config.mesh` resolves to sweep x data = {s} x {d} = {s * d} devices, but a run over "
+            f"{num_processes} processes must use all {num_devices} devices (each process feeds its "
+            f"own devices): set `config.mesh.sweep` x `config.mesh.data` = {num_devices} (the "
+            f"{num_members} members divisible by sweep, `config.batch_size`={cfg.batch_size} by data)."
+        )
+    return s, d
+
+
+def make_mesh(cfg, num_members: int) -> Mesh:
+    """The ("sweep", "data") mesh `config.mesh` describes, over the visible devices."""
+    s, d = mesh_shape(cfg, num_members, jax.device_count(), num_processes=jax.process_count())
+    return jax.make_mesh((s, d), (SWEEP, DATA), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[: s * d])
+
+
+def single_device_mesh() -> Mesh:
+    """The 1 x 1 mesh: what a run on one device uses."""
+    return jax.make_mesh((1, 1), (SWEEP, DATA), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
+
+
+def put_on_mesh(x, mesh: Mesh, spec: P, *, pad_to=1) -> jax.Array:
+    """A global array from the host array `x` (the same on every process), laid out as `spec`.
+
+    Each process supplies only the shards of its own devices (`make_array_from_callback`), so
+    with `spec=P("data")` a process materializes just its slice of the examples. The leading
+    axis is zero-padded to a multiple of `pad_to` (an even split); padding is never sampled.
+    """
+    x = np.asarray(x)
+    if x.shape[0] % pad_to:
+        x = np.concatenate([x, np.zeros((pad_to - x.shape[0] % pad_to, *x.shape[1:]), x.dtype)])
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+
+@functools.lru_cache
+def _replicate(mesh: Mesh):
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))
+
+
+def fetch(tree, mesh: Mesh):
+    """`tree` as NumPy on every process (arrays sharded over other processes are gathered)."""
+    return jax.tree.map(np.asarray, _replicate(mesh)(tree))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def init_state(task: Task, opt, members, sharding=None) -> TrainState:
+    """The stacked initial state of every member (leading axis = member), laid out as
+    `sharding` if given (e.g. `NamedSharding(mesh, P("sweep"))`)."""
+    seeds = np.asarray([m["seed"] for m in members], np.uint32)
+    lrs = np.asarray([m["learning_rate"] for m in members], np.float32)
 
     def one(seed, lr):
         init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -129,7 +264,9 @@ def init_state(task: Task, opt, members) -> TrainState:
         opt_state.hyperparams["learning_rate"] = lr
         return TrainState(params, model_state, opt_state, data_key, jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
 
-    return jax.jit(jax.vmap(one))(seeds, lrs)
+    # Seeds and rates are constants of the program, so no host array has to be placed first
+    # (with several processes, jit inputs must be global arrays).
+    return jax.jit(lambda: jax.vmap(one)(jnp.asarray(seeds), jnp.asarray(lrs)), out_shardings=sharding)()
 
 
 def _batch_indices(key, step, n, batch_size):
@@ -140,23 +277,46 @@ def _batch_indices(key, step, n, batch_size):
     return jax.lax.dynamic_slice(perm, ((step % per_epoch) * batch_size,), (batch_size,))
 
 
-def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: int = 1):
-    """A jitted function running `num_steps` fused steps of every member.
+def _local_batch(shard, idx):
+    """This device's part of the global batch `x[idx]`, inside `shard_map` over "data".
+
+    The examples are split into contiguous slices along "data" (`shard` is this device's).
+    Every device contributes the rows of the global batch it holds, zeros elsewhere, and a
+    reduce-scatter sums the contributions (each row has one owner, so the sum is exact) and
+    hands device k the k-th block of `len(idx) / data` rows.
+    """
+    rows = idx - lax.axis_index(DATA) * shard.shape[0]
+    held = (rows >= 0) & (rows < shard.shape[0])
+    part = shard[jnp.clip(rows, 0, shard.shape[0] - 1)]
+    part = jnp.where(held.reshape(-1, *(1,) * (shard.ndim - 1)), part, jnp.zeros((), shard.dtype))
+    return lax.psum_scatter(part, DATA, scatter_dimension=0, tiled=True)
+
+
+def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: int = 1, *, mesh: Mesh | None = None):
+    """A jitted function running `num_steps` fused steps of every member on `mesh`.
+
+    Call it as `chunk(state, x_train, y_train)` with the state laid out as `P("sweep")` and
+    the training set as `P("data")` (see `put_on_mesh`; arrays not laid out so are moved).
+    Inside `shard_map`, each device runs its members (vmapped) on its `batch_size / data`
+    examples of each batch; the loss is the mean over the data axis, so gradients are those of
+    the whole batch, and batch norm gets `axis_name="data"`. Returns the new state and each
+    member's mean training loss over the chunk.
 
     `unroll` goes to the `lax.scan` over steps: XLA:CPU runs convolution gradients inside a
     while loop ~10x slower than unrolled (measured on the ConvNet config), so ConvNets unroll.
     """
+    mesh = mesh or single_device_mesh()
+    num_examples = task.data.x_train.shape[0]  # the slices may hold padding beyond it
 
     def loss(params, model_state, x, y):
-        out, new_state = task.model.apply(params, model_state, x, training=True)
+        out, new_state = task.model.apply(params, model_state, x, training=True, axis_name=DATA)
         value, _ = task.loss_fn(out, y)
-        return value, new_state
+        return lax.pmean(value, DATA), new_state
 
-    def train_step(state: TrainState, x_all, y_all):
-        idx = _batch_indices(state.key, state.step, x_all.shape[0], batch_size)
-        (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(
-            state.params, state.model_state, x_all[idx], y_all[idx]
-        )
+    def train_step(state: TrainState, x_shard, y_shard):
+        idx = _batch_indices(state.key, state.step, num_examples, batch_size)
+        x, y = _local_batch(x_shard, idx), _local_batch(y_shard, idx)
+        (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.model_state, x, y)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
@@ -171,23 +331,37 @@ def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: i
         state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, frozen)
         return state, jnp.where(ok, value, jnp.nan)
 
-    def chunk(state, x_all, y_all):
+    def chunk(state, x_shard, y_shard):
         def body(s, _):
-            return train_step(s, x_all, y_all)
+            return train_step(s, x_shard, y_shard)
 
         state, losses = jax.lax.scan(body, state, None, length=num_steps, unroll=unroll)
         return state, jnp.nanmean(losses)
 
-    return jax.jit(jax.vmap(chunk, in_axes=(0, None, None)), donate_argnums=0)
+    # shard_map types the parameters as equal on every "data" device (they are not split over
+    # it), so autodiff sums their per-device gradient contributions over "data" itself: the
+    # gradient of the data-averaged loss is the whole batch's, the same on every device.
+    sharded = jax.shard_map(
+        jax.vmap(chunk, in_axes=(0, None, None)), mesh=mesh,
+        in_specs=(P(SWEEP), P(DATA), P(DATA)), out_specs=(P(SWEEP), P(SWEEP)),
+    )
+    return jax.jit(sharded, donate_argnums=0)
 
 
-def make_evaluate(task: Task):
+def make_evaluate(task: Task, mesh: Mesh | None = None):
+    """`evaluate(state, x, y)`: every member's test metrics; each device evaluates its members
+    on the whole (replicated) test set."""
+
     def evaluate(state: TrainState, x, y):
         out, _ = task.model.apply(state.params, state.model_state, x, training=False)
         value, metrics = task.loss_fn(out, y)
         return {"loss": value, **metrics}
 
-    return jax.jit(jax.vmap(evaluate, in_axes=(0, None, None)))
+    sharded = jax.shard_map(
+        jax.vmap(evaluate, in_axes=(0, None, None)), mesh=mesh or single_device_mesh(),
+        in_specs=(P(SWEEP), P(), P()), out_specs=P(SWEEP),
+    )
+    return jax.jit(sharded)
 
 
 def _read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
@@ -223,18 +397,25 @@ def check_config(cfg):
             )
     if cfg.num_steps % cfg.steps_per_call:
         raise ValueError(f"`config.num_steps`={cfg.num_steps} must be a multiple of `config.steps_per_call`={cfg.steps_per_call}.")
+    _check_mesh_config(cfg, len(sweep_members(cfg)))
 
 
 def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | None = None):
     """Trains the sweep `cfg` describes in `workdir`, resuming from its latest checkpoint.
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one line per member per
-    evaluation) and `workdir/checkpoints/`. Returns `(final_state, metrics_rows, members)`.
+    evaluation) and `workdir/checkpoints/`. Returns `(final_state, metrics_rows, members)`,
+    the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
+    every process calls `fit` alike: process 0 writes the config and the metrics, all of them
+    write (their shards of) the checkpoints and restore them.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
     check_config(cfg)
+    members = sweep_members(cfg)
+    mesh = make_mesh(cfg, len(members))  # bad mesh settings fail here, before anything is written
+    primary = jax.process_index() == 0  # writes config.json and metrics.jsonl (orbax: checkpoints)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     config_json = cfg.to_json(sort_keys=True)
@@ -243,17 +424,19 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
         raise ValueError(
             f"{workdir} holds a run with a different config; use another --workdir or delete it."
         )
-    _write_atomic(saved, config_json)
+    if primary:
+        _write_atomic(saved, config_json)
 
     task = task or build_task(cfg)
     opt = make_optimizer(cfg.optimizer)
-    members = sweep_members(cfg)
     if cfg.batch_size > task.data.x_train.shape[0]:
         raise ValueError(f"`config.batch_size`={cfg.batch_size} exceeds the {task.data.x_train.shape[0]} training examples.")
-    x_tr, y_tr, x_te, y_te = (jnp.asarray(a) for a in task.data[:4])
-    state = init_state(task, opt, members)
-    chunk = make_train_chunk(task, opt, cfg.batch_size, cfg.steps_per_call, cfg.unroll)
-    evaluate = make_evaluate(task)
+    n_data = mesh.shape[DATA]
+    x_tr, y_tr = (put_on_mesh(a, mesh, P(DATA), pad_to=n_data) for a in task.data[:2])
+    x_te, y_te = (put_on_mesh(a, mesh, P()) for a in task.data[2:4])
+    state = init_state(task, opt, members, NamedSharding(mesh, P(SWEEP)))
+    chunk = make_train_chunk(task, opt, cfg.batch_size, cfg.steps_per_call, cfg.unroll, mesh=mesh)
+    evaluate = make_evaluate(task, mesh)
 
     manager = ocp.CheckpointManager(
         workdir / "checkpoints",
@@ -266,17 +449,17 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     metrics_path = workdir / "metrics.jsonl"
     rows = _read_metrics(metrics_path, step)
-    _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    if primary:
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    bar = tqdm(total=cfg.num_steps, initial=step, disable=not progress, desc=cfg.name, unit="step")
-    with open(metrics_path, "a") as log:
+    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=cfg.name, unit="step")
+    with open(metrics_path if primary else os.devnull, "a") as log:
         while step < cfg.num_steps:
             state, train_loss = chunk(state, x_tr, y_tr)
             step += cfg.steps_per_call
             bar.update(cfg.steps_per_call)
             if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                ev = jax.device_get(evaluate(state, x_te, y_te))
-                tl, div = jax.device_get((train_loss, state.diverged_at))
+                ev, tl, div = fetch((evaluate(state, x_te, y_te), train_loss, state.diverged_at), mesh)
                 for i, member in enumerate(members):
                     row = {"step": step, "member": i, **member, "train_loss": float(tl[i]),
                            **{f"test_{k}": float(v[i]) for k, v in ev.items()},
@@ -292,16 +475,48 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     return state, rows, members
 
 
+def init_distributed(coordinator_address=None, num_processes=None, process_id=None, *, auto=False) -> bool:
+    """Calls `jax.distributed.initialize` for a multi-process run; returns whether it did.
+
+    Each setting falls back to an environment variable (`JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); one left unset after that is auto-detected by JAX
+    on the clusters it knows (Cloud TPU, SLURM, Open MPI, Kubernetes). Nothing is set and
+    `auto` is False: a single-process run, no initialization.
+    """
+    env = os.environ.get
+    address = coordinator_address or env("JAX_COORDINATOR_ADDRESS") or None
+    count = num_processes if num_processes is not None else env("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else env("JAX_PROCESS_ID")
+    if not auto and address is None and count is None and index is None:
+        return False
+    jax.distributed.initialize(
+        address, None if count is None else int(count), None if index is None else int(index)
+    )
+    return True
+
+
+def _params_digest(params, i) -> str:
+    """SHA-256 of member `i`'s parameters (host copies), to compare processes and runs."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(leaf[i]).tobytes())
+    return h.hexdigest()
+
+
 def main(argv):
     from absl import flags
 
     del argv
-    cfg = flags.FLAGS.config
-    state, rows, members = fit(cfg, flags.FLAGS.workdir)
+    f = flags.FLAGS
+    init_distributed(f.coordinator_address, f.num_processes, f.process_id, auto=f.distributed)
+    cfg = f.config
+    state, rows, members = fit(cfg, f.workdir)
+    params = fetch(state.params, state.step.sharding.mesh)
     last = {r["member"]: r for r in rows}
     for i, m in enumerate(members):
         r = last.get(i, {})
-        print(json.dumps({**m, **{k: v for k, v in r.items() if k.startswith("test_") or k == "diverged_at"}}))
+        print(json.dumps({**m, **{k: v for k, v in r.items() if k.startswith("test_") or k == "diverged_at"},
+                          "params_sha256": _params_digest(params, i)}))
 
 
 if __name__ == "__main__":
@@ -310,5 +525,12 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "Multi-process runs: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes (else $JAX_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index (else $JAX_PROCESS_ID).")
+    flags.DEFINE_bool("distributed", False,
+                      "Call jax.distributed.initialize() even without the settings above, letting JAX "
+                      "auto-detect the cluster (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -30,6 +30,7 @@ from jax import lax
 
 from lnjax import _checks
 from lnjax.normalization import BatchNormState, batch_norm, layer_norm, rms_norm
+from lnjax.relatives import divisive_norm
 
 __all__ = [
     "BNLSTMCell",
@@ -44,7 +45,7 @@ __all__ = [
     "stacked_rnn",
 ]
 
-NORMS = ("layer", "rms", "none")
+NORMS = ("layer", "rms", "divisive", "none")
 # LN(W_x x) keeps only the direction of x (Table 1, single-case re-scaling); with this many
 # input features or fewer, that is a large part of what the input carries.
 FEW_INPUT_FEATURES = 8
@@ -70,11 +71,16 @@ def _lead(v, ndim):
     return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
-def _apply_norm(norm, z, p, eps, groups=1, *, implementation=None):
-    """`g * norm(z) + b` over the last axis; with `groups` > 1, statistics per group."""
+def _apply_norm(norm, z, p, eps, groups=1, *, implementation=None, divisive=None):
+    """`g * norm(z) + b` over the last axis; with `groups` > 1, statistics per group.
+    `divisive`: `(radius, sigma)` of `divisive_norm` (`norm="divisive"`)."""
     if norm == "none":
         return z + _lead(p["bias"], z.ndim) if "bias" in p else z
-    fn = functools.partial(layer_norm if norm == "layer" else rms_norm, eps=eps, implementation=implementation)
+    if norm == "divisive":
+        radius, sigma = divisive
+        fn = functools.partial(divisive_norm, radius=radius, sigma=sigma)
+    else:
+        fn = functools.partial(layer_norm if norm == "layer" else rms_norm, eps=eps, implementation=implementation)
     if groups == 1:
         return fn(z, p["scale"], p.get("bias"))
     y = fn(z.reshape(z.shape[:-1] + (groups, -1))).reshape(z.shape)
@@ -140,6 +146,8 @@ class _Cell:
     gain_init: float = 1.0
     eps: float = 1e-5
     implementation: str | None = None  # of the layer/RMS norms: see `layer_norm`
+    dn_radius: int | None = 30  # norm="divisive": summation/suppression field radius (None: all)
+    dn_sigma: float = 1.0  # norm="divisive": the smoothing term sigma
 
     def __post_init__(self):
         _checks.positive_int(self.hidden_size, "hidden_size")
@@ -152,7 +160,8 @@ class _Cell:
         return self.step(params, carry, self.project_inputs(params, x))
 
     def _norm(self, norm, z, p, groups=1):
-        return _apply_norm(norm, z, p, self.eps, groups, implementation=self.implementation)
+        return _apply_norm(norm, z, p, self.eps, groups, implementation=self.implementation,
+                           divisive=(self.dn_radius, self.dn_sigma))
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return jnp.zeros((*batch_shape, self.hidden_size), dtype)
@@ -173,11 +182,14 @@ class LSTMCell(_Cell):
 
     Attributes:
       hidden_size: H.
-      norm: "layer" (default), "rms" or "none".
+      norm: "layer" (default), "rms", "divisive" or "none".
       gain_init: initial gains; the paper finds 1.0 clearly better than 0.1.
       eps: inside the square root of every normalization.
       implementation: of the layer/RMS norms, None or "fused" (faster training on CPU,
         reverse-mode autodiff only; see `layer_norm`). GRUCell and RNNCell take it too.
+      dn_radius, dn_sigma: with `norm="divisive"` (every cell), `divisive_norm`'s window
+        radius over neighbouring units and its sigma (Ren et al. 2017: a window of 60 units,
+        i.e. radius 30, for a tanh RNN; sigma 1 for their best runs).
       per_gate: statistics per gate (H units each) instead of over all 4H (old TF contrib).
       norm_input: normalize `W_x x_t` (the paper). None means True, with a warning at
         `init` when `input_size <= 8`: LN(W_x x) discards the norm of x_t, so a

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import convnet_digits, mlp_digits, rnn_adding
+import lnjax
+from configs import char_lm, convnet_digits, mlp_digits, rnn_adding, rnn_copying
 from experiments import invariances, models, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -218,7 +219,7 @@ def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, subprocess_env, flag
     assert not (tmp_path / "run").exists()  # rejected before anything is written
 
 
-@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding])
+@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, char_lm])
 def test_shipped_configs_are_valid(module):
     cfg = module.get_config()
     train.check_config(cfg)
@@ -496,9 +497,27 @@ def _check_apply(model, x, out_shape, stateful):
 def test_mlp_and_convnet_output_shapes(norm):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 12)).astype(np.float32)
-    _check_apply(models.mlp((12, 16, 8, 3), norm=norm), x, (5, 3), norm == "batch")
-    images = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
-    _check_apply(models.convnet(4, (6, 8), norm=norm, in_channels=2), images, (5, 4), norm == "batch")
+    stateful = norm in ("batch", "switchable", "batch_layer")  # running batch statistics
+    _check_apply(models.mlp((12, 16, 8, 3), norm=norm), x, (5, 3), stateful)
+    if norm in models.CONV_NORMS:
+        images = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
+        _check_apply(models.convnet(4, (6, 8), norm=norm, in_channels=2), images, (5, 4), stateful)
+    else:
+        with pytest.raises(ValueError, match="`norm` must be one of"):
+            models.convnet(4, norm=norm)
+
+
+def test_mlp_switchable_norm_mixes_only_layer_and_batch_statistics():
+    # Hidden layers have no spatial axes: the IN branch is pinned off whatever its logit, and a
+    # dominant LN (or BN) logit makes the switchable norm that norm.
+    a = np.random.default_rng(1).normal(size=(6, 16)).astype(np.float32)
+    p, state = models._norm_init("switchable", (16,))
+    for branch, want in ((1, lnjax.layer_norm(a)),
+                         (2, lnjax.batch_norm(a, None, None, lnjax.batch_norm_state(16), training=True)[0])):
+        logits = jnp.full(3, -50.0).at[branch].set(50.0).at[0].set(100.0)  # IN "preferred": ignored
+        control = lnjax.SwitchableControl(logits, logits)
+        y, _ = models._norm_apply("switchable", dict(p, control=control), state, a, training=True)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cell, norm", [(c, n) for c in ("lstm", "gru", "rnn") for n in ("none", "layer", "rms")]
@@ -507,6 +526,54 @@ def test_sequence_model_output_shapes(cell, norm):
     x = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
     model = models.sequence_model(3, 2, 8, cell=cell, norm=norm, max_steps=7, norm_input=True)
     _check_apply(model, x, (5, 2), cell == "bn_lstm")
+
+
+def test_sequence_model_tokens_and_per_step_readout():
+    tokens = np.random.default_rng(0).integers(0, 6, size=(5, 7)).astype(np.int32)
+    model = models.sequence_model(6, 4, 8, cell="lstm", tokens=True, readout="all")
+    _check_apply(model, tokens, (5, 7, 4), False)
+    # Tokens are fed one-hot: the same parameters on one-hot floats give the same outputs.
+    dense = models.sequence_model(6, 4, 8, cell="lstm", readout="all")
+    params, _ = model.init(jax.random.PRNGKey(1))
+    want, _ = dense.apply(params, None, np.eye(6, dtype=np.float32)[tokens], training=False)
+    got, _ = model.apply(params, None, tokens, training=False)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # Per-step outputs end with what the last-state readout gives.
+    last = models.sequence_model(6, 4, 8, cell="lstm", tokens=True)
+    np.testing.assert_allclose(last.apply(params, None, tokens, training=False)[0], got[:, -1], rtol=1e-6)
+
+
+def _token_config(module, **over):
+    c = module.get_config()
+    c.model.hidden = (16,)
+    c.batch_size, c.num_steps, c.steps_per_call, c.eval_every, c.checkpoint_every = 16, 60, 20, 20, 60
+    c.sweep.seed = (0,)
+    for k, v in over.items():
+        c.task[k] = v
+    return c
+
+
+def test_copying_and_char_lm_tasks_train(tmp_path, jax_defaults):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    for name, cfg in [
+        ("copying", _token_config(rnn_copying, length=5, train_size=256, test_size=64)),
+        ("char_lm", _token_config(char_lm, path=str(text), length=16)),
+    ]:
+        task = train.build_task(cfg)
+        assert task.data.x_train.dtype == np.int32 and task.data.y_train.shape == task.data.x_train.shape
+        _, rows, _ = train.fit(cfg, tmp_path / name, progress=False, task=task)
+        first, last = rows[0], rows[-1]
+        assert last["step"] == 60 and last["diverged_at"] == -1
+        # Per-step cross-entropy, starting near log(vocab) and falling as the model learns.
+        assert last["test_loss"] < first["test_loss"] < 1.2 * np.log(task.data.num_classes), (name, rows)
+    assert last["test_loss"] < 0.8 * np.log(task.data.num_classes)  # a repeated sentence is learnable
+
+
+def test_char_lm_task_reports_a_missing_file(tmp_path):
+    cfg = _token_config(char_lm, path=str(tmp_path / "nope.txt"))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        train.build_task(cfg)
 
 
 def test_models_reject_bad_names():

@@ -1085,3 +1085,18 @@ def _unsharded(f, p, bp, bs, xs):
     # axis_name needs a named axis outside shard_map too: a size-1 vmap provides it.
     ys, bys = jax.vmap(f, in_axes=(None, None, None, 0), axis_name="data")(p, bp, bs, xs[None])
     return ys[0], bys[0]
+
+
+@pytest.mark.parametrize("make", [lnjax.RNNCell, lnjax.LSTMCell, lnjax.GRUCell])
+def test_divisive_cells_over_the_whole_layer_with_sigma_zero_are_layer_norm_cells(make):
+    # Ren et al.: LN is divisive normalization with both fields the whole layer and sigma = 0.
+    kw = {} if make is lnjax.RNNCell else {"norm_input": True}
+    dn = make(6, norm="divisive", dn_radius=None, dn_sigma=0.0, **kw)
+    ln = make(6, norm="layer", eps=0.0, **kw)
+    params = ln.init(jax.random.key(5), 3, jnp.float64)
+    assert jax.tree.structure(dn.init(jax.random.key(5), 3, jnp.float64)) == jax.tree.structure(params)
+    xs = jax.random.normal(jax.random.key(6), (2, 4, 3), jnp.float64)
+    np.testing.assert_allclose(lnjax.rnn(dn, params, xs)[0], lnjax.rnn(ln, params, xs)[0], rtol=1e-10, atol=1e-12)
+    # A local window is a different function.
+    local = dataclasses.replace(dn, dn_radius=1)
+    assert not np.allclose(lnjax.rnn(local, params, xs)[0], lnjax.rnn(ln, params, xs)[0], atol=1e-3)

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from configs import convnet_digits, mlp_digits, rnn_adding
+from configs import convnet_digits, mlp_digits, rnn_adding, rnn_digits
 from experiments import invariances, train
 
 RNN_TARGET_MSE = 0.05  # well below the 1/6 of always predicting 1
@@ -46,6 +46,12 @@ def _runs(quick: bool):
             add("mlp", f"mlp_{norm}_bs{bs}", f"{norm}, batch {bs}", mlp_digits, **{
                 "model.norm": norm, "batch_size": bs, "num_steps": steps, "checkpoint_every": steps,
                 "eval_every": 50, **small})
+    for norm in ("switchable", "batch_layer"):  # the survey's relatives, same MLP settings
+        for bs in (128, 4):
+            steps = 100 if quick else 1500
+            add("relatives", f"mlp_{norm}_bs{bs}", f"{norm}, batch {bs}", mlp_digits, **{
+                "model.norm": norm, "batch_size": bs, "num_steps": steps, "checkpoint_every": steps,
+                "eval_every": 50, **small})
     rnn_variants = [
         ("lstm", "LSTM", {"model.norm": "none"}),
         ("ln_lstm", "LN-LSTM (gain 1.0)", {"model.norm": "layer", "model.gain_init": 1.0}),
@@ -62,6 +68,12 @@ def _runs(quick: bool):
         small = {"model.hidden": (8, 16), "unroll": 1} if quick else {}
         add("convnet", f"convnet_{norm}", norm, convnet_digits, **{
             "model.norm": norm, "num_steps": steps, "checkpoint_every": steps, "eval_every": 10 if quick else 60, **small})
+    for norm in ("none", "layer", "divisive"):
+        steps = 100 if quick else 1000
+        small = {"model.hidden": (32,), "model.dn_radius": 4} if quick else {}
+        add("divisive", f"tanh_rnn_{norm}", norm, rnn_digits, **{
+            "model.norm": norm, "num_steps": steps, "checkpoint_every": steps,
+            "eval_every": 50 if quick else 100, **small})
     return runs
 
 
@@ -196,6 +208,51 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
         f"§6.7: test error none {100 * e['none']:.1f}%, BN {100 * e['batch']:.1f}%, LN {100 * e['layer']:.1f}%: "
         f"BN best {'agrees' if e['batch'] <= min(e.values()) else 'does not agree'}; LN better than none "
         f"{'agrees' if e['layer'] < e['none'] else 'does not agree'}.")
+
+    mlp_norms = ("batch", "layer", "switchable", "batch_layer")
+    lines += ["## 5. The survey's relatives on the §6.6 analogue: batch size 128 vs 4", "",
+              "The MLP of section 2 with switchable normalization (Luo et al. 2018; no spatial axes, "
+              "so the LN/BN mix of the authors' SwitchNorm1d) and batch-layer normalization (Ziaee & "
+              "Cano 2022) on the hidden layers, beside section 2's BN and LN.", "",
+              "| normalization | batch | test error % | test NLL |", "|---|---|---|---|"]
+    for norm in mlp_norms:
+        for bs in (128, 4):
+            rows = by[f"mlp_{norm}_bs{bs}"][2]
+            lines.append(f"| {norm} | {bs} | {_fmt(_final(rows, 'test_error'), True)} | {_fmt(_final(rows, 'test_loss'))} |")
+    _plot(out / "relatives_bs4.png", [(n, by[f"mlp_{n}_bs4"][2]) for n in mlp_norms],
+          "test_error", "test error", "MLP on digits, batch size 4: LN, BN and relatives")
+    lines += ["", "![relatives, batch 4](relatives_bs4.png)", ""]
+    err = {(n, bs): _final(by[f"mlp_{n}_bs{bs}"][2], "test_error")[0] for n in mlp_norms for bs in (128, 4)}
+    gap = {n: err[n, 4] - err[n, 128] for n in mlp_norms}
+    findings.append(
+        f"Switchable norm: batch 128 -> 4 changes test error by {100 * gap['switchable']:+.1f} points vs "
+        f"{100 * gap['batch']:+.1f} for BN: {'agrees' if gap['switchable'] < gap['batch'] else 'does not agree'} "
+        "with Luo et al. (SN much less sensitive to small batches than BN).")
+    findings.append(
+        f"Batch-layer norm at batch 4: {100 * err['batch_layer', 4]:.1f}% vs BN {100 * err['batch', 4]:.1f}% and "
+        f"LN {100 * err['layer', 4]:.1f}%: {'agrees' if err['batch_layer', 4] < err['batch', 4] else 'does not agree'} "
+        "with Ziaee & Cano (BLN better than BN at small batch sizes).")
+
+    dn_norms = ("none", "layer", "divisive")
+    lines += ["## 6. Divisive vs layer normalization in a tanh RNN", "",
+              "Sequential digits: a tanh RNN (eq. 4, hidden 128) reads each 8x8 digit one row per step "
+              "and classifies from its last state; Adam 1e-3, batch 64. Divisive normalization (Ren et "
+              "al. 2017) replaces LN of the summed input by `v / sqrt(sigma^2 + E_B[v^2])`, "
+              "`v = z - E_A[z]`, with A = B a window of radius 15 over neighbouring units and sigma = 1 "
+              "(their DN* setting). They report, on PTB word-level language modelling, perplexity "
+              "149.4 without normalization, 154.3 with LN and 123.7 with DN*.", "",
+              "| normalization | test error % | test NLL |", "|---|---|---|"]
+    for norm in dn_norms:
+        rows = by[f"tanh_rnn_{norm}"][2]
+        lines.append(f"| {norm} | {_fmt(_final(rows, 'test_error'), True)} | {_fmt(_final(rows, 'test_loss'))} |")
+    _plot(out / "tanh_rnn.png", [(n, by[f"tanh_rnn_{n}"][2]) for n in dn_norms],
+          "test_loss", "test NLL", "tanh RNN on sequential digits", log=True)
+    lines += ["", "![tanh RNN](tanh_rnn.png)", ""]
+    nll = {n: _final(by[f"tanh_rnn_{n}"][2], "test_loss")[0] for n in dn_norms}
+    findings.append(
+        f"Divisive norm (tanh RNN, test NLL): none {nll['none']:.3f}, LN {nll['layer']:.3f}, DN {nll['divisive']:.3f}: "
+        f"DN best {'agrees' if nll['divisive'] <= min(nll.values()) else 'does not agree'} with Ren et al.; "
+        f"LN worse than none {'agrees' if nll['layer'] > nll['none'] else 'does not agree'}.")
 
     diverged = [f"{name} member {r['member']} (seed {r['seed']}, lr {r['learning_rate']}) at step {r['diverged_at']}"
                 for _, name, _, rows in results for r in rows

@@ -631,10 +631,11 @@ def test_quick_reproduction_end_to_end(tmp_path):
 
     report = (out / "report.md").read_text()
     headings = [line for line in report.splitlines() if line.startswith("#")]
-    for section in ("Table 1", "§6.6", "RNN", "§6.7", "Findings", "Diverged"):
+    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Findings", "Diverged"):
         assert any(section in h for h in headings), (section, headings)
     pngs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
-    assert sorted(set(pngs)) == ["convnet.png", "mlp_bs128.png", "mlp_bs4.png", "rnn_adding.png"]
+    assert sorted(set(pngs)) == ["convnet.png", "mlp_bs128.png", "mlp_bs4.png", "relatives_bs4.png",
+                                 "rnn_adding.png", "tanh_rnn.png"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR", name
@@ -642,7 +643,7 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert width > 0 and height > 0
 
     findings = json.loads((out / "findings.json").read_text())
-    assert len(findings) == 4 and all(f in report for f in findings)
+    assert len(findings) == 7 and all(f in report for f in findings)
     assert "Table 1: 18 of 18 cells agree with the paper." in findings
 
     runs = reproduce._runs(quick=True)

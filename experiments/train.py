@@ -400,6 +400,25 @@ def check_config(cfg):
     _check_mesh_config(cfg, len(sweep_members(cfg)))
 
 
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def _check_extension(old: dict, new: dict, workdir):
+    """A workdir's run may only be continued with more steps (nothing else decides its result)."""
+    a, b = _flat(old), _flat(new)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed == ["num_steps"] and b["num_steps"] >= a["num_steps"]:
+        return  # training longer: resume from the last checkpoint and go on
+    detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+    raise ValueError(
+        f"{workdir} holds a run with a different config ({detail}); only `num_steps` may grow to "
+        "extend a run. Use another --workdir or delete it."
+    )
+
+
 def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | None = None):
     """Trains the sweep `cfg` describes in `workdir`, resuming from its latest checkpoint.
 
@@ -421,9 +440,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     config_json = cfg.to_json(sort_keys=True)
     saved = workdir / "config.json"
     if saved.exists() and saved.read_text() != config_json:
-        raise ValueError(
-            f"{workdir} holds a run with a different config; use another --workdir or delete it."
-        )
+        _check_extension(json.loads(saved.read_text()), json.loads(config_json), workdir)
     if primary:
         _write_atomic(saved, config_json)
 

@@ -268,6 +268,24 @@ def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
         train.make_optimizer(cfg.optimizer)
 
 
+def test_a_finished_run_extends_with_more_steps_only(tmp_path, jax_defaults, solo_runs):
+    workdir = tmp_path / "run"
+    train.fit(tiny_config(num_steps=20, checkpoint_every=20), workdir, progress=False, task=tiny_task())
+    # Anything but more steps is refused, naming what changed.
+    for key, value, text in (("batch_size", 16, "batch_size: 8 -> 16"), ("num_steps", 10, "num_steps: 20 -> 10")):
+        cfg = tiny_config(num_steps=20, checkpoint_every=20)
+        cfg[key] = value
+        with pytest.raises(ValueError, match=f"different config \\({re.escape(text)}\\)"):
+            train.fit(cfg, workdir, progress=False, task=tiny_task())
+    state, rows, _ = train.fit(tiny_config(num_steps=40, checkpoint_every=20), workdir, progress=False,
+                               task=tiny_task())
+    # Going on from step 20 ends where an uninterrupted 40-step run ends.
+    want, want_rows = solo_runs(0, 1e-3)
+    assert_trees_equal(member(state, 0).params, want.params, exact=False)
+    assert [r["step"] for r in rows] == [r["step"] for r in want_rows] == [10, 20, 30, 40]
+    np.testing.assert_allclose([r["test_loss"] for r in rows], [r["test_loss"] for r in want_rows], rtol=1e-5)
+
+
 def test_sweep_members_order():
     cfg = tiny_config(seeds=(3, 4), lrs=(1e-3, 1e-2))
     assert train.sweep_members(cfg) == [

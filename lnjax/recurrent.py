@@ -370,6 +370,12 @@ def _from_time_major(ys, time_major):
     return ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys)
 
 
+def _zero_padding(xs, mask):
+    """Padded steps as zeros: their values (even NaN) then reach no output and no gradient
+    (a NaN times the zero cotangent of a discarded step would still be NaN)."""
+    return xs if mask is None else jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
+
+
 def _lengths_mask(lengths, num_steps, batch_shape):
     """Checks `lengths` and returns the `[T, *batch]` mask of valid steps (or None)."""
     if lengths is None:
@@ -467,6 +473,7 @@ def rnn(
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)
+    xs = _zero_padding(xs, mask)
     if precompute_inputs is None:
         precompute_inputs = default_precompute_inputs()
     if precompute_inputs:
@@ -629,6 +636,7 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
         initial_carry = cell.initial_carry(batch_shape, params["w_h"].dtype)
     initial_carry = _varying_like(initial_carry, (params, state, xs, lengths))
     _check_input(xs, params["w_x"], "xs")
+    xs = _zero_padding(xs, mask)
     if training:
         idx = jnp.arange(T)
     else:

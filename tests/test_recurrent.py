@@ -1100,3 +1100,23 @@ def test_divisive_cells_over_the_whole_layer_with_sigma_zero_are_layer_norm_cell
     # A local window is a different function.
     local = dataclasses.replace(dn, dn_radius=1)
     assert not np.allclose(lnjax.rnn(local, params, xs)[0], lnjax.rnn(ln, params, xs)[0], atol=1e-3)
+
+
+def test_nan_in_padding_reaches_no_output_and_no_gradient():
+    cell = lnjax.LSTMCell(4)
+    params = cell.init(jax.random.key(7), 3, jnp.float64)
+    xs = jax.random.normal(jax.random.key(8), (2, 5, 3), jnp.float64)
+    lengths = jnp.array([5, 2])
+    poisoned = xs.at[1, 2:].set(jnp.nan)
+    bn = lnjax.BNLSTMCell(4, max_steps=5)
+    bparams, bstate = bn.init(jax.random.key(9), 3, jnp.float64), bn.init_state(jnp.float64)
+
+    def loss(p, bp, xs):
+        ys, _ = lnjax.rnn(cell, p, xs, lengths=lengths)
+        bys, _, _ = lnjax.bn_lstm_rnn(bn, bp, bstate, xs, training=True, lengths=lengths)
+        return jnp.sum(ys ** 2) + jnp.sum(bys ** 2)
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(params, bparams, xs)
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, bparams, poisoned)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)

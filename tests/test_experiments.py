@@ -28,7 +28,7 @@ import pytest
 
 import lnjax
 from configs import char_lm, convnet_digits, mlp_digits, rnn_adding, rnn_copying
-from experiments import invariances, models, train
+from experiments import graphs, invariances, models, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 300  # seconds for one tiny training subprocess (the machine may be loaded)
@@ -649,7 +649,7 @@ def test_quick_reproduction_end_to_end(tmp_path):
 
     report = (out / "report.md").read_text()
     headings = [line for line in report.splitlines() if line.startswith("#")]
-    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Findings", "Diverged"):
+    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Graph", "Findings", "Diverged"):
         assert any(section in h for h in headings), (section, headings)
     pngs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
     assert sorted(set(pngs)) == ["convnet.png", "mlp_bs128.png", "mlp_bs4.png", "relatives_bs4.png",
@@ -661,7 +661,9 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert width > 0 and height > 0
 
     findings = json.loads((out / "findings.json").read_text())
-    assert len(findings) == 7 and all(f in report for f in findings)
+    assert len(findings) == 8 and all(f in report for f in findings)
+    graph = json.loads((out / "graphs.json").read_text())
+    assert sorted(graph) == sorted(graphs.NORMS) and all(len(r["test_acc"]) == 2 for r in graph.values())
     assert "Table 1: 18 of 18 cells agree with the paper." in findings
 
     runs = reproduce._runs(quick=True)

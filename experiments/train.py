@@ -473,6 +473,10 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     with open(metrics_path if primary else os.devnull, "a") as log:
         while step < cfg.num_steps:
             state, train_loss = chunk(state, x_tr, y_tr)
+            # One chunk at a time: with a chunk queued behind a running one (async dispatch),
+            # XLA:CPU (jax 0.10.2) deadlocked in the LN-LSTM's scan (all threads in futex wait).
+            # A chunk is many steps, so nothing measurable is lost by waiting for it.
+            jax.block_until_ready(state)
             step += cfg.steps_per_call
             bar.update(cfg.steps_per_call)
             if step % cfg.eval_every == 0 or step == cfg.num_steps:

@@ -109,9 +109,7 @@ def run(job):
     mapped, csm = H.timed_compile(jax.jit(lambda k, lr: jax.lax.map(lambda a: train(*a), (k, lr))), keys, lrs)
 
     def sequential():
-        # Each run waits for the previous one: XLA:CPU (jax 0.10.2) deadlocks when an LN-LSTM
-        # run is queued behind a running one (experiments/train.py waits likewise).
-        outs = [H.block(single(keys[i], lrs[i])) for i in range(MEMBERS)]
+        outs = [single(keys[i], lrs[i]) for i in range(MEMBERS)]
         return H.block(jax.tree.map(lambda *a: jnp.stack(a), *outs))
 
     # Agreement on the first CHECK_STEPS losses of every member: Adam's sign-like updates turn

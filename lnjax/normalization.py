@@ -299,8 +299,9 @@ def batch_norm(
       eps: inside the square root.
       axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
       mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
-        `[batch, features]`); False positions (padding) are left out of the statistics and
-        normalized as if they held zeros, so that their values (even NaN) reach no gradient.
+        `[batch, features]`); False positions (padding) are left out of the statistics but
+        still normalized with them (domain-agnostic BN relies on it); keep padding finite:
+        a NaN there reaches the gradients of the statistics.
       fast_variance: one-pass variance (see `moments`).
       implementation: None or "xla" (default), or "fused": a hand-written backward, faster
         on CPU, reverse-mode autodiff only (see the module docstring). Training mode only
@@ -358,10 +359,6 @@ def batch_norm(
         var = _broadcast_to_axes(state.var, feat, x.ndim, dtype)
         residual = jnp.zeros_like(mean)
         new_state = state
-    if m is not None:
-        # Masked positions are normalized as zeros: their values (even NaN) then reach no
-        # statistic and no gradient (NaN times a zero cotangent would still be NaN).
-        x = jnp.where(m, x, jnp.zeros((), x.dtype))
     y = _center(x, mean, residual) * _inv_std(var, eps)
     return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 

@@ -163,13 +163,18 @@ def _param_check(x, ax, scale, bias, eps):
     return scale, bias
 
 
-
-def _use_fused(implementation, x, ax, eps, **conditions) -> bool:
-    """Whether to route to `_fused`; raises if "fused" was asked for where it can't apply."""
+def _wants_fused(implementation) -> bool:
     if implementation is None or implementation == "xla":
         return False
     if implementation != "fused":
         raise ValueError(f'`implementation` must be None, "xla" or "fused", got {implementation!r}.')
+    return True
+
+
+def _use_fused(implementation, x, ax, eps, **conditions) -> bool:
+    """Whether to route to `_fused`; raises if "fused" was asked for where it can't apply."""
+    if not _wants_fused(implementation):
+        return False
     if ax != (x.ndim - 1,):
         raise ValueError(f'implementation="fused" normalizes over the last axis only, got axes {ax}.')
     if not isinstance(eps, (int, float, np.floating, np.integer)):
@@ -335,14 +340,10 @@ def batch_norm(
     def ema(old, new):
         return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
 
-    if training:
-        fused = _use_fused(
-            implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
-            fast_variance=not fast_variance,
-        )
-    else:  # inference is elementwise: any implementation is the plain one, once validated
-        fused = _use_fused(implementation, x, (x.ndim - 1,), 0.0) and False
-    if fused:
+    if not training:
+        _wants_fused(implementation)  # validated; inference is elementwise, always the plain path
+    elif _use_fused(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
+                    fast_variance=not fast_variance):
         y, mean, var = _fused._batch_norm_train_2d(x, scale, bias, float(eps))
         n = math.prod(x.shape[:-1])
         mean, var = lax.stop_gradient(mean), lax.stop_gradient(var) * (n / max(n - 1, 1))

@@ -14,7 +14,7 @@ The numerical contract, shared by every op here:
 `implementation="fused"` (layer, RMS and training-mode batch norm over the last axis) swaps
 autodiff of the formula for a closed-form backward (`jax.custom_vjp`, in `lnjax._fused`) that
 saves only `x` and the per-row statistics and runs one cache-sized block of rows at a time:
-forward values are the same, training steps are 1.6-2x faster on CPU (BENCHMARKS.md). Like any
+forward values are the same, forward+backward 1.25-2.6x faster on CPU (BENCHMARKS.md). Like any
 `custom_vjp` it supports reverse mode (grad, vjp, grad-of-grad) but not forward mode (jvp,
 jacfwd, forward-over-reverse Hessian-vector products), which is why it is not the default.
 """

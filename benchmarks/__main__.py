@@ -53,7 +53,7 @@ def plan(quick: bool, only: list[str]):
         # PyTorch's OpenMP wait policy: the suite's PASSIVE against the default (spinning), in
         # two processes run back to back (the policy is read once, at start-up).
         job = dict(op="layer", shape=[64, 128] if quick else [4096, 256], dtype="float32", flax=False,
-                   with_fused=False, reps=2 if quick else 15)
+                   with_xla=False, reps=2 if quick else 15)
         if quick:
             job["warmup"] = 1
         jobs.append(("omp", "norms", job, "glibc", None, {"OMP_WAIT_POLICY": None}))

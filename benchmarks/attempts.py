@@ -1,6 +1,6 @@
 """The layer-norm implementations tried while looking for a faster VJP on CPU ("what was
 tried" in BENCHMARKS.md). They run as extra contenders of `benchmarks.norms` jobs, next to
-lnjax's default `layer_norm`, the winner (`layer_norm(implementation="fused")`) and PyTorch.
+lnjax's default `layer_norm` (the winner, F below), `layer_norm(implementation="xla")` and PyTorch.
 
 Each is a complete layer norm over the last axis of a `[rows, H]` array with scale and bias,
 `eps=1e-5`, statistics in float32, exact two-pass variance unless its name says otherwise.
@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 
 DESCRIPTIONS = {
-    "lnjax.layer_norm": "current: autodiff of the two-pass formula",
-    'lnjax.layer_norm(implementation="fused")': "winner: C with 1 MiB blocks; in bfloat16 the VJP's forward "
-    "also by blocks, and blocks moved through the loops as raw bits",
+    "lnjax.layer_norm": "F, the default now: a custom_jvp whose tangent is the closed form (linear in the "
+    "tangents), under jax.checkpoint and by 1 MiB blocks of rows (float32); reverse mode transposes it "
+    "into C's backward, and forward mode works too",
+    'lnjax.layer_norm(implementation="xla")': "autodiff of the two-pass formula (the default before F)",
     "torch F.layer_norm": "PyTorch eager (reference)",
     "lnjax.layer_norm(fast_variance=True)": "autodiff of the one-pass variance E[x^2]-E[x]^2 (what Flax does)",
     "A closed-form custom_vjp": "custom_vjp saving x, mean, rstd; textbook backward, one XLA program",

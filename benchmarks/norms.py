@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import _harness as H
-from benchmarks.report import FUSED
+from benchmarks.report import XLA
 
 OPS = ("layer", "rms", "batch")
 SHAPES = ((8192, 1024), (32768, 256), (512, 8192))
@@ -66,7 +66,7 @@ def reference(op, x, g, scale, bias, *, backward):
 # The JAX contenders: each is `fn(x, scale, bias) -> y` (batch norm: `-> (y, new_stats)`).
 
 
-def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
+def _jax_fns(op, h, dtype, *, with_xla=True, with_flax=True):
     """{name: (fn, note)} for the JAX implementations of `op`; all in `dtype` end to end."""
     import flax.linen as nn
     import jax
@@ -79,11 +79,12 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
     eps = EPS[op]
     fns = {}
     if op == "layer":
-        fns["lnjax.layer_norm"] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps), "exact variance")
-        if with_fused:
-            fns[FUSED["layer"]] = (
-                lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, implementation="fused"),
-                "closed-form custom_vjp, exact variance",
+        fns["lnjax.layer_norm"] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps),
+                                   "default: closed-form custom_jvp, exact variance")
+        if with_xla:
+            fns[XLA["layer"]] = (
+                lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, implementation="xla"),
+                "autodiff of the formula, exact variance",
             )
         lin = nn.LayerNorm(epsilon=eps, dtype=dt, param_dtype=dt)
         fns["flax.linen.LayerNorm"] = (
@@ -92,11 +93,11 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
         )
         mod = nnx.LayerNorm(h, epsilon=eps, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
     elif op == "rms":
-        fns["lnjax.rms_norm"] = (lambda x, s, b: lnjax.rms_norm(x, s, eps=eps), "")
-        if with_fused:
-            fns[FUSED["rms"]] = (
-                lambda x, s, b: lnjax.rms_norm(x, s, eps=eps, implementation="fused"),
-                "closed-form custom_vjp",
+        fns["lnjax.rms_norm"] = (lambda x, s, b: lnjax.rms_norm(x, s, eps=eps), "default: closed-form custom_jvp")
+        if with_xla:
+            fns[XLA["rms"]] = (
+                lambda x, s, b: lnjax.rms_norm(x, s, eps=eps, implementation="xla"),
+                "autodiff of the formula",
             )
         lin = nn.RMSNorm(epsilon=eps, dtype=dt, param_dtype=dt)
         fns["flax.linen.RMSNorm"] = (
@@ -108,13 +109,13 @@ def _jax_fns(op, h, dtype, *, with_fused=True, with_flax=True):
         state0 = lnjax.batch_norm_state(h)
         fns["lnjax.batch_norm"] = (
             lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps),
-            "training=True, exact variance",
+            "training=True, default: closed-form custom_jvp, exact variance",
         )
-        if with_fused:
-            fns[FUSED["batch"]] = (
+        if with_xla:
+            fns[XLA["batch"]] = (
                 lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps,
-                                                 implementation="fused"),
-                "closed-form custom_vjp, exact variance",
+                                                 implementation="xla"),
+                "autodiff of the formula, exact variance",
             )
         lin = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=eps, dtype=dt, param_dtype=dt)
         stats0 = {"mean": jnp.zeros((h,), jnp.float32), "var": jnp.ones((h,), jnp.float32)}
@@ -184,7 +185,7 @@ def run(job):
     xj, gj, sj, bj = (jnp.asarray(a, dt) for a in (x, g, s, b))
     xt, gt, st, bt = (torch.tensor(a).to(tdt) for a in (x, g, s, b))
     rtol, atol_frac = TOL[dtype]
-    fns = _jax_fns(op, h, dtype, with_fused=job.get("with_fused", True), with_flax=job.get("flax", True))
+    fns = _jax_fns(op, h, dtype, with_xla=job.get("with_xla", True), with_flax=job.get("flax", True))
     extra = job.get("extra_fns") or {}
     if extra:
         from benchmarks import attempts

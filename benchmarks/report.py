@@ -13,8 +13,8 @@ from benchmarks import attempts as ATT
 
 TORCH = {"layer": "torch F.layer_norm", "rms": "torch F.rms_norm", "batch": "torch F.batch_norm"}
 LNJAX = {"layer": "lnjax.layer_norm", "rms": "lnjax.rms_norm", "batch": "lnjax.batch_norm"}
-FUSED = {k: f'{v}(implementation="fused")' for k, v in LNJAX.items()}
-FUSED_CELL = '(implementation="fused")'
+XLA = {k: f'{v}(implementation="xla")' for k, v in LNJAX.items()}
+XLA_CELL = '(implementation="xla")'
 FLAX = {
     "layer": ("flax.linen.LayerNorm", "flax.nnx.LayerNorm"),
     "rms": ("flax.linen.RMSNorm", "flax.nnx.RMSNorm"),
@@ -196,7 +196,7 @@ def _norm_tables(results):
             cj = rr["copy: jax.jit(x + 0)"]["median_s"]
             cn = rr["copy: np.copyto (preallocated)"]["median_s"]
             ct = rr["copy: torch.clone"]["median_s"]
-            impl = [n for n in (LNJAX[op], FUSED.get(op), TORCH[op]) if n and n in rr]
+            impl = [n for n in (LNJAX[op], XLA.get(op), TORCH[op]) if n and n in rr]
             cells = []
             for n in impl:
                 t = rr[n]["median_s"]
@@ -250,7 +250,7 @@ def _alloc_table(results):
         op = k[0]
         for mode in ("forward", "forward+backward"):
             a, b = _rows(_comp(g[k], mode)), _rows(_comp(res, mode))
-            names = [n for n in (LNJAX[op], FUSED.get(op), TORCH[op], "copy: jax.jit(x + 0)", "copy: np.copyto (preallocated)")
+            names = [n for n in (LNJAX[op], XLA.get(op), TORCH[op], "copy: jax.jit(x + 0)", "copy: np.copyto (preallocated)")
                      if n and n in a and n in b]
             for n in names:
                 rows.append([f"{OPNAME[op]} {_shape(k[1])} {DT[k[2]]}", mode, n, _ms(a[n]["median_s"]),
@@ -529,7 +529,7 @@ def _targets(norms, rnn, sweep):
                 f"ratio of the fastest calls there: {w[2]:.2f}x")
 
     for op in ("layer", "rms"):
-        for impl in (LNJAX[op], FUSED[op]):
+        for impl in (LNJAX[op], XLA[op]):
             w = worst(op, "forward", impl)
             if w:
                 rows.append([f"{OPNAME[op]} forward <= 1.0x torch, every shape/dtype", impl,
@@ -542,13 +542,13 @@ def _targets(norms, rnn, sweep):
             rr = _rows(_comp(norms[k], "forward"))
             cj = rr["copy: jax.jit(x + 0)"]["median_s"]
             cn = rr["copy: np.copyto (preallocated)"]["median_s"]
-            for impl in (LNJAX[op], FUSED[op]):
+            for impl in (LNJAX[op], XLA[op]):
                 if impl in rr:
                     t = rr[impl]["median_s"]
                     rows.append([f"{OPNAME[op]} forward >= 85% of copy bandwidth, 8192x1024 {DT[dt]}", impl,
                                  "met" if cj / t >= 0.85 else "missed",
                                  f"{100 * cj / t:.0f}% of a jitted copy, {100 * cn / t:.0f}% of np.copyto"])
-    for impl in (LNJAX["layer"], FUSED["layer"]):
+    for impl in (LNJAX["layer"], XLA["layer"]):
         w = worst("layer", "forward+backward", impl)
         if w:
             rows.append(["Layer norm forward+backward <= 1.3x torch", impl, "met" if w[0] <= 1.3 else "missed", fmt(w)])
@@ -566,7 +566,7 @@ def _targets(norms, rnn, sweep):
         if w:
             rows.append(["Layer norm forward+backward never slower than Flax", impl,
                          "met" if not slower else "missed", "slower than " + ", ".join(slower) if slower else "faster everywhere"])
-    for impl in (LNJAX["batch"], FUSED["batch"]):
+    for impl in (LNJAX["batch"], XLA["batch"]):
         w = worst("batch", "forward+backward", impl)
         if w:
             rows.append(["Batch norm (training) forward+backward <= 1.0x torch", impl,
@@ -574,8 +574,8 @@ def _targets(norms, rnn, sweep):
     # RNN
     for (B, T), r in sorted(rnn.items(), reverse=True):
         rr = _rows(r)
-        for pre, fused in ((False, False), (True, False), (False, True), (True, True)):
-            name = f"lnjax LN-LSTM{FUSED_CELL if fused else ''}, precompute_inputs={pre}"
+        for pre, xla in ((False, False), (True, False), (False, True), (True, True)):
+            name = f"lnjax LN-LSTM{XLA_CELL if xla else ''}, precompute_inputs={pre}"
             if name not in rr:
                 continue
             t = rr[name]["median_s"]
@@ -600,8 +600,8 @@ def _targets(norms, rnn, sweep):
         "Ratios of median times measured in the same process (allocator `glibc`); the status "
         "follows the medians. Where the load distorts the medians, the ratio of the fastest call "
         "of each contender (its best case, when the machine was momentarily free) is given for "
-        "context. `implementation=\"fused\"` is the closed-form backward (`lnjax._fused`), opt-in "
-        "because, as a `custom_vjp`, it has no forward-mode autodiff.",
+        "context. lnjax's default is the closed-form derivative (`lnjax._fused`, a `custom_jvp`); "
+        "`implementation=\"xla\"` is autodiff of the formula, the default before.",
         "",
         _table(["target", "implementation", "status", "measured"], rows),
         "",

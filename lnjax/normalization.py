@@ -11,12 +11,13 @@ The numerical contract, shared by every op here:
 * parameters are never broadcast: `scale`/`bias` must have exactly the shape of the axes they
   apply to, and a mismatch is a ValueError at trace time.
 
-`implementation="fused"` (layer, RMS and training-mode batch norm over the last axis) swaps
-autodiff of the formula for a closed-form backward (`jax.custom_vjp`, in `lnjax._fused`) that
-saves only `x` and the per-row statistics and runs one cache-sized block of rows at a time:
-forward values are the same, forward+backward 1.25-2.6x faster on CPU (BENCHMARKS.md). Like any
-`custom_vjp` it supports reverse mode (grad, vjp, grad-of-grad) but not forward mode (jvp,
-jacfwd, forward-over-reverse Hessian-vector products), which is why it is not the default.
+Layer, RMS and training-mode batch norm over the last axis (the common case: a Python `eps`,
+no `fast_variance`, `mask` or `axis_name`) have closed-form derivatives (`jax.custom_jvp`, in
+`lnjax._fused`): reverse mode then saves only `x` and the per-row statistics and runs the
+textbook backward one cache-sized block of rows at a time, 1.3-1.8x faster than autodiff of the
+formula on CPU (BENCHMARKS.md); forward mode, second derivatives, vmap and checkpointing work
+as for any JAX function. It is the default wherever it applies; `implementation="xla"` forces
+autodiff of the formula, and `implementation="fused"` raises where the fused path cannot apply.
 """
 
 import math
@@ -163,25 +164,31 @@ def _param_check(x, ax, scale, bias, eps):
     return scale, bias
 
 
-def _wants_fused(implementation) -> bool:
-    if implementation is None or implementation == "xla":
-        return False
-    if implementation != "fused":
+def _wants_fused(implementation):
+    """True for "fused", False for "xla", None (either) for None; raises on anything else."""
+    if implementation is None:
+        return None
+    if implementation not in ("xla", "fused"):
         raise ValueError(f'`implementation` must be None, "xla" or "fused", got {implementation!r}.')
-    return True
+    return implementation == "fused"
 
 
 def _use_fused(implementation, x, ax, eps, **conditions) -> bool:
-    """Whether to route to `_fused`; raises if "fused" was asked for where it can't apply."""
-    if not _wants_fused(implementation):
+    """Whether to route to `_fused`: by default wherever it applies; "fused" raises where not."""
+    wanted = _wants_fused(implementation)
+    if wanted is False:
         return False
-    if ax != (x.ndim - 1,):
-        raise ValueError(f'implementation="fused" normalizes over the last axis only, got axes {ax}.')
-    if not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f'implementation="fused" needs a Python-number `eps` (it is static), got {eps!r}.')
-    for what, ok in conditions.items():
+    checks = [
+        (ax == (x.ndim - 1,), ValueError, f"normalizes over the last axis only, got axes {ax}"),
+        (isinstance(eps, (int, float, np.floating, np.integer)), TypeError,
+         f"needs a Python-number `eps` (it is static), got {eps!r}"),
+        *[(ok, ValueError, f"does not support {what.replace('_', ' ')}") for what, ok in conditions.items()],
+    ]
+    for ok, error, message in checks:
         if not ok:
-            raise ValueError(f'implementation="fused" does not support {what.replace("_", " ")}.')
+            if wanted:
+                raise error(f'implementation="fused" {message}.')
+            return False
     return True
 
 
@@ -198,8 +205,8 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
       axis: int or tuple of ints, the axes normalized over (the "H units" of the paper).
       eps: added to the variance inside the square root; 1e-5 as in the authors' code.
       fast_variance: one-pass variance (see `moments`).
-      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
-        on CPU, reverse-mode autodiff only (see the module docstring).
+      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
+        of the formula) or "fused" (closed-form derivative; see the module docstring).
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -225,8 +232,8 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
       bias: optional bias, shape `x.shape[axis]`; off by default as in the authors' code.
       axis: int or tuple of ints reduced over.
       eps: inside the square root; 1e-6 as in Flax's RMSNorm.
-      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
-        on CPU, reverse-mode autodiff only (see the module docstring).
+      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
+        of the formula) or "fused" (closed-form derivative; see the module docstring).
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -308,9 +315,10 @@ def batch_norm(
         still normalized with them (domain-agnostic BN relies on it); keep padding finite:
         a NaN there reaches the gradients of the statistics.
       fast_variance: one-pass variance (see `moments`).
-      implementation: None or "xla" (default), or "fused": a hand-written backward, faster
-        on CPU, reverse-mode autodiff only (see the module docstring). Training mode only
-        (inference is elementwise), over every axis but the last, without `mask`/`axis_name`.
+      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
+        of the formula) or "fused" (closed-form derivative; see the module docstring).
+        Training mode only (inference is elementwise), over every axis but the last, without
+        `mask`/`axis_name`.
 
     Returns:
       `(y, new_state)`, `y` with `x`'s shape and dtype.
@@ -341,7 +349,7 @@ def batch_norm(
         return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
 
     if not training:
-        _wants_fused(implementation)  # validated; inference is elementwise, always the plain path
+        _wants_fused(implementation)  # validated; inference is elementwise, always the formula
     elif _use_fused(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
                     fast_variance=not fast_variance):
         y, mean, var = _fused._batch_norm_train_2d(x, scale, bias, float(eps))

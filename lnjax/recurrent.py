@@ -185,8 +185,8 @@ class LSTMCell(_Cell):
       norm: "layer" (default), "rms", "divisive" or "none".
       gain_init: initial gains; the paper finds 1.0 clearly better than 0.1.
       eps: inside the square root of every normalization.
-      implementation: of the layer/RMS norms, None or "fused" (faster training on CPU,
-        reverse-mode autodiff only; see `layer_norm`). GRUCell and RNNCell take it too.
+      implementation: of the layer/RMS norms: None (closed-form derivatives, the default),
+        "xla" or "fused" (see `layer_norm`). GRUCell and RNNCell take it too.
       dn_radius, dn_sigma: with `norm="divisive"` (every cell), `divisive_norm`'s window
         radius over neighbouring units and its sigma (Ren et al. 2017: a window of 60 units,
         i.e. radius 30, for a tanh RNN; sigma 1 for their best runs).

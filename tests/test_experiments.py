@@ -176,6 +176,7 @@ def run(cmd, env, timeout=RUN_TIMEOUT):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_overrides_are_parsed_saved_and_used(tmp_path, subprocess_env):
     workdir = tmp_path / "run"
     cmd = train_cmd(workdir, *TINY_FLAGS, "--config.optimizer.learning_rate=3e-4", "--config.num_steps=20",
@@ -319,6 +320,7 @@ def test_init_and_evaluate_work_under_strict_promotion():
         np.testing.assert_allclose(metrics[k], default[k], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmapped_sweep_equals_members_trained_one_at_a_time(tmp_path, jax_defaults, solo_runs):
     """2 seeds x 2 learning rates in one vmapped fit vs four one-member fits. (On XLA:CPU they
     are bitwise equal; the assertion allows float rounding, which vmap may legitimately change.)"""
@@ -349,6 +351,7 @@ def test_vmapped_sweep_equals_members_trained_one_at_a_time(tmp_path, jax_defaul
     print(f"sweep members bitwise equal to their solo runs: {bitwise}")
 
 
+@pytest.mark.slow
 def test_diverged_member_is_frozen_and_isolated(tmp_path, jax_defaults, solo_runs):
     """lr 1e38 makes the loss NaN at step 1; lr inf makes the first update itself non-finite
     (from a finite loss and gradient). Four members: the sweep test's compiled programs."""
@@ -393,6 +396,7 @@ def test_diverged_member_is_frozen_and_isolated(tmp_path, jax_defaults, solo_run
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_norm_state_is_carried_and_checkpointed(tmp_path, jax_defaults):
     """BN running statistics change during training, are saved, and restoring them mid-run
     gives exactly the uninterrupted result."""
@@ -441,6 +445,7 @@ def _metric_steps(path):
     return steps
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_identical_results(tmp_path, subprocess_env):
     """`kill -9` mid-run, then the same command: the final checkpoint and metrics.jsonl are
     exactly those of an uninterrupted run."""
@@ -571,6 +576,7 @@ def _token_config(module, **over):
     return c
 
 
+@pytest.mark.slow
 def test_copying_and_char_lm_tasks_train(tmp_path, jax_defaults):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")

@@ -1,9 +1,10 @@
-"""lnjax._fused: the closed-form VJPs agree with autodiff of the plain formulas.
+"""lnjax._fused: the closed-form derivatives agree with autodiff of the plain formulas.
 
-Each private op is checked, forward and VJP, against `jax.vjp` of the textbook formula written
-out here (not against lnjax's public ops, which may come to use these), in float32 and
-float64, on the single-block path, the `lax.scan` path (block size dividing the rows) and the
-`fori_loop` path (overlapping last block); and with `check_grads` in float64.
+Each private op is checked, forward, VJP and JVP, against `jax.vjp`/`jax.jvp` of the textbook
+formula written out here (not against lnjax's public ops, which use these), in float32 and
+float64, on the single-block path, the blocked `lax.scan` path (block size dividing the rows)
+and the unblocked fallback (no block size divides the rows); and with `check_grads` in
+float64, forward and reverse mode.
 """
 
 import jax
@@ -61,8 +62,8 @@ OPS = {
     "batch": (plain_batch_norm, fused_bn_y, 1e-5),
 }
 
-# (shape, block bytes): one block; scan over 8 blocks of 8 rows; fori_loop over 37 rows in
-# blocks of 8 (the last block overlaps); leading axes flattened.
+# (shape, block bytes): one block; scan over 8 blocks of 8 rows; 37 rows (prime: evaluated
+# whole); leading axes flattened.
 LAYOUTS = [((6, 16), 1 << 18), ((64, 16), 512), ((37, 16), 512), ((3, 5, 16), 256)]
 
 
@@ -102,6 +103,11 @@ def test_matches_autodiff_of_plain_formula(op, layout, dtype, params, monkeypatc
         else:
             assert got.dtype == want.dtype
             np.testing.assert_allclose(got, want, **tol)
+    tangents = (g, scale, bias)  # any values of the right shapes
+    _, t_ref = jax.jvp(args(plain), (x, scale, bias), tangents)
+    _, t = jax.jvp(jax.jit(args(fused)), (x, scale, bias), tangents)
+    assert t.dtype == x.dtype
+    np.testing.assert_allclose(t, t_ref, **tol)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -113,7 +119,7 @@ def test_check_grads_float64(op, layout, monkeypatch):
     x, _, scale, bias = _inputs(shape, jnp.float64, seed=1)
     # Second order on the scan path: the hand-written backward is itself differentiable.
     order = 2 if layout is LAYOUTS[1] else 1
-    check_grads(lambda x, s, b: fused(x, s, b, eps), (x, scale, bias), order=order, modes=["rev"])
+    check_grads(lambda x, s, b: fused(x, s, b, eps), (x, scale, bias), order=order, modes=["fwd", "rev"])
 
 
 def test_batch_norm_statistics_and_their_gradients():
@@ -123,14 +129,13 @@ def test_batch_norm_statistics_and_their_gradients():
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
     np.testing.assert_allclose(var, flat.var(0), rtol=1e-12)
     # Gradients through the returned statistics are exact too (not dropped).
-    check_grads(lambda x: _fused._batch_norm_train_2d(x, scale, bias, 1e-5), (x,), order=1, modes=["rev"])
+    check_grads(lambda x: _fused._batch_norm_train_2d(x, scale, bias, 1e-5), (x,), order=1, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("layout", [((32, 64), 1 << 20), ((32, 64), 1024), ((37, 64), 1024)],
-                         ids=["one-block", "scan", "fori"])
+                         ids=["one-block", "scan", "whole"])
 def test_bfloat16_close_to_float32(op, layout, monkeypatch):
-    # The blocked paths move bfloat16 blocks through the loops as raw bits.
     shape, block_bytes = layout
     monkeypatch.setattr(_fused, "_BLOCK_BYTES", block_bytes)
     plain, fused, eps = OPS[op]

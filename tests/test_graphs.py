@@ -248,6 +248,7 @@ def test_bad_arguments(data, jax_defaults):
 SMALL = graphs.GraphConfig(num_train=600, num_test=400)  # batches of 64 graphs, Adam 1e-2
 
 
+@pytest.mark.slow
 def test_graph_norm_training_beats_chance(jax_defaults):
     """Two seeds of graph-norm training, vmapped: both clearly above chance (0.5) on the test
     split. Measured after 300 steps: 0.822 and 0.877 for seeds 0 and 1, at least 0.82 over

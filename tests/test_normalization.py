@@ -17,7 +17,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 import lnjax
-from lnjax import BatchNormState, batch_norm, batch_norm_state
+from lnjax import BatchNormState, _fused, batch_norm, batch_norm_state
 
 SHAPE = (4, 6, 8)  # reused everywhere so that eager primitives and jits compile once per dtype
 SMALL = (3, 4, 6)  # for finite differences and check_grads
@@ -936,7 +936,7 @@ def test_traced_eps_and_momentum_are_accepted():
 
 
 # ----------------------------------------------------------------------------------------
-# implementation="fused": the closed-form backward behind the public ops.
+# implementation="fused": the closed-form derivatives behind the public ops (the default).
 
 
 def _fused_pair(op):
@@ -952,7 +952,7 @@ def _fused_pair(op):
         fn = getattr(lnjax, op)
         def f(impl):
             return lambda x, s, b: fn(x, s, b, implementation=impl)
-    return f(None), f("fused")
+    return f("xla"), f("fused")
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm"])
@@ -983,17 +983,39 @@ def test_fused_implementation_keeps_the_corrected_two_pass_precision(op):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
-def test_fused_implementation_check_grads_second_order_reverse():
-    x = jnp.asarray(np.random.default_rng(42).normal(size=(4, 8)))
-    s = jnp.linspace(0.5, 1.5, 8)
-    check_grads(lambda x, s: lnjax.layer_norm(x, s, implementation="fused"), (x, s), order=2, modes=["rev"])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm"])
+def test_fused_implementation_check_grads_forward_and_reverse_second_order(op, monkeypatch):
+    # A custom_jvp: forward mode, reverse mode and their compositions all work; 16 rows in
+    # blocks of 4 also exercise the blocked (lax.scan) tangent.
+    monkeypatch.setattr(_fused, "_BLOCK_BYTES", 4 * 8 * 4)
+    rng = np.random.default_rng(42)
+    x = jnp.asarray(rng.normal(size=(16, 8)) + 1)
+    s, b = jnp.linspace(0.5, 1.5, 8), jnp.asarray(0.1 * rng.normal(size=8))
+    _, fused = _fused_pair(op)
+    # (batch_norm's running statistics are stop_gradient'ed: check y alone.)
+    fn = (lambda *a: fused(*a)[0]) if op == "batch_norm" else fused
+    check_grads(fn, (x, s, b), order=2, modes=["fwd", "rev"])
 
 
-def test_fused_implementation_refuses_forward_mode_loudly():
-    # Documented limitation of custom_vjp: forward mode raises rather than computing anything wrong.
-    x = jnp.ones((2, 8))
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda x: lnjax.layer_norm(x, implementation="fused"), (x,), (x,))
+def _primitives(fn, *args):
+    return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).eqns}
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm"])
+def test_default_implementation_is_fused_where_it_applies(op):
+    x, s = jnp.ones((4, 8)), jnp.ones(8)
+    xla, fused = _fused_pair(op)
+    assert "custom_jvp_call" in _primitives(fused, x, s, None)
+    assert "custom_jvp_call" not in _primitives(xla, x, s, None)
+    default = (lambda x, s: lnjax.batch_norm(x, s, None, batch_norm_state(8), training=True)[0]) \
+        if op == "batch_norm" else (lambda x, s: getattr(lnjax, op)(x, s))
+    assert "custom_jvp_call" in _primitives(default, x, s)
+    # Where it cannot apply, the default quietly uses the formula (no error).
+    other_axis = (lambda x, s: lnjax.batch_norm(x, s, None, batch_norm_state(8), training=True,
+                                                mask=jnp.ones(4, bool))[0]) \
+        if op == "batch_norm" else (lambda x, s: getattr(lnjax, op)(x, None, axis=0))
+    assert "custom_jvp_call" not in _primitives(other_axis, x, s)
+    assert "custom_jvp_call" not in _primitives(lambda x, e: lnjax.layer_norm(x, eps=e), x, 1e-5)
 
 
 FUSED_BAD = [

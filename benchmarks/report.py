@@ -418,28 +418,25 @@ def _rnn_tables(results):
             t_true = rr[f"lnjax {cellname}, precompute_inputs=True"]["median_s"]
             t_false = rr[f"lnjax {cellname}, precompute_inputs=False"]["median_s"]
             faster = "True" if t_true < t_false else "False"
+            default = r.get("default_precompute_inputs")
             rows.append([f"T={c['T']}, B={c['B']}, H={c['H']}", cellname, _ms(t_true), _ms(t_false),
-                         _x(t_true / t_false), faster])
-            verdicts.append((faster == "False", c, cellname, t_true / t_false))
-    default = rnn[0].get("default_precompute_inputs")
+                         _x(t_true / t_false), faster, str(default)])
+            verdicts.append((faster == str(default), c, cellname, t_true / t_false, default))
     lines += [
         "### Projection form: `precompute_inputs` True vs False",
         "",
         "`True` computes `N_x(W_x x)` for all steps before the scan (one large matmul, then a "
         "`[T, B, 4H]` array); `False` computes it inside the scan, step by step. "
-        f"`lnjax.recurrent.default_precompute_inputs()` returns `{default}` on this backend.",
+        "`lnjax.recurrent.default_precompute_inputs(batch_size)` picks the form `rnn` uses "
+        "(column `default`; on CPU, `True` up to 8 sequences per batch).",
         "",
-        _table(["config", "cell", "True ms", "False ms", "True / False", "faster"], rows),
+        _table(["config", "cell", "True ms", "False ms", "True / False", "faster", "default"], rows),
         "",
     ]
-    agree = [v for v in verdicts if v[0] == (default is False)]
-    if default is False:
-        if len(agree) == len(verdicts):
-            msg = "The measurement supports the CPU default (`False`): the per-step form was faster in every row."
-        else:
-            bad = [f"{v[2]} at B={v[1]['B']} ({_x(v[3])})" for v in verdicts if not v[0]]
-            msg = ("**The measurement does not fully support the CPU default (`False`)**: "
-                   "`precompute_inputs=True` was faster for " + ", ".join(bad) + ".")
+    if verdicts:
+        bad = [f"{v[2]} at B={v[1]['B']} (True / False {_x(v[3])}, default {v[4]})" for v in verdicts if not v[0]]
+        msg = ("The measurement supports the default form in every row." if not bad else
+               "**The measurement does not support the default form** for " + ", ".join(bad) + ".")
         lines += [msg, ""]
     return lines, info
 

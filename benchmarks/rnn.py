@@ -198,7 +198,7 @@ def run(job):
 
     # Canonical view of the plain LSTM's gradients: (dW_x [I,4H], dW_h [H,4H], d(b_x + b_h)).
     jax_contender("lnjax LSTM (norm='none')", "LSTM", uloss, p_u,
-                  note=f"precompute_inputs={lnjax.recurrent.default_precompute_inputs()} (default)",
+                  note=f"precompute_inputs={lnjax.recurrent.default_precompute_inputs(B)} (default)",
                   grads_view=lambda g: [g["w_x"], g["w_h"], g["n_h"]["bias"]])
 
     flax_rnn = nn.RNN(nn.OptimizedLSTMCell(Hd))
@@ -241,7 +241,7 @@ def run(job):
     for r in rows:
         r["tokens_per_s"] = B * T / r["median_s"]
     return dict(config=dict(T=T, B=B, H=Hd, I=I), rows=rows, meta=meta,
-                default_precompute_inputs=lnjax.recurrent.default_precompute_inputs())
+                default_precompute_inputs=lnjax.recurrent.default_precompute_inputs(B))
 
 
 if __name__ == "__main__":

@@ -353,13 +353,17 @@ class RNNCell(_Cell):
 # Sequence layers.
 
 
-def default_precompute_inputs() -> bool:
-    """Whether `rnn` hoists `project_inputs` out of the scan by default, per backend.
+def default_precompute_inputs(batch_size: int | None = None) -> bool:
+    """Whether `rnn` hoists `project_inputs` out of the scan by default.
 
-    See BENCHMARKS.md ("projection form"): on CPU the per-step form measured
-    faster at batch 32; on accelerators one large matmul before the scan wins.
+    On accelerators, one large matmul before the scan wins. On CPU (BENCHMARKS.md, "projection
+    form") the hoisted form measured faster or equal for batches of 1 to 8 sequences and the
+    per-step form faster for 16 and 32, so it depends on `batch_size` (the number of sequences
+    per batch; None counts as large).
     """
-    return jax.default_backend() != "cpu"
+    if jax.default_backend() != "cpu":
+        return True
+    return batch_size is not None and batch_size <= 8
 
 
 def _to_time_major(xs, time_major):
@@ -475,7 +479,7 @@ def rnn(
         xs = _reverse_within(xs, lengths)
     xs = _zero_padding(xs, mask)
     if precompute_inputs is None:
-        precompute_inputs = default_precompute_inputs()
+        precompute_inputs = default_precompute_inputs(math.prod(batch_shape))
     if precompute_inputs:
         us = cell.project_inputs(params, xs)
         carry, ys = _masked_scan(lambda c, u: cell.step(params, c, u), initial_carry, us, mask, unroll)

@@ -1121,3 +1121,12 @@ def test_nan_in_padding_reaches_no_output_and_no_gradient():
     got = jax.value_and_grad(loss, argnums=(0, 1))(params, bparams, poisoned)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_default_projection_form_follows_the_batch_size_on_cpu():
+    # BENCHMARKS.md, "projection form": hoisted for small batches, per step for large ones.
+    pick = lnjax.recurrent.default_precompute_inputs
+    if jax.default_backend() == "cpu":
+        assert [pick(b) for b in (1, 8, 16, 32, None)] == [True, True, False, False, False]
+    else:
+        assert all(pick(b) for b in (1, 8, 16, 32, None))

@@ -452,6 +452,8 @@ def _sweep_table(results):
         vm = next(x for x in rr if x["name"].startswith("jax.vmap"))
         lm = next((x for x in rr if x["name"].startswith("lax.map")), None)
         cfg = ", ".join(f"{k}={v}" for k, v in r["cfg"].items())
+        if r.get("xla_flags"):
+            cfg += f"; `XLA_FLAGS={r['xla_flags']}`"
         rows.append([r["model"], cfg, _ms(seq["median_s"]), _ms(vm["median_s"]), _x(seq["median_s"] / vm["median_s"]),
                      f"{_ms(lm['median_s'])} ({_x(seq['median_s'] / lm['median_s'])})" if lm else "",
                      f"{seq['compile_s']:.1f} / {vm['compile_s']:.1f}", f"{r['meta']['load_before']:.1f}"])
@@ -463,12 +465,13 @@ def _sweep_table(results):
         "log-spaced in [1e-4, 10^-1.5]) is one `lax.scan`; the sweep vmaps it over the 8 members. "
         "Agreement: the first 20 losses of member i and of sequential run i.",
         "",
-        "Not in the run: the same sweep of a small LN-LSTM (`python -m benchmarks.sweep "
-        "'{\"model\": \"ln_lstm\"}'`). Its `jax.jit(jax.vmap(train))` executable hangs after a "
-        "few calls on this machine with jax/jaxlib 0.10.2 (every thread waiting on a futex; "
-        "reproduced without the harness, and with `--xla_cpu_multi_thread_eigen=false` or YNN "
-        "fusions disabled), an XLA:CPU runtime bug to report upstream; the job's watchdog "
-        "(`LNJAX_BENCH_JOB_TIMEOUT_S`) ends it with the stacks.",
+        "The LN-LSTM sweep runs with `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`. "
+        "Without it, its `jax.jit(jax.vmap(train))` executable hangs after a few calls on this "
+        "machine with jax/jaxlib 0.10.2: the host waits on the result while every XLA thread waits "
+        "for work. It hung 3 times out of 3, also with `--xla_cpu_multi_thread_eigen=false`, with "
+        "YNN/XNN fusions disabled, or with `--xla_cpu_use_thunk_runtime=false`, and completed 3 "
+        "times out of 3 with the flag. This is an XLA:CPU runtime bug to report upstream. The "
+        "experiments' entry points set the same flag (`experiments/xla_flags.py`).",
         "",
         _table(["model", "settings", "8 in turn ms", "vmap ms", "speed-up of vmap",
                 "lax.map ms (speed-up)", "compile s (one run / vmap)", "load"], rows),

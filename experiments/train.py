@@ -544,6 +544,10 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    from experiments import xla_flags
+
+    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)  # before the first computation starts XLA
+
     config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
     flags.DEFINE_string("coordinator_address", None,

@@ -130,7 +130,9 @@ def _ln_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     d = dx.astype(dtype)
     # rstd multiplies the [rows, 1] means before they broadcast, so that the transpose (the
     # backward) needs only the row sums sum(g * scale) and sum(g * scale * xhat).
-    t = rstd * d - rstd * jnp.mean(d, axis=-1, keepdims=True) - xhat * (rstd * jnp.mean(d * xhat, axis=-1, keepdims=True))
+    d_mean = jnp.mean(d, axis=-1, keepdims=True)
+    dxhat_mean = jnp.mean(d * xhat, axis=-1, keepdims=True)
+    t = rstd * d - rstd * d_mean - xhat * (rstd * dxhat_mean)
     return _affine_tangent(t, xhat, scale, dscale, dbias).astype(x.dtype)
 
 

@@ -2,7 +2,7 @@
 self-contained report directory (report.md, PNG plots, the configs, the raw metrics).
 
     python -m experiments            # full run, ~10 minutes on a 2-core CPU
-    python -m experiments --quick    # ~1 minute smoke version (what CI runs)
+    python -m experiments --quick    # ~2.5 minute smoke version, compile-bound (the test suite runs it)
 
 Every run checkpoints; re-running the same command resumes where it stopped.
 """
@@ -281,7 +281,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, g
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="~1 minute smoke version")
+    parser.add_argument("--quick", action="store_true", help="~2.5 minute smoke version (compile-bound)")
     parser.add_argument("--out", default=None, help="report directory (default: report/ or report-quick/)")
     parser.add_argument("--fresh", action="store_true", help="delete the report directory first")
     args = parser.parse_args(argv)

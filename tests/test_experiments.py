@@ -683,3 +683,17 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert steps[-1] == cfg.num_steps
         assert len(rows) == len({(r["step"], r["member"]) for r in rows}) == len(steps) * members
         assert finalized_steps(run_dir / "checkpoints")[-1] == cfg.num_steps
+
+
+def test_xla_flags_are_appended_unless_the_user_set_them(monkeypatch):
+    from experiments import xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_flags.CPU_DEADLOCK_WORKAROUND}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)  # the user's choice stands
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    xla_flags.add("--a=1", "--b=2")
+    assert os.environ["XLA_FLAGS"] == "--a=1 --b=2"

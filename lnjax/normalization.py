@@ -14,7 +14,7 @@ The numerical contract, shared by every op here:
 Layer, RMS and training-mode batch norm over the last axis (the common case: a Python `eps`,
 no `fast_variance`, `mask` or `axis_name`) have closed-form derivatives (`jax.custom_jvp`, in
 `lnjax._fused`): reverse mode then saves only `x` and the per-row statistics and runs the
-textbook backward one cache-sized block of rows at a time: forward+backward on CPU measured
+textbook backward (for float32, one cache-sized block of rows at a time): forward+backward on CPU measured
 1.0-1.75x faster than autodiff of the formula for layer norm, 0.93-1.45x for RMS norm and
 1.27-2.16x for batch norm (BENCHMARKS.md). Forward mode, second derivatives, vmap and
 checkpointing work as for any JAX function. It is the default wherever it applies;

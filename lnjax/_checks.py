@@ -89,3 +89,10 @@ def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def training_flag(training):
+    """Raises TypeError unless `training` is a Python bool (it selects the program, statically)."""
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
+    return training

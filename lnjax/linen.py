@@ -8,6 +8,7 @@ statistics are at least float32). `BatchNorm` keeps its running statistics in `b
 For new code prefer `lnjax.nnx`, the same modules for Flax NNX.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -347,11 +348,27 @@ def _cell_params(mdl: nn.Module, in_features: int) -> dict:
     return {name: mdl.param(name, lambda _, v=value: v) for name, value in params.items()}
 
 
-class _RNN(nn.Module):
+def _cell_fields(cell_cls, **extra) -> dict:
+    """A class namespace whose attributes are the fields of the pure cell `cell_cls` (same names,
+    types and defaults), then `extra`: the module's options live in the cell alone."""
+    fields = sorted((f for f in dataclasses.fields(cell_cls) if f.init), key=lambda f: f.kw_only)
+    ns = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    ns["__annotations__"] = {**{f.name: f.type for f in fields}, **{k: Any for k in extra}}
+    return {**ns, **extra, "CELL": cell_cls}
+
+
+class _CellModule(nn.Module):
     def __post_init__(self):
         self.cell  # noqa: B018  (the pure cell checks the settings)
         super().__post_init__()
 
+    @property
+    def cell(self):
+        """The pure cell: a single step is `module.cell(variables["params"], carry, x_t)`."""
+        return self.CELL(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.CELL) if f.init})
+
+
+class _RNN(_CellModule):
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None, reverse=False, time_major=False,
                  return_carry=False, precompute_inputs=None, unroll=1):  # fmt: skip
@@ -367,63 +384,19 @@ class _RNN(nn.Module):
         return (ys, carry) if return_carry else ys
 
 
-class LSTM(_RNN):
-    """LN-LSTM layer over a sequence: `lnjax.LSTMCell` (equations, gate order and the meaning of
-    every attribute there) run by `lnjax.rnn`. `norm="none"` is the standard LSTM.
-
-    `params` are exactly `cell.init`'s tree (`w_x` `[in_features, 4H]`, `w_h` `[H, 4H]`, `n_x`,
-    `n_h`, and `n_c` if normalized); `cell` is the pure cell: a single step is
-    `module.cell(variables["params"], carry, x_t)`.
-    """
-
-    hidden_size: int
-    norm: str = "layer"
-    per_gate: bool = False
-    norm_input: bool | None = None
-    carry_normalized_cell: bool = False
-    forget_bias: float = 0.0
-    gain_init: float = 1.0
-    eps: float = 1e-5
-    param_dtype: Any = jnp.float32
-
-    @property
-    def cell(self) -> LSTMCell:
-        return LSTMCell(self.hidden_size, self.norm, self.gain_init, self.eps,
-                        per_gate=self.per_gate, norm_input=self.norm_input,
-                        carry_normalized_cell=self.carry_normalized_cell,
-                        forget_bias=self.forget_bias)  # fmt: skip
+_RNN_DOC = """ layer over a sequence: `lnjax.{}` run by `lnjax.rnn`. Its attributes are the cell's
+    fields (the meaning and defaults of every option there), and `param_dtype`; `params` are
+    exactly `cell.init`'s tree."""
 
 
-class GRU(_RNN):
-    """LN-GRU layer over a sequence: `lnjax.GRUCell` (equations, gate order, attributes) run by
-    `lnjax.rnn`. `norm="none"` is PyTorch's GRU. `params` are exactly `cell.init`'s tree."""
-
-    hidden_size: int
-    norm: str = "layer"
-    norm_input: bool | None = None
-    gain_init: float = 1.0
-    eps: float = 1e-5
-    param_dtype: Any = jnp.float32
-
-    @property
-    def cell(self) -> GRUCell:
-        return GRUCell(self.hidden_size, self.norm, self.gain_init, self.eps,
-                       norm_input=self.norm_input)  # fmt: skip
+def _rnn_module(name, cell_cls, what):
+    ns = _cell_fields(cell_cls, param_dtype=jnp.float32)
+    return type(name, (_RNN,), {**ns, "__module__": __name__, "__doc__": what + _RNN_DOC.format(cell_cls.__name__)})
 
 
-class SimpleRNN(_RNN):
-    """LN tanh-RNN layer over a sequence, `h_t = tanh(N(W_h h_{t-1} + W_x x_t))`:
-    `lnjax.RNNCell` run by `lnjax.rnn`. `params` are exactly `cell.init`'s tree."""
-
-    hidden_size: int
-    norm: str = "layer"
-    gain_init: float = 1.0
-    eps: float = 1e-5
-    param_dtype: Any = jnp.float32
-
-    @property
-    def cell(self) -> RNNCell:
-        return RNNCell(self.hidden_size, self.norm, self.gain_init, self.eps)
+LSTM = _rnn_module("LSTM", LSTMCell, "LN-LSTM")
+GRU = _rnn_module("GRU", GRUCell, "LN-GRU")
+SimpleRNN = _rnn_module("SimpleRNN", RNNCell, "LN tanh-RNN")
 
 
 class Bidirectional(nn.Module):
@@ -458,42 +431,7 @@ _BN_LSTM_MODE_ERROR = (
 )
 
 
-class BNLSTM(nn.Module):
-    """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations, defaults)
-    run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
-
-    Training normalizes with batch statistics at each step and updates `batch_stats` `stats`, a
-    `BNLSTMState` (`[max_steps, 4H]` or `[max_steps, H]` each, and `steps_seen`); as in Linen's
-    `BatchNorm` they are not updated during `init`. Evaluation uses them. `params` are exactly
-    `cell.init`'s tree.
-
-    Attributes:
-      hidden_size, max_steps: H and the longest training length.
-      gain_init, forget_bias, momentum, eps: as for `lnjax.BNLSTMCell`.
-      use_running_average: the mode, given here or at call time (exactly once, as in Linen).
-      axis_name: named axis across which batch statistics are synchronized; not used in `init`.
-      param_dtype: of the parameters; statistics are at least float32.
-    """
-
-    hidden_size: int
-    max_steps: int
-    gain_init: float = 0.1
-    forget_bias: float = 1.0
-    momentum: float = 0.99
-    eps: float = 1e-5
-    use_running_average: bool | None = None
-    axis_name: str | None = None
-    param_dtype: Any = jnp.float32
-
-    def __post_init__(self):
-        self.cell  # noqa: B018  (the pure cell checks the settings)
-        super().__post_init__()
-
-    @property
-    def cell(self) -> BNLSTMCell:
-        return BNLSTMCell(self.hidden_size, self.max_steps, self.gain_init, self.forget_bias,
-                          self.momentum, self.eps)  # fmt: skip
-
+class _BNLSTM(_CellModule):
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
                  return_carry=False, use_running_average: bool | None = None,
@@ -518,6 +456,26 @@ class BNLSTM(nn.Module):
         if training and not init:
             stats.value = state
         return (ys, carry) if return_carry else ys
+
+
+BNLSTM = type("BNLSTM", (_BNLSTM,), {
+    **_cell_fields(BNLSTMCell, use_running_average=None, axis_name=None, param_dtype=jnp.float32),
+    "__module__": __name__,
+    "__doc__": """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations,
+    defaults) run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
+
+    Training normalizes with batch statistics at each step and updates `batch_stats` `stats`, a
+    `BNLSTMState` (`[max_steps, 4H]` or `[max_steps, H]` each, and `steps_seen`); as in Linen's
+    `BatchNorm` they are not updated during `init`. Evaluation uses them. `params` are exactly
+    `cell.init`'s tree.
+
+    Attributes:
+      the fields of `lnjax.BNLSTMCell` (hidden_size, max_steps, its normalizers, ...), and
+      use_running_average: the mode, given here or at call time (exactly once, as in Linen).
+      axis_name: named axis across which batch statistics are synchronized; not used in `init`.
+      param_dtype: of the parameters; statistics are at least float32.
+    """,
+})
 
 
 # --- relatives of layer norm (shells over lnjax.relatives) ------------------------------------

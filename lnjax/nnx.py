@@ -461,80 +461,36 @@ class _RNN(_CellParams):
         return (ys, carry) if return_carry else ys
 
 
-class LSTM(_RNN):
-    """LN-LSTM layer over a sequence: `lnjax.LSTMCell` (equations, gate order and the meaning of
-    every option there) run by `lnjax.rnn`. `norm="none"` is the standard LSTM.
+class _CellModule(_RNN):
+    """A layer over a sequence: the pure cell `CELL` run by `lnjax.rnn`. Its options are the
+    cell's fields, by name (`input_norm=None`, `forget_bias=1.0`, ...; see the cell), so that
+    they and their defaults live in one place.
 
-    Parameters: the attributes `w_x` `[in_features, 4H]`, `w_h` `[H, 4H]`, `n_x`, `n_h` and (if
-    normalized) `n_c`, exactly `cell.init`'s tree; `cell` is the pure cell, `params` its arrays.
-    `rngs` is required (random `w_x`, orthogonal `w_h`).
+    Parameters: the attributes named as the top-level keys of `cell.init` (`w_x`, `w_h`, `n_x`,
+    ...), exactly its tree; `cell` is the pure cell, `params` its arrays. `rngs` is required
+    (random `w_x`, orthogonal `w_h`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_size: int,
-        *,
-        norm: str = "layer",
-        per_gate: bool = False,
-        norm_input: bool | None = None,
-        carry_normalized_cell: bool = False,
-        forget_bias: float = 0.0,
-        gain_init: float = 1.0,
-        eps: float = 1e-5,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        cell = LSTMCell(hidden_size, norm, gain_init, eps, per_gate=per_gate,
-                        norm_input=norm_input, carry_normalized_cell=carry_normalized_cell,
-                        forget_bias=forget_bias)  # fmt: skip
-        self._init_cell(cell, in_features, param_dtype, rngs)
+    CELL: type
+
+    def __init__(self, in_features: int, hidden_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 **cell_options):  # fmt: skip
+        self._init_cell(self.CELL(hidden_size, **cell_options), in_features, param_dtype, rngs)
 
 
-class GRU(_RNN):
-    """LN-GRU layer over a sequence: `lnjax.GRUCell` (equations, gate order, options) run by
-    `lnjax.rnn`. `norm="none"` is PyTorch's GRU.
-
-    Parameters: the attributes `w_x` `[in_features, 3H]`, `w_h` `[H, 3H]`, `n_x_gates`,
-    `n_x_cand`, `n_h_gates`, `n_h_cand`, exactly `cell.init`'s tree. `rngs` is required.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        hidden_size: int,
-        *,
-        norm: str = "layer",
-        norm_input: bool | None = None,
-        gain_init: float = 1.0,
-        eps: float = 1e-5,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        cell = GRUCell(hidden_size, norm, gain_init, eps, norm_input=norm_input)
-        self._init_cell(cell, in_features, param_dtype, rngs)
+class LSTM(_CellModule):
+    __doc__ = "LN-LSTM layer, `lnjax.LSTMCell`. " + _CellModule.__doc__
+    CELL = LSTMCell
 
 
-class SimpleRNN(_RNN):
-    """LN tanh-RNN layer over a sequence, `h_t = tanh(N(W_h h_{t-1} + W_x x_t))`:
-    `lnjax.RNNCell` run by `lnjax.rnn`.
+class GRU(_CellModule):
+    __doc__ = "LN-GRU layer, `lnjax.GRUCell`. " + _CellModule.__doc__
+    CELL = GRUCell
 
-    Parameters: the attributes `w_x` `[in_features, H]`, `w_h` `[H, H]`, `n`, exactly
-    `cell.init`'s tree. `rngs` is required.
-    """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden_size: int,
-        *,
-        norm: str = "layer",
-        gain_init: float = 1.0,
-        eps: float = 1e-5,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self._init_cell(RNNCell(hidden_size, norm, gain_init, eps), in_features, param_dtype, rngs)
+class SimpleRNN(_CellModule):
+    __doc__ = "LN tanh-RNN layer, `lnjax.RNNCell`. " + _CellModule.__doc__
+    CELL = RNNCell
 
 
 class Bidirectional(nnx.Module):
@@ -566,15 +522,16 @@ class BNLSTM(_CellParams):
     batch statistics at each step and updates `stats`, a `BNLSTMState` of `nnx.BatchStat`s
     (`[max_steps, 4H]` or `[max_steps, H]` each, and `steps_seen`); evaluation uses them.
     `model.train()` / `model.eval()` and `nnx.view` switch the mode, as for `BatchNorm`.
-    Parameters: `w_x`, `w_h`, `bias`, `g_x`, `g_h`, `n_c`, exactly `cell.init`'s tree.
+    Parameters: `w_x`, `w_h`, `n_x`, `n_h`, `n_c`, exactly `cell.init`'s tree.
 
     Args:
       in_features, hidden_size, max_steps: input size, H, and the longest training length.
-      gain_init, forget_bias, momentum, eps: as for `lnjax.BNLSTMCell`.
       use_running_average: the mode when the call does not give one; None makes every call choose.
       axis_name: named axis across which batch statistics are synchronized.
       param_dtype: of the parameters; statistics are at least float32.
       rngs: required (random `w_x`, orthogonal `w_h`).
+      **cell_options: the other fields of `lnjax.BNLSTMCell` by name (its normalizers,
+        `forget_bias`, `precision`, `dtype`).
     """
 
     def __init__(
@@ -583,16 +540,13 @@ class BNLSTM(_CellParams):
         hidden_size: int,
         max_steps: int,
         *,
-        gain_init: float = 0.1,
-        forget_bias: float = 1.0,
-        momentum: float = 0.99,
-        eps: float = 1e-5,
         use_running_average: bool | None = False,
         axis_name: str | None = None,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        **cell_options,
     ):
-        cell = BNLSTMCell(hidden_size, max_steps, gain_init, forget_bias, momentum, eps)
+        cell = BNLSTMCell(hidden_size, max_steps=max_steps, **cell_options)
         self._init_cell(cell, in_features, param_dtype, rngs)
         state = cell.init_state(_checks.stats_dtype(jnp.dtype(param_dtype)))
         self.stats = nnx.data(jax.tree.map(nnx.BatchStat, state))

@@ -1,20 +1,23 @@
 """Normalized recurrent networks as pure functions: cells, and layers that run them on `lax.scan`.
 
-A cell is a frozen dataclass of static settings with pure methods (Haiku's core protocol,
-without the hidden state):
+The cell protocol (Haiku's core, without hidden state), all that `rnn`, `bidirectional_rnn` and
+`stacked_rnn` use:
 
-* `init(key, input_size) -> params`, a dict of arrays;
 * `initial_carry(batch_shape=(), dtype=float32) -> carry`, zeros;
-* `__call__(params, carry, x_t) -> (carry, y_t)`, one step;
-* split for speed into `project_inputs(params, x)`, the part that does not depend on the
-  carry (`N(W_x x)`, computable for every step before the scan), and
-  `step(params, carry, u_t)`, the recurrent part: `cell(p, c, x) == cell.step(p, c,
-  cell.project_inputs(p, x))`.
+* `__call__(params, carry, x_t) -> (carry, y_t)`, one step, `x_t` `[*batch, features]`;
+* optionally, for speed, `project_inputs(params, xs)`: the part of a step that does not depend
+  on the carry (`N_x(W_x x)`), computed for every step before the scan, and `step(params,
+  carry, u_t)`, the rest: `cell(p, c, x) == cell.step(p, c, cell.project_inputs(p, x))`;
+* optionally, for a cell whose step depends on which sequences are still running (batch
+  statistics), `masked(params, carry, x_t, valid) -> (carry, y_t)`, with `valid` the `[*batch]`
+  bool mask of running sequences (None without `lengths`); `rnn` then leaves masking to it.
 
-Every cell takes `norm` in {"layer" (default), "rms", "none"}: "none" is the unnormalized
-baseline. Layers (`rnn`, `bidirectional_rnn`, `stacked_rnn`) run any cell over a sequence,
-with per-sequence `lengths`. Gate orders follow PyTorch and Flax: LSTM `(i, f, g, o)`,
-GRU `(r, z, n)`, so that weights map across libraries by slicing.
+The cells here are frozen dataclasses of static settings that also have `init(key,
+input_size, dtype) -> params`. Each normalized term takes a normalizer (`lnjax.norms`, or a
+string shortcut such as "layer"); None leaves the term unnormalized (`z + b`, or `c_t` as it
+is), so one cell gives the paper's form, recurrent-only, cell-only (DRAW) and the standard
+unnormalized cell. Gate orders follow PyTorch and Flax: LSTM `(i, f, g, o)`, GRU `(r, z, n)`,
+so that weights map across libraries by slicing.
 """
 
 import dataclasses
@@ -28,9 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lnjax import _checks
-from lnjax.normalization import BatchNormState, batch_norm, layer_norm, rms_norm
-from lnjax.relatives import divisive_norm
+from lnjax import _checks, norms
+from lnjax.norms import Normalizer
 
 __all__ = [
     "BNLSTMCell",
@@ -45,47 +47,9 @@ __all__ = [
     "stacked_rnn",
 ]
 
-NORMS = ("layer", "rms", "divisive", "none")
-# LN(W_x x) keeps only the direction of x (Table 1, single-case re-scaling); with this many
-# input features or fewer, that is a large part of what the input carries.
+# LN(W_x x) keeps only the direction of x (Table 1, single-case re-scaling): with one input
+# feature only its sign, and with few features much of what the input carries.
 FEW_INPUT_FEATURES = 8
-
-
-def _check_norm(norm):
-    if norm not in NORMS:
-        raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
-
-
-def _norm_params(norm, size, gain_init, dtype, *, bias=True):
-    """Parameters of one normalized term `N(z) = g * norm(z) + b` (just `z + b` for "none")."""
-    p = {}
-    if norm != "none":
-        p["scale"] = jnp.full((size,), gain_init, dtype)
-    if bias:
-        p["bias"] = jnp.zeros((size,), dtype)
-    return p
-
-
-def _lead(v, ndim):
-    """Adds leading size-1 axes so that a per-unit vector broadcasts explicitly."""
-    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
-
-
-def _apply_norm(norm, z, p, eps, groups=1, *, implementation=None, divisive=None):
-    """`g * norm(z) + b` over the last axis; with `groups` > 1, statistics per group.
-    `divisive`: `(radius, sigma)` of `divisive_norm` (`norm="divisive"`)."""
-    if norm == "none":
-        return z + _lead(p["bias"], z.ndim) if "bias" in p else z
-    if norm == "divisive":
-        radius, sigma = divisive
-        fn = functools.partial(divisive_norm, radius=radius, sigma=sigma)
-    else:
-        fn = functools.partial(layer_norm if norm == "layer" else rms_norm, eps=eps, implementation=implementation)
-    if groups == 1:
-        return fn(z, p["scale"], p.get("bias"))
-    y = fn(z.reshape(z.shape[:-1] + (groups, -1))).reshape(z.shape)
-    y = y * _lead(p["scale"], y.ndim)
-    return y + _lead(p["bias"], y.ndim) if "bias" in p else y
 
 
 def _orthogonal_blocks(key, size, blocks, dtype):
@@ -95,6 +59,13 @@ def _orthogonal_blocks(key, size, blocks, dtype):
     # QR runs in float32 (XLA:CPU has none for bf16/f16), then the result is cast.
     work = dtype if jnp.finfo(dtype).bits > 32 else jnp.float32
     return jnp.concatenate([init(k, (size, size), work) for k in keys], axis=-1).astype(dtype)
+
+
+def _weights(key, input_size, hidden, blocks, dtype):
+    """`w_x` `[input_size, blocks * H]` (LeCun normal) and `w_h` (orthogonal per block)."""
+    kx, kh = jax.random.split(key)
+    w_x = jax.nn.initializers.lecun_normal()(kx, (input_size, blocks * hidden), dtype)
+    return {"w_x": w_x, "w_h": _orthogonal_blocks(kh, hidden, blocks, dtype)}
 
 
 def _check_input(x, w_x, name="x"):
@@ -123,13 +94,60 @@ def _varying_like(carry, inputs):
 
     def cast(c):
         missing = tuple(sorted(axes - varying(c)))
-        return lax.pcast(c, missing, to="varying") if missing else c
+        # A counter in the carry (an int) does not depend on the data: it stays invariant.
+        return lax.pcast(c, missing, to="varying") if missing and jnp.issubdtype(c.dtype, jnp.floating) else c
 
     return jax.tree.map(cast, carry) if axes else carry
 
 
-def _matmul(a, w):
-    return jnp.matmul(a, w, precision=lax.Precision.HIGHEST)
+def _term(spec, field, role, stateful=False):
+    """The normalizer of one term; None is the unnormalized form of its role: `z + b` for a
+    gate/candidate pre-activation, the identity for the LSTM's `c_t`."""
+    norm = norms.resolve(spec, field)
+    if norm is None:
+        return norms.bias() if role == "pre-activation" else norms.identity()
+    if norm.stateful != stateful:
+        raise TypeError(
+            f"`{field}`={norm!r} is {'' if norm.stateful else 'not '}stateful; "
+            + ("use BNLSTMCell for batch statistics per time step." if norm.stateful
+               else "BNLSTMCell needs stateful normalizers (lnjax.norms.batch).")
+        )
+    return norm
+
+
+def _check_input_norm(cell, spec, input_size):
+    """`N(W_x x_t)` keeps only the direction of `x_t`: an error with one input feature, a
+    warning with a few, unless the normalizer was passed explicitly as a value."""
+    if not isinstance(spec, str) or input_size > FEW_INPUT_FEATURES:
+        return
+    name = type(cell).__name__
+    what = (f"{name}(input_norm={spec!r}) normalizes W_x x_t, which keeps only the direction of "
+            f"each input vector (single-case re-scaling invariance, Table 1)")  # fmt: skip
+    fixes = ("Pass input_norm=None to normalize only the recurrent terms, or "
+             f"input_norm=lnjax.norms.{spec}() to keep the paper's form explicitly.")  # fmt: skip
+    if input_size == 1:
+        raise ValueError(f"{what}: with input_size=1 that is only the sign of x_t, and the model "
+                         f"cannot learn from its input. {fixes}")  # fmt: skip
+    warnings.warn(f"{what}: with input_size={input_size} much of the input is lost and the model "
+                  f"may fail to learn. {fixes}", stacklevel=3)  # fmt: skip
+
+
+def _lstm_update(gates, c):
+    """`(c_t, sigmoid(o))` from the pre-activations `[i, f, g, o]` (eq. 21)."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    return jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _forget_bias(params, keys, value, hidden):
+    """Writes the forget gate's initial bias into the first of `keys` whose term has a bias."""
+    if value == 0:
+        return params
+    for k in keys:
+        if "bias" in params[k]:
+            params[k]["bias"] = params[k]["bias"].at[hidden : 2 * hidden].set(value)
+            return params
+    raise ValueError(f"`forget_bias`={value!r} needs a bias in the input or recurrent term, "
+                     "but neither normalizer has one.")  # fmt: skip
 
 
 class LSTMCarry(NamedTuple):
@@ -141,97 +159,88 @@ class LSTMCarry(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Cell:
+    """Settings every cell shares.
+
+    Attributes:
+      hidden_size: H.
+      precision (keyword-only): of the matmuls (`jax.lax.Precision`); None is the backend's default (TF32 on
+        recent GPUs, bfloat16 passes on TPU); pass `Precision.HIGHEST` for float32 accuracy.
+      dtype (keyword-only): dtype of the matmul operands (e.g. bfloat16); None keeps the parameters'. The
+        products, normalizations and gate arithmetic are in the parameters' dtype.
+    """
+
     hidden_size: int
-    norm: str = "layer"
-    gain_init: float = 1.0
-    eps: float = 1e-5
-    implementation: str | None = None  # of the layer/RMS norms: see `layer_norm`
-    dn_radius: int | None = 30  # norm="divisive": summation/suppression field radius (None: all)
-    dn_sigma: float = 1.0  # norm="divisive": the smoothing term sigma
+    precision: Any = dataclasses.field(default=None, kw_only=True)
+    dtype: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         _checks.positive_int(self.hidden_size, "hidden_size")
-        _check_norm(self.norm)
-        _checks.nonnegative(self.eps, "eps")
-        if self.implementation not in (None, "xla", "fused"):
-            raise ValueError(f'`implementation` must be None, "xla" or "fused", got {self.implementation!r}.')
+
+    def _matmul(self, a, w):
+        dt = w.dtype if self.dtype is None else self.dtype
+        return jnp.matmul(a.astype(dt), w.astype(dt), precision=self.precision).astype(w.dtype)
+
+    def _set_terms(self, **terms):
+        """Resolves each `field: role` once, so the cell holds Normalizer values."""
+        for field, role in terms.items():
+            object.__setattr__(self, f"_{field}", _term(getattr(self, field), field, role))
 
     def __call__(self, params, carry, x):
         return self.step(params, carry, self.project_inputs(params, x))
-
-    def _norm(self, norm, z, p, groups=1):
-        return _apply_norm(norm, z, p, self.eps, groups, implementation=self.implementation,
-                           divisive=(self.dn_radius, self.dn_sigma))
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return jnp.zeros((*batch_shape, self.hidden_size), dtype)
 
 
+_TermSpec = Normalizer | str | None
+
+
 @dataclasses.dataclass(frozen=True)
 class LSTMCell(_Cell):
-    """LN-LSTM (Ba et al. 2016, supplement eq. 20-22) and its unnormalized baseline.
+    """LN-LSTM (Ba et al. 2016, supplement eq. 20-22), and every per-term variant of it.
 
         [i, f, g, o] = N_h(W_h h_{t-1}) + N_x(W_x x_t)
         c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
         h_t = sigmoid(o) * tanh(N_c(c_t))
 
-    `N_h`, `N_x` normalize the whole 4H vector (one mean and variance for all gates), each
-    with its own gain and bias (the paper's extra bias `b` is absorbed in them); `N_c` has
-    its own gain and bias. The carry holds the raw `c_t`. With `norm="none"` this is the
-    standard LSTM (biases `b_x`, `b_h` as in PyTorch; no normalization of `c_t`).
+    Each `N` is a normalizer with its own gain and bias (the paper's extra bias `b` is absorbed
+    in them); by default layer norm over the whole 4H vector (one mean and variance for all
+    gates; `norms.layer(groups=4)` gives per-gate statistics). The carry holds the raw `c_t`.
+
+        LSTMCell(H)                                           # the paper's LN-LSTM
+        LSTMCell(H, input_norm=None)                          # recurrent terms only
+        LSTMCell(H, input_norm=None, recurrent_norm=None)     # DRAW's (§6.4): LN on c_t only
+        LSTMCell(H, None, None, None)                         # the standard LSTM (PyTorch's)
 
     Attributes:
-      hidden_size: H.
-      norm: "layer" (default), "rms", "divisive" or "none".
-      gain_init: initial gains; the paper finds 1.0 clearly better than 0.1.
-      eps: inside the square root of every normalization.
-      implementation: of the layer/RMS norms: None (closed-form derivatives, the default),
-        "xla" or "fused" (see `layer_norm`). GRUCell and RNNCell take it too.
-      dn_radius, dn_sigma: with `norm="divisive"` (every cell), `divisive_norm`'s window
-        radius over neighbouring units and its sigma (Ren et al. 2017: a window of 60 units,
-        i.e. radius 30, for a tanh RNN; sigma 1 for their best runs).
-      per_gate: statistics per gate (H units each) instead of over all 4H (old TF contrib).
-      norm_input: normalize `W_x x_t` (the paper). None means True, with a warning at
-        `init` when `input_size <= 8`: LN(W_x x) discards the norm of x_t, so a
-        1-feature input keeps only its sign. False normalizes only the recurrent term.
-      carry_normalized_cell: carry `N_c(c_t)` instead of `c_t` (TF-Addons LayerNormLSTMCell,
-        PyTorch's fastrnns benchmark).
-      forget_bias: initial bias of the forget gate (0 in the paper; 1 in Cooijmans et al.).
+      hidden_size, precision, dtype: see `_Cell`.
+      input_norm, recurrent_norm: `N_x`, `N_h`, each a `lnjax.norms` value, a name, or None
+        for `z + b`. A named (string) `input_norm` with `input_size=1` is an error at `init`,
+        and with up to 8 features a warning (see `FEW_INPUT_FEATURES`).
+      cell_norm: `N_c`; None for `c_t` itself.
+      forget_bias: initial bias of the forget gate, in `N_x`'s bias (else `N_h`'s); 0 in the
+        paper, 1 in Cooijmans et al.
+      carry_normalized_cell: carry `N_c(c_t)` instead of `c_t` (TF-Addons LayerNormLSTMCell).
     """
 
-    per_gate: bool = False
-    norm_input: bool | None = None
-    carry_normalized_cell: bool = False
+    input_norm: _TermSpec = "layer"
+    recurrent_norm: _TermSpec = "layer"
+    cell_norm: _TermSpec = "layer"
     forget_bias: float = 0.0
+    carry_normalized_cell: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set_terms(input_norm="pre-activation", recurrent_norm="pre-activation", cell_norm="cell")
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        if self.norm != "none" and self.norm_input is None and input_size <= FEW_INPUT_FEATURES:
-            warnings.warn(
-                f"LSTMCell(norm={self.norm!r}) normalizes W_x x_t, which discards the norm of each "
-                f"input vector (single-case re-scaling invariance); with input_size={input_size} "
-                "much of the input is lost (with 1 feature, all but its sign). Pass "
-                "norm_input=False to normalize only the recurrent term, or norm_input=True to "
-                "keep the paper's formulation and silence this warning.",
-                stacklevel=2,
-            )
+        _check_input_norm(self, self.input_norm, input_size)
         H = self.hidden_size
-        kx, kh = jax.random.split(key)
-        bx = _norm_params(self.norm if self._norm_x else "none", 4 * H, self.gain_init, dtype)
-        bx["bias"] = bx["bias"].at[H : 2 * H].set(self.forget_bias)
-        params = {
-            "w_x": jax.nn.initializers.lecun_normal()(kx, (input_size, 4 * H), dtype),
-            "w_h": _orthogonal_blocks(kh, H, 4, dtype),
-            "n_x": bx,
-            "n_h": _norm_params(self.norm, 4 * H, self.gain_init, dtype),
-        }
-        if self.norm != "none":
-            params["n_c"] = _norm_params(self.norm, H, self.gain_init, dtype)
-        return params
-
-    @property
-    def _norm_x(self):
-        return self.norm_input is not False
+        params = _weights(key, input_size, H, 4, dtype)
+        params.update(n_x=self._input_norm.init(4 * H, dtype), n_h=self._recurrent_norm.init(4 * H, dtype),
+                      n_c=self._cell_norm.init(H, dtype))  # fmt: skip
+        return _forget_bias(params, ("n_x", "n_h"), self.forget_bias, H)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         z = super().initial_carry(batch_shape, dtype)
@@ -240,85 +249,72 @@ class LSTMCell(_Cell):
     def project_inputs(self, params, x):
         """`N_x(W_x x)`, shape `[..., 4H]`; independent of the carry."""
         x = _check_input(x, params["w_x"])
-        norm = self.norm if self._norm_x else "none"
-        return self._norm(norm, _matmul(x, params["w_x"]), params["n_x"], self._groups)
-
-    @property
-    def _groups(self):
-        return 4 if self.per_gate else 1
+        return self._input_norm.apply(params["n_x"], self._matmul(x, params["w_x"]))
 
     def step(self, params, carry, u):
         c, h = carry
-        gates = u + self._norm(self.norm, _matmul(h, params["w_h"]), params["n_h"], self._groups)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        c_out = c if self.norm == "none" else self._norm(self.norm, c, params["n_c"])
-        h = jax.nn.sigmoid(o) * jnp.tanh(c_out)
+        c, o = _lstm_update(u + self._recurrent_norm.apply(params["n_h"], self._matmul(h, params["w_h"])), c)
+        c_out = self._cell_norm.apply(params["n_c"], c)
+        h = o * jnp.tanh(c_out)
         return LSTMCarry(c_out if self.carry_normalized_cell else c, h), h
 
 
 @dataclasses.dataclass(frozen=True)
 class GRUCell(_Cell):
-    """LN-GRU (Ba et al. 2016, supplement eq. 26-28) and its unnormalized baseline.
+    """LN-GRU (Ba et al. 2016, supplement eq. 26-28), and its per-term variants.
 
         [r, z] = N_1(W_h h_{t-1}) + N_2(W_x x_t)
         n_t    = tanh(N_3(W x_t) + sigmoid(r) * N_4(U h_{t-1}))
         h_t    = sigmoid(z) * h_{t-1} + (1 - sigmoid(z)) * n_t
 
-    Four separate normalizations, each with its own gain and bias; `N_1`, `N_2` normalize
-    the 2H gate vector jointly. The update is written as in the authors' code, PyTorch and
-    Flax (`z` gates the old state); the paper's eq. 28 is the same cell with `z -> -z`.
-    With `norm="none"` this is PyTorch's `nn.GRU` cell (the bias of `U h` inside the reset).
+    Four separate normalizations, each with its own gain and bias; `N_1`, `N_2` normalize the
+    2H gate vector jointly. The update is written as in the authors' code, PyTorch and Flax
+    (`z` gates the old state); the paper's eq. 28 is the same cell with `z -> -z`. With every
+    term None this is PyTorch's `nn.GRU` cell (the bias of `U h` inside the reset).
 
     Attributes:
-      hidden_size, norm, gain_init, eps: as for `LSTMCell`.
-      norm_input: as for `LSTMCell` (applies to `N_2` and `N_3`).
+      hidden_size, precision, dtype: see `_Cell`.
+      input_norm: `(N_2, N_3)`, or one normalizer (or name, or None) for both; as
+        `LSTMCell.input_norm`.
+      recurrent_norm: `(N_1, N_4)`, or one for both.
     """
 
-    norm_input: bool | None = None
+    input_norm: _TermSpec | tuple = "layer"
+    recurrent_norm: _TermSpec | tuple = "layer"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for field in ("input_norm", "recurrent_norm"):
+            spec = getattr(self, field)
+            is_pair = isinstance(spec, (tuple, list)) and not isinstance(spec, Normalizer)
+            pair = tuple(spec) if is_pair else (spec, spec)
+            if len(pair) != 2:
+                raise ValueError(f"`{field}` must be one normalizer or a (gates, candidate) pair, got {spec!r}.")
+            object.__setattr__(self, field, pair if is_pair else spec)
+            object.__setattr__(self, f"_{field}", tuple(_term(s, field, "pre-activation") for s in pair))
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        if self.norm != "none" and self.norm_input is None and input_size <= FEW_INPUT_FEATURES:
-            warnings.warn(
-                f"GRUCell(norm={self.norm!r}) normalizes W_x x_t, which discards the norm of each "
-                f"input vector; with input_size={input_size} much of the input is lost. Pass "
-                "norm_input=False to normalize only the recurrent terms, or True to silence this.",
-                stacklevel=2,
-            )
+        for spec in {self.input_norm} if isinstance(self.input_norm, (str, Normalizer)) else set(self.input_norm or ()):
+            _check_input_norm(self, spec, input_size)
         H = self.hidden_size
-        kx, kh = jax.random.split(key)
-        nx = self.norm if self.norm_input is not False else "none"
-        return {
-            "w_x": jax.nn.initializers.lecun_normal()(kx, (input_size, 3 * H), dtype),
-            "w_h": _orthogonal_blocks(kh, H, 3, dtype),
-            "n_x_gates": _norm_params(nx, 2 * H, self.gain_init, dtype),
-            "n_x_cand": _norm_params(nx, H, self.gain_init, dtype),
-            "n_h_gates": _norm_params(self.norm, 2 * H, self.gain_init, dtype),
-            "n_h_cand": _norm_params(self.norm, H, self.gain_init, dtype),
-        }
+        (n2, n3), (n1, n4) = self._input_norm, self._recurrent_norm
+        return {**_weights(key, input_size, H, 3, dtype),
+                "n_x_gates": n2.init(2 * H, dtype), "n_x_cand": n3.init(H, dtype),
+                "n_h_gates": n1.init(2 * H, dtype), "n_h_cand": n4.init(H, dtype)}  # fmt: skip
 
     def project_inputs(self, params, x):
         """`[N_2(W_x x), N_3(W x)]`, shape `[..., 3H]`."""
-        x = _check_input(x, params["w_x"])
-        nx = self.norm if self.norm_input is not False else "none"
-        a = _matmul(x, params["w_x"])
-        H = self.hidden_size
-        return jnp.concatenate(
-            [
-                self._norm(nx, a[..., : 2 * H], params["n_x_gates"]),
-                self._norm(nx, a[..., 2 * H :], params["n_x_cand"]),
-            ],
-            axis=-1,
-        )
+        a = self._matmul(_check_input(x, params["w_x"]), params["w_x"])
+        H, (n2, n3) = self.hidden_size, self._input_norm
+        return jnp.concatenate([n2.apply(params["n_x_gates"], a[..., : 2 * H]),
+                                n3.apply(params["n_x_cand"], a[..., 2 * H :])], axis=-1)  # fmt: skip
 
     def step(self, params, carry, u):
-        H = self.hidden_size
-        a = _matmul(carry, params["w_h"])
-        gates = u[..., : 2 * H] + self._norm(self.norm, a[..., : 2 * H], params["n_h_gates"])
-        r, z = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
-        hn = self._norm(self.norm, a[..., 2 * H :], params["n_h_cand"])
-        n = jnp.tanh(u[..., 2 * H :] + r * hn)
+        H, (n1, n4) = self.hidden_size, self._recurrent_norm
+        a = self._matmul(carry, params["w_h"])
+        r, z = jnp.split(jax.nn.sigmoid(u[..., : 2 * H] + n1.apply(params["n_h_gates"], a[..., : 2 * H])), 2, axis=-1)
+        n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params["n_h_cand"], a[..., 2 * H :]))
         h = z * carry + (1 - z) * n
         return h, h
 
@@ -327,25 +323,26 @@ class GRUCell(_Cell):
 class RNNCell(_Cell):
     """LN tanh-RNN (Ba et al. 2016, eq. 4): `h_t = tanh(N(W_h h_{t-1} + W_x x_t))`.
 
-    The normalization (gain and bias) is over the summed input `a_t`, statistics recomputed
-    at every step. With `norm="none"`: `tanh(W_h h + W_x x + b)`.
+    `norm` (gain and bias) is over the summed input `a_t`, its statistics recomputed at every
+    step; None gives `tanh(W_h h + W_x x + b)`.
     """
+
+    norm: _TermSpec = "layer"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set_terms(norm="pre-activation")
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        kx, kh = jax.random.split(key)
-        return {
-            "w_x": jax.nn.initializers.lecun_normal()(kx, (input_size, self.hidden_size), dtype),
-            "w_h": _orthogonal_blocks(kh, self.hidden_size, 1, dtype),
-            "n": _norm_params(self.norm, self.hidden_size, self.gain_init, dtype),
-        }
+        return {**_weights(key, input_size, self.hidden_size, 1, dtype), "n": self._norm.init(self.hidden_size, dtype)}
 
     def project_inputs(self, params, x):
         """`W_x x`, shape `[..., H]` (normalized after the recurrent term is added)."""
-        return _matmul(_check_input(x, params["w_x"]), params["w_x"])
+        return self._matmul(_check_input(x, params["w_x"]), params["w_x"])
 
     def step(self, params, carry, u):
-        h = jnp.tanh(self._norm(self.norm, u + _matmul(carry, params["w_h"]), params["n"]))
+        h = jnp.tanh(self._norm.apply(params["n"], u + self._matmul(carry, params["w_h"])))
         return h, h
 
 
@@ -430,6 +427,13 @@ def _masked_scan(step, carry, xs, mask, unroll):
     return lax.scan(body, carry, (xs, mask), unroll=unroll)
 
 
+def _carry_dtype(params, xs):
+    """The widest floating dtype of the parameters (the cell computes in it), else `xs`'s."""
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)
+              if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)}  # fmt: skip
+    return functools.reduce(jnp.promote_types, sorted(dtypes, key=str)) if dtypes else xs.dtype
+
+
 def rnn(
     cell,
     params,
@@ -445,19 +449,21 @@ def rnn(
     """Runs `cell` over a sequence with `lax.scan`.
 
     Args:
-      cell: a cell (`LSTMCell`, `GRUCell`, `RNNCell`, or anything with the cell protocol).
+      cell: a cell (`LSTMCell`, `GRUCell`, `RNNCell`, or anything with the cell protocol of
+        the module docstring).
       params: the cell's parameters.
       xs: inputs `[*batch, T, features]`, or `[T, *batch, features]` if `time_major`. Any
         number of batch axes, including none.
       lengths: optional int array of the batch shape, each in [0, T]. Steps at or beyond a
         sequence's length leave its carry unchanged and output zeros, so the final carry is
         the carry after each sequence's own last step.
-      initial_carry: defaults to `cell.initial_carry(batch_shape)`.
+      initial_carry: defaults to `cell.initial_carry(batch_shape, dtype)`, `dtype` the widest
+        floating dtype of `params`.
       reverse: run each sequence backwards within its own length (outputs are returned in
         the original time order; padding stays at the end).
       time_major: layout of `xs` and of the outputs.
-      precompute_inputs: compute `cell.project_inputs` for all steps before the scan (one
-        large matmul) instead of inside it. None picks the faster form for the backend
+      precompute_inputs: for a cell with `project_inputs`, compute it for all steps before
+        the scan (one large matmul) instead of inside it. None picks the faster form for the backend
         (`default_precompute_inputs`). Both forms compute the same function.
       unroll: passed to `lax.scan`.
 
@@ -473,19 +479,21 @@ def rnn(
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     if initial_carry is None:
-        initial_carry = cell.initial_carry(batch_shape, params["w_h"].dtype)
+        initial_carry = cell.initial_carry(batch_shape, _carry_dtype(params, xs))
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)
     xs = _zero_padding(xs, mask)
-    if precompute_inputs is None:
-        precompute_inputs = default_precompute_inputs(math.prod(batch_shape))
-    if precompute_inputs:
-        us = cell.project_inputs(params, xs)
-        carry, ys = _masked_scan(lambda c, u: cell.step(params, c, u), initial_carry, us, mask, unroll)
+    if hasattr(cell, "masked"):  # the cell masks its own steps (batch statistics)
+        carry, ys = lax.scan(lambda c, inp: cell.masked(params, c, *inp), initial_carry, (xs, mask), unroll=unroll)
     else:
-        _check_input(xs, params["w_x"], "xs")
-        carry, ys = _masked_scan(lambda c, x: cell(params, c, x), initial_carry, xs, mask, unroll)
+        if precompute_inputs is None:
+            precompute_inputs = default_precompute_inputs(math.prod(batch_shape))
+        if precompute_inputs and hasattr(cell, "project_inputs"):
+            xs, step = cell.project_inputs(params, xs), cell.step
+        else:
+            step = cell
+        carry, ys = _masked_scan(lambda c, x: step(params, c, x), initial_carry, xs, mask, unroll)
     if reverse:
         ys = _reverse_within(ys, lengths)
     return _from_time_major(ys, time_major), carry
@@ -540,80 +548,118 @@ class BNLSTMState(NamedTuple):
     """Per-time-step population statistics of a BN-LSTM.
 
     Attributes:
-      x, h: `BatchNormState`s of shape `[max_steps, 4H]` for `BN(W_x x_t)` and `BN(W_h h)`.
-      c: `BatchNormState` of shape `[max_steps, H]` for `BN(c_t)`.
+      x, h: the states of `N_x`, `N_h` for every step (`BatchNormState`s `[max_steps, 4H]`).
+      c: the state of `N_c` (`[max_steps, H]`).
       steps_seen: the longest sequence length trained on; at inference, steps beyond it
         reuse its last step's statistics.
     """
 
-    x: BatchNormState
-    h: BatchNormState
-    c: BatchNormState
+    x: Any
+    h: Any
+    c: Any
     steps_seen: jax.Array
 
 
+# Cooijmans et al.: gains 0.1, and a single bias b (in N_x; N_h has none).
+_BN_GAIN = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
-class BNLSTMCell:
+class BNLSTMCell(_Cell):
     """Recurrent batch normalization (Cooijmans et al. 2016), the paper's batch-norm baseline.
 
         [i, f, g, o] = BN_h(W_h h_{t-1}; g_h) + BN_x(W_x x_t; g_x) + b
         c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
         h_t = sigmoid(o) * tanh(BN_c(c_t; g_c, b_c))
 
-    Statistics are batch statistics, kept separately for every time step; inference uses the
-    per-step population statistics. Run it with `bn_lstm_rnn`.
+    The LSTM of `LSTMCell` with stateful normalizers: statistics are batch statistics, kept
+    separately for every time step, and inference uses the per-step population statistics.
+    Run it with `bn_lstm_rnn`.
 
     Attributes:
-      hidden_size: H.
+      hidden_size, precision, dtype: see `_Cell`.
       max_steps: number of per-step statistics kept (the longest training length).
-      gain_init: 0.1 as recommended by Cooijmans et al.
+      input_norm, recurrent_norm, cell_norm: stateful normalizers; by default `norms.batch`
+        with gains 0.1 as recommended by Cooijmans et al., the bias `b` in `input_norm`.
       forget_bias: 1.0 as in Cooijmans et al.
-      momentum, eps: of the batch normalizations (Flax convention for `momentum`).
     """
 
-    hidden_size: int
     max_steps: int
-    gain_init: float = 0.1
+    input_norm: Normalizer = norms.batch(scale_init=_BN_GAIN)
+    recurrent_norm: Normalizer = norms.batch(scale_init=_BN_GAIN, bias=False)
+    cell_norm: Normalizer = norms.batch(scale_init=_BN_GAIN)
     forget_bias: float = 1.0
-    momentum: float = 0.99
-    eps: float = 1e-5
 
     def __post_init__(self):
-        _checks.positive_int(self.hidden_size, "hidden_size")
+        super().__post_init__()
         _checks.positive_int(self.max_steps, "max_steps")
+        for field in ("input_norm", "recurrent_norm", "cell_norm"):
+            if getattr(self, field) is None:
+                raise TypeError(f"`{field}` must be a stateful normalizer (lnjax.norms.batch), got None.")
+            object.__setattr__(self, f"_{field}", _term(getattr(self, field), field, None, stateful=True))
 
     def init(self, key, input_size, dtype=jnp.float32):
-        H = _checks.positive_int(self.hidden_size, "hidden_size")
         input_size = _checks.positive_int(input_size, "input_size")
-        kx, kh = jax.random.split(key)
-        return {
-            "w_x": jax.nn.initializers.lecun_normal()(kx, (input_size, 4 * H), dtype),
-            "w_h": _orthogonal_blocks(kh, H, 4, dtype),
-            "bias": jnp.zeros((4 * H,), dtype).at[H : 2 * H].set(self.forget_bias),
-            "g_x": jnp.full((4 * H,), self.gain_init, dtype),
-            "g_h": jnp.full((4 * H,), self.gain_init, dtype),
-            "n_c": _norm_params("layer", H, self.gain_init, dtype),
-        }
+        H = self.hidden_size
+        params = _weights(key, input_size, H, 4, dtype)
+        params.update(n_x=self._input_norm.init(4 * H, dtype), n_h=self._recurrent_norm.init(4 * H, dtype),
+                      n_c=self._cell_norm.init(H, dtype))  # fmt: skip
+        return _forget_bias(params, ("n_x", "n_h"), self.forget_bias, H)
 
     def init_state(self, dtype=jnp.float32) -> BNLSTMState:
-        def stats(n):
-            return BatchNormState(jnp.zeros((self.max_steps, n), dtype), jnp.ones((self.max_steps, n), dtype))
-
-        H = self.hidden_size
-        return BNLSTMState(stats(4 * H), stats(4 * H), stats(H), jnp.zeros((), jnp.int32))
+        H, T = self.hidden_size, self.max_steps
+        per_step = lambda norm, n: jax.tree.map(lambda a: jnp.broadcast_to(a, (T, *a.shape)),  # noqa: E731
+                                                norm.init_state(n, dtype))  # fmt: skip
+        return BNLSTMState(per_step(self._input_norm, 4 * H), per_step(self._recurrent_norm, 4 * H),
+                           per_step(self._cell_norm, H), jnp.zeros((), jnp.int32))  # fmt: skip
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
-        z = jnp.zeros((*batch_shape, self.hidden_size), dtype)
+        z = super().initial_carry(batch_shape, dtype)
         return LSTMCarry(z, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BNSteps:
+    """A `BNLSTMCell` as a cell of the protocol for `rnn`: the carry is `(LSTMCarry, t)`, and
+    step `t` normalizes with the statistics of step `t` of `state` (in training, the batch's),
+    returning its new statistics with its output."""
+
+    cell: BNLSTMCell
+    state: BNLSTMState
+    training: bool
+    axis_name: Any
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return self.cell.initial_carry(batch_shape, dtype), jnp.zeros((), jnp.int32)
+
+    def masked(self, params, carry, x, valid):
+        ((c, h), t), cell, state = carry, self.cell, self.state
+        kw = dict(training=self.training, mask=valid, axis_name=self.axis_name)
+        last = jnp.where(state.steps_seen > 0, state.steps_seen, cell.max_steps) - 1
+        idx = t if self.training else jnp.minimum(t, last)
+        sx, sh, sc = jax.tree.map(lambda a: a[idx], (state.x, state.h, state.c))
+        wx = cell._matmul(_check_input(x, params["w_x"], "xs"), params["w_x"])
+        ax, sx = norms.run(cell._input_norm, params["n_x"], wx, sx, **kw)
+        ah, sh = norms.run(cell._recurrent_norm, params["n_h"], cell._matmul(h, params["w_h"]), sh, **kw)
+        c_new, o = _lstm_update(ax + ah, c)
+        cn, sc = norms.run(cell._cell_norm, params["n_c"], c_new, sc, **kw)
+        h_new = o * jnp.tanh(cn)
+        if valid is not None:
+            keep = valid[..., None]
+            c_new, h_new, h = jnp.where(keep, c_new, c), jnp.where(keep, h_new, 0), jnp.where(keep, h_new, h)
+        else:
+            h = h_new
+        return (LSTMCarry(c_new, h), t + 1), (h_new, (sx, sh, sc))
 
 
 def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, lengths=None,
                 initial_carry=None, time_major=False, axis_name=None, unroll=1):
-    """Runs a `BNLSTMCell` over a sequence; statistics over the batch axes at each step.
+    """Runs a `BNLSTMCell` over a sequence with `rnn`; statistics over the batch at each step.
 
     Args:
       cell, params, state: the cell, its parameters and its `BNLSTMState`.
-      xs: `[*batch, T, features]` (or time-major) with at least one batch axis.
+      xs: `[*batch, T, features]` (or time-major) with at least one batch axis, or none inside
+        a mapped `axis_name`.
       training: batch statistics per step, and update `state` (requires T <= max_steps);
         otherwise per-step population statistics, step t using those of
         `min(t, steps_seen - 1)`.
@@ -623,55 +669,30 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
     Returns:
       `(ys, final_carry, new_state)`.
     """
-    if not isinstance(training, bool):
-        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
-    xs = _to_time_major(_checks.floating(xs, "xs"), time_major)
+    _checks.training_flag(training)
+    xs = _checks.floating(xs, "xs")
     if xs.ndim < 3 and axis_name is None:
         raise ValueError(f"`xs` must have a batch axis for batch statistics, got shape {xs.shape}.")
-    T, batch_shape = xs.shape[0], xs.shape[1:-1]
+    T, batch_shape = (xs.shape[0], xs.shape[1:-1]) if time_major else (xs.shape[-2], xs.shape[:-2])
     if training and T > cell.max_steps:
         raise ValueError(
             f"`xs` has {T} time steps but the cell keeps statistics for max_steps={cell.max_steps}; "
             "train on sequences no longer than max_steps (or raise it)."
         )
-    mask = _lengths_mask(lengths, T, batch_shape)
-    steps_mask = jnp.ones((T,) + batch_shape, bool) if mask is None else mask
-    if initial_carry is None:
-        initial_carry = cell.initial_carry(batch_shape, params["w_h"].dtype)
-    initial_carry = _varying_like(initial_carry, (params, state, xs, lengths))
-    _check_input(xs, params["w_x"], "xs")
-    xs = _zero_padding(xs, mask)
+    steps = _BNSteps(cell, state, training, axis_name)
+    if initial_carry is not None:
+        initial_carry = (initial_carry, jnp.zeros((), jnp.int32))
+    # The per-step statistics come out as `[T, n]` outputs, which the layout of `ys` leaves as
+    # they are (time is already their axis -2).
+    (ys, stats), (carry, _) = rnn(steps, params, xs, lengths=lengths, initial_carry=initial_carry,
+                                  time_major=time_major, unroll=unroll)  # fmt: skip
     if training:
-        idx = jnp.arange(T)
-    else:
-        last = jnp.where(state.steps_seen > 0, state.steps_seen, cell.max_steps) - 1
-        idx = jnp.minimum(jnp.arange(T, dtype=last.dtype), last)
-    per_step = jax.tree.map(lambda s: s[idx], (state.x, state.h, state.c))
-    bn = dict(training=training, momentum=cell.momentum, eps=cell.eps, axis_name=axis_name)
-
-    def step(carry, inp):
-        x_t, (sx, sh, sc), m_t = inp
-        c, h = carry
-        m = m_t  # shape batch_shape; () when the batch is a named (vmapped) axis
-        ax, sx = batch_norm(_matmul(x_t.astype(params["w_x"].dtype), params["w_x"]), params["g_x"], None, sx, mask=m, **bn)
-        ah, sh = batch_norm(_matmul(h, params["w_h"]), params["g_h"], None, sh, mask=m, **bn)
-        i, f, g, o = jnp.split(ax + ah + _lead(params["bias"], ax.ndim), 4, axis=-1)
-        c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        cn, sc = batch_norm(c_new, params["n_c"]["scale"], params["n_c"]["bias"], sc, mask=m, **bn)
-        h_new = jax.nn.sigmoid(o) * jnp.tanh(cn)
-        keep = m_t[..., None]
-        new_carry = LSTMCarry(jnp.where(keep, c_new, c), jnp.where(keep, h_new, h))
-        return new_carry, (jnp.where(keep, h_new, 0), (sx, sh, sc))
-
-    carry, (ys, stats) = lax.scan(step, initial_carry, (xs, per_step, steps_mask), unroll=unroll)
-    if training:
-        # Steps no sequence reached keep their old statistics.
-        active = jnp.any(steps_mask.reshape(T, -1), axis=1)
-        if axis_name is not None:  # a step is active if any shard's sequence reached it
+        # Steps no sequence reached (on any shard) keep their old statistics.
+        mask = _lengths_mask(lengths, T, batch_shape)
+        active = jnp.ones((T,), bool) if mask is None else jnp.any(mask.reshape(T, -1), axis=1)
+        if axis_name is not None:
             active = lax.pmax(active.astype(jnp.int32), axis_name) > 0
-        active = active[:, None]
-        merge = lambda new, old: old.at[:T].set(jnp.where(active, new, old[:T]))  # noqa: E731
-        x_s, h_s, c_s = jax.tree.map(merge, stats, (state.x, state.h, state.c))
+        merge = lambda new, old: old.at[:T].set(jnp.where(active[:, None], new, old[:T]))  # noqa: E731
         seen = jnp.maximum(state.steps_seen, jnp.sum(active, dtype=jnp.int32))
-        state = BNLSTMState(x_s, h_s, c_s, seen)
-    return _from_time_major(ys, time_major), carry, state
+        state = BNLSTMState(*jax.tree.map(merge, stats, tuple(state[:3])), seen)
+    return ys, carry, state

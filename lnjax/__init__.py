@@ -1,7 +1,7 @@
 """lnjax: layer normalization and its relatives, and normalized RNNs, in JAX.
 
-Pure functions live at the top level (`lnjax.layer_norm`, ...); Flax wrappers in
-`lnjax.nnx` and `lnjax.linen`.
+Pure functions live at the top level (`lnjax.layer_norm`, ...), normalizers as values in
+`lnjax.norms`; Flax wrappers in `lnjax.nnx` and `lnjax.linen`.
 """
 
 from lnjax.normalization import (
@@ -15,6 +15,7 @@ from lnjax.normalization import (
     rms_norm,
     weight_norm,
 )
+from lnjax import norms  # noqa: I001  (after the ops it wraps)
 from lnjax.recurrent import (
     BNLSTMCell,
     BNLSTMState,

@@ -138,13 +138,16 @@ def _lstm_update(gates, c):
     return jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forget_bias(params, keys, value, hidden):
-    """Writes the forget gate's initial bias into the first of `keys` whose term has a bias."""
-    if value == 0:
+def _term_params(params, keys, forget_bias, hidden):
+    """`params` without the entries of parameterless terms (`{}`: nnx and linen keep no empty
+    collections; the cells read them back as `{}`), the forget gate's initial bias written into
+    the first of `keys` whose term has a bias."""
+    params = {k: v for k, v in params.items() if not (isinstance(v, dict) and not v)}
+    if forget_bias == 0:
         return params
     for k in keys:
-        if "bias" in params[k]:
-            params[k]["bias"] = params[k]["bias"].at[hidden : 2 * hidden].set(value)
+        if "bias" in params.get(k, {}):
+            params[k]["bias"] = params[k]["bias"].at[hidden : 2 * hidden].set(forget_bias)
             return params
     raise ValueError(f"`forget_bias`={value!r} needs a bias in the input or recurrent term, "
                      "but neither normalizer has one.")  # fmt: skip
@@ -240,7 +243,7 @@ class LSTMCell(_Cell):
         params = _weights(key, input_size, H, 4, dtype)
         params.update(n_x=self._input_norm.init(4 * H, dtype), n_h=self._recurrent_norm.init(4 * H, dtype),
                       n_c=self._cell_norm.init(H, dtype))  # fmt: skip
-        return _forget_bias(params, ("n_x", "n_h"), self.forget_bias, H)
+        return _term_params(params, ("n_x", "n_h"), self.forget_bias, H)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         z = super().initial_carry(batch_shape, dtype)
@@ -249,12 +252,12 @@ class LSTMCell(_Cell):
     def project_inputs(self, params, x):
         """`N_x(W_x x)`, shape `[..., 4H]`; independent of the carry."""
         x = _check_input(x, params["w_x"])
-        return self._input_norm.apply(params["n_x"], self._matmul(x, params["w_x"]))
+        return self._input_norm.apply(params.get("n_x", {}), self._matmul(x, params["w_x"]))
 
     def step(self, params, carry, u):
         c, h = carry
-        c, o = _lstm_update(u + self._recurrent_norm.apply(params["n_h"], self._matmul(h, params["w_h"])), c)
-        c_out = self._cell_norm.apply(params["n_c"], c)
+        c, o = _lstm_update(u + self._recurrent_norm.apply(params.get("n_h", {}), self._matmul(h, params["w_h"])), c)
+        c_out = self._cell_norm.apply(params.get("n_c", {}), c)
         h = o * jnp.tanh(c_out)
         return LSTMCarry(c_out if self.carry_normalized_cell else c, h), h
 
@@ -299,22 +302,23 @@ class GRUCell(_Cell):
             _check_input_norm(self, spec, input_size)
         H = self.hidden_size
         (n2, n3), (n1, n4) = self._input_norm, self._recurrent_norm
-        return {**_weights(key, input_size, H, 3, dtype),
-                "n_x_gates": n2.init(2 * H, dtype), "n_x_cand": n3.init(H, dtype),
-                "n_h_gates": n1.init(2 * H, dtype), "n_h_cand": n4.init(H, dtype)}  # fmt: skip
+        params = {**_weights(key, input_size, H, 3, dtype),
+                  "n_x_gates": n2.init(2 * H, dtype), "n_x_cand": n3.init(H, dtype),
+                  "n_h_gates": n1.init(2 * H, dtype), "n_h_cand": n4.init(H, dtype)}  # fmt: skip
+        return _term_params(params, (), 0, H)
 
     def project_inputs(self, params, x):
         """`[N_2(W_x x), N_3(W x)]`, shape `[..., 3H]`."""
         a = self._matmul(_check_input(x, params["w_x"]), params["w_x"])
         H, (n2, n3) = self.hidden_size, self._input_norm
-        return jnp.concatenate([n2.apply(params["n_x_gates"], a[..., : 2 * H]),
-                                n3.apply(params["n_x_cand"], a[..., 2 * H :])], axis=-1)  # fmt: skip
+        return jnp.concatenate([n2.apply(params.get("n_x_gates", {}), a[..., : 2 * H]),
+                                n3.apply(params.get("n_x_cand", {}), a[..., 2 * H :])], axis=-1)  # fmt: skip
 
     def step(self, params, carry, u):
         H, (n1, n4) = self.hidden_size, self._recurrent_norm
         a = self._matmul(carry, params["w_h"])
-        r, z = jnp.split(jax.nn.sigmoid(u[..., : 2 * H] + n1.apply(params["n_h_gates"], a[..., : 2 * H])), 2, axis=-1)
-        n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params["n_h_cand"], a[..., 2 * H :]))
+        r, z = jnp.split(jax.nn.sigmoid(u[..., : 2 * H] + n1.apply(params.get("n_h_gates", {}), a[..., : 2 * H])), 2, axis=-1)
+        n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params.get("n_h_cand", {}), a[..., 2 * H :]))
         h = z * carry + (1 - z) * n
         return h, h
 
@@ -335,14 +339,15 @@ class RNNCell(_Cell):
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        return {**_weights(key, input_size, self.hidden_size, 1, dtype), "n": self._norm.init(self.hidden_size, dtype)}
+        params = {**_weights(key, input_size, self.hidden_size, 1, dtype), "n": self._norm.init(self.hidden_size, dtype)}
+        return _term_params(params, (), 0, self.hidden_size)
 
     def project_inputs(self, params, x):
         """`W_x x`, shape `[..., H]` (normalized after the recurrent term is added)."""
         return self._matmul(_check_input(x, params["w_x"]), params["w_x"])
 
     def step(self, params, carry, u):
-        h = jnp.tanh(self._norm.apply(params["n"], u + self._matmul(carry, params["w_h"])))
+        h = jnp.tanh(self._norm.apply(params.get("n", {}), u + self._matmul(carry, params["w_h"])))
         return h, h
 
 
@@ -604,7 +609,7 @@ class BNLSTMCell(_Cell):
         params = _weights(key, input_size, H, 4, dtype)
         params.update(n_x=self._input_norm.init(4 * H, dtype), n_h=self._recurrent_norm.init(4 * H, dtype),
                       n_c=self._cell_norm.init(H, dtype))  # fmt: skip
-        return _forget_bias(params, ("n_x", "n_h"), self.forget_bias, H)
+        return _term_params(params, ("n_x", "n_h"), self.forget_bias, H)
 
     def init_state(self, dtype=jnp.float32) -> BNLSTMState:
         H, T = self.hidden_size, self.max_steps
@@ -639,10 +644,10 @@ class _BNSteps:
         idx = t if self.training else jnp.minimum(t, last)
         sx, sh, sc = jax.tree.map(lambda a: a[idx], (state.x, state.h, state.c))
         wx = cell._matmul(_check_input(x, params["w_x"], "xs"), params["w_x"])
-        ax, sx = norms.run(cell._input_norm, params["n_x"], wx, sx, **kw)
-        ah, sh = norms.run(cell._recurrent_norm, params["n_h"], cell._matmul(h, params["w_h"]), sh, **kw)
+        ax, sx = norms.run(cell._input_norm, params.get("n_x", {}), wx, sx, **kw)
+        ah, sh = norms.run(cell._recurrent_norm, params.get("n_h", {}), cell._matmul(h, params["w_h"]), sh, **kw)
         c_new, o = _lstm_update(ax + ah, c)
-        cn, sc = norms.run(cell._cell_norm, params["n_c"], c_new, sc, **kw)
+        cn, sc = norms.run(cell._cell_norm, params.get("n_c", {}), c_new, sc, **kw)
         h_new = o * jnp.tanh(cn)
         if valid is not None:
             keep = valid[..., None]

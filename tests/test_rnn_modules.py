@@ -23,6 +23,7 @@ from flax import nnx
 import lnjax
 import lnjax.linen
 import lnjax.nnx
+from lnjax import norms
 
 # The same sizes throughout, so that op-by-op runs reuse their compiled operations.
 B, T, IN, H = 4, 7, 10, 5  # IN > 8: no warning about LN(W_x x) (see test_few_inputs_warning)
@@ -75,15 +76,18 @@ def _shapes(tree):
 
 
 # (module name, keyword arguments shared by nnx, linen and the pure cell)
+_RMS4 = norms.rms(groups=4)
 RNN_CASES = [
     ("LSTM", dict()),
-    ("LSTM", dict(norm="rms", per_gate=True, carry_normalized_cell=True, forget_bias=1.0)),
-    ("LSTM", dict(norm_input=False, gain_init=0.5, eps=1e-3)),
-    ("LSTM", dict(norm="none")),
+    ("LSTM", dict(input_norm=_RMS4, recurrent_norm=_RMS4, cell_norm="rms", carry_normalized_cell=True,
+                  forget_bias=1.0)),
+    ("LSTM", dict(input_norm=None, recurrent_norm=norms.layer(scale_init=0.5, eps=1e-3))),
+    ("LSTM", dict(input_norm=None, recurrent_norm=None)),  # DRAW's: LN on c_t only
+    ("LSTM", dict(input_norm=None, recurrent_norm=None, cell_norm=None, precision="highest")),
     ("GRU", dict()),
-    ("GRU", dict(norm="rms", norm_input=False)),
+    ("GRU", dict(input_norm=None, recurrent_norm=("rms", "layer"))),
     ("SimpleRNN", dict()),
-    ("SimpleRNN", dict(norm="none")),
+    ("SimpleRNN", dict(norm=None)),
 ]
 CELLS = {"LSTM": lnjax.LSTMCell, "GRU": lnjax.GRUCell, "SimpleRNN": lnjax.RNNCell}
 
@@ -235,7 +239,8 @@ def test_jit_and_grad_equal_pure():
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.usefixtures("op_by_op")
 def test_bn_lstm_training_and_eval(masked):
-    kw = dict(momentum=0.8, eps=1e-3)
+    bn = dict(momentum=0.8, eps=1e-3)
+    kw = dict(input_norm=norms.batch(**bn), recurrent_norm=norms.batch(bias=False, **bn), cell_norm=norms.batch(**bn))
     m = lnjax.nnx.BNLSTM(IN, H, T, **kw, rngs=nnx.Rngs(0))
     lm = lnjax.linen.BNLSTM(H, T, **kw)
     cell = lnjax.BNLSTMCell(H, T, **kw)
@@ -363,26 +368,26 @@ def test_bn_lstm_linen_modes():
 
 
 @pytest.mark.usefixtures("op_by_op")
-def test_few_inputs_warning():
-    """LSTMCell/GRUCell warn at `init` that LN(W_x x) keeps little of a 1-feature input; the
-    modules call `init`, so the warning surfaces when the module is built (nnx) or initialized
-    (linen), and not at every call."""
-    xs = _rand((B, T, 1))
+def test_degenerate_input_norm_error_and_few_inputs_warning():
+    """LSTMCell/GRUCell refuse at `init` a named input norm of a 1-feature input (LN(W_x x)
+    keeps only its sign) and warn for a few features; the modules call `init`, so the error or
+    warning surfaces when the module is built (nnx) or initialized (linen), not at every call."""
+    xs, xs3 = _rand((B, T, 1)), _rand((B, T, 3))
     key = jax.random.key(0)
-    with pytest.warns(UserWarning, match="input_size=1.*norm_input=False"):
-        m = lnjax.nnx.LSTM(1, H, rngs=nnx.Rngs(0))
-    with pytest.warns(UserWarning, match="input_size=1"):
-        variables = lnjax.linen.LSTM(H).init(key, xs)
-    with pytest.warns(UserWarning, match="GRUCell.*input_size=1"):  # abstractly, for speed
-        nnx.eval_shape(lambda: lnjax.nnx.GRU(1, H, rngs=nnx.Rngs(0)))
-    with pytest.warns(UserWarning, match="GRUCell.*input_size=1"):
-        jax.eval_shape(lnjax.linen.GRU(H).init, key, xs)
+    with pytest.raises(ValueError, match="input_size=1.*input_norm=None"):
+        lnjax.nnx.LSTM(1, H, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="input_size=1"):
+        lnjax.linen.GRU(H).init(key, xs)
+    with pytest.warns(UserWarning, match="input_size=3.*may fail to learn"):
+        m = lnjax.nnx.LSTM(3, H, rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="GRUCell.*input_size=3"):
+        variables = lnjax.linen.GRU(H).init(key, xs3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m(xs)
-        lnjax.linen.LSTM(H).apply(variables, xs)
+        m(xs3)
+        lnjax.linen.GRU(H).apply(variables, xs3)
         for name in ("LSTM", "GRU"):
-            for kw in (dict(norm_input=False), dict(norm_input=True), dict(norm="none")):
+            for kw in (dict(input_norm=None), dict(input_norm=norms.layer())):
                 nnx.eval_shape(lambda: getattr(lnjax.nnx, name)(1, H, **kw, rngs=nnx.Rngs(0)))
                 jax.eval_shape(getattr(lnjax.linen, name)(H, **kw).init, key, xs)
 
@@ -394,8 +399,12 @@ def test_constructor_checks_and_dtypes():
         lnjax.nnx.GRU(IN, 0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="hidden_size"):
         lnjax.linen.SimpleRNN(0)
-    with pytest.raises(ValueError, match="`norm` must be one of"):
-        lnjax.linen.LSTM(H, norm="batch")
+    with pytest.raises(ValueError, match="unknown normalizer 'batchh'"):
+        lnjax.linen.LSTM(H, input_norm="batchh")
+    with pytest.raises(TypeError, match="stateful"):
+        lnjax.nnx.LSTM(IN, H, recurrent_norm="batch", rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="gain_init"):  # options are the cell's fields, by name
+        lnjax.nnx.LSTM(IN, H, gain_init=0.5, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_steps"):
         lnjax.linen.BNLSTM(H, 0)
     with pytest.raises(flax.errors.ScopeCollectionNotFound, match="w_x"):  # Linen's error

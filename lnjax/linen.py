@@ -16,61 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lnjax import _checks
-from lnjax.normalization import (
-    BatchNormState,
-    batch_norm,
-    batch_norm_state,
-    group_norm,
-    instance_norm,
-    layer_norm,
-    rms_norm,
-    weight_norm,
-)
-from lnjax.recurrent import (
-    BNLSTMCell,
-    GRUCell,
-    LSTMCell,
-    RNNCell,
-    bn_lstm_rnn,
-    rnn,
-)
-from lnjax.relatives import (
-    GRAPH_NORM_KINDS,
-    SwitchableControl,
-    _check_kinds as _check_graph_kinds,
-    batch_layer_norm,
-    divisive_norm,
-    domain_agnostic_batch_norm,
-    graph_adjacency_norm,
-    graph_batch_norm,
-    graph_learned_norm,
-    graph_learned_weights,
-    graph_node_norm,
-    graph_norm,
-    proxy_norm,
-    switchable_norm,
-)
+from lnjax import _checks, normalization, norms, recurrent, relatives
 
-__all__ = [
-    "BNLSTM",
-    "BatchLayerNorm",
-    "BatchNorm",
-    "Bidirectional",
-    "DivisiveNorm",
-    "DomainAgnosticBatchNorm",
-    "GRU",
-    "GraphNorm",
-    "GroupNorm",
-    "InstanceNorm",
-    "LSTM",
-    "LayerNorm",
-    "ProxyNorm",
-    "RMSNorm",
-    "SimpleRNN",
-    "SwitchableNorm",
-    "WeightNormDense",
-]
+__all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
+           "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
 ones = jax.nn.initializers.ones
@@ -128,7 +77,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return layer_norm(x, scale, bias, axis=self.axis, eps=self.eps,
+        return normalization.layer_norm(x, scale, bias, axis=self.axis, eps=self.eps,
                           fast_variance=self.fast_variance)
 
 
@@ -157,7 +106,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return rms_norm(x, scale, bias, axis=self.axis, eps=self.eps)
+        return normalization.rms_norm(x, scale, bias, axis=self.axis, eps=self.eps)
 
 
 _MODE_ERROR = (
@@ -168,6 +117,13 @@ _MODE_ERROR = (
     "In training, also make the statistics mutable: `model.apply(variables, x, "
     "mutable=['batch_stats'])`."
 )
+
+
+def _mode(mdl: nn.Module, use_running_average) -> bool:
+    """`training`, from the attribute or the call (exactly once, as in Linen's BatchNorm)."""
+    if mdl.use_running_average is None and use_running_average is None:
+        raise ValueError(_MODE_ERROR.replace("BatchNorm", type(mdl).__name__))
+    return not nn.merge_param("use_running_average", mdl.use_running_average, use_running_average)
 
 
 class BatchNorm(nn.Module):
@@ -206,17 +162,13 @@ class BatchNorm(nn.Module):
     def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
         """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
         are left out of the statistics."""
-        if self.use_running_average is None and use_running_average is None:
-            raise ValueError(_MODE_ERROR)
-        training = not nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
+        training = _mode(self, use_running_average)
         shape = _feature_shape(x, self.axis)
-        mean = self.variable("batch_stats", "mean", lambda: batch_norm_state(shape).mean)
-        var = self.variable("batch_stats", "var", lambda: batch_norm_state(shape).var)
+        mean = self.variable("batch_stats", "mean", lambda: normalization.batch_norm_state(shape).mean)
+        var = self.variable("batch_stats", "var", lambda: normalization.batch_norm_state(shape).var)
         init = self.is_initializing()
-        y, state = batch_norm(
-            x, *_scale_bias(self, shape), BatchNormState(mean.value, var.value),
+        y, state = normalization.batch_norm(
+            x, *_scale_bias(self, shape), normalization.BatchNormState(mean.value, var.value),
             training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
             axis_name=None if init else self.axis_name, mask=mask,
             fast_variance=self.fast_variance,
@@ -259,7 +211,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return group_norm(x, self.num_groups, scale, bias, axis=self.axis, eps=self.eps,
+        return normalization.group_norm(x, self.num_groups, scale, bias, axis=self.axis, eps=self.eps,
                           fast_variance=self.fast_variance)
 
 
@@ -289,7 +241,7 @@ class InstanceNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return instance_norm(x, scale, bias, axis=self.axis, eps=self.eps,
+        return normalization.instance_norm(x, scale, bias, axis=self.axis, eps=self.eps,
                              fast_variance=self.fast_variance)
 
 
@@ -326,7 +278,7 @@ class WeightNormDense(nn.Module):
         b = None
         if self.use_bias:
             b = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return _dense(x, weight_norm(v, g, eps=self.eps), b)
+        return _dense(x, normalization.weight_norm(v, g, eps=self.eps), b)
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
@@ -334,18 +286,18 @@ class WeightNormDense(nn.Module):
 
 
 
-def _cell_params(mdl: nn.Module, in_features: int) -> dict:
-    """The pure cell's parameters, stored as `mdl`'s `params` under the same names.
+def _pure_params(mdl: nn.Module, init: Callable[[], dict], first: str | None = None) -> dict:
+    """A pure function's parameters, stored as `mdl`'s `params` under the same names.
 
-    At initialization they are one `mdl.cell.init(key, in_features)` call (so the tree is exactly
-    the pure one, and `apply({"params": pure_params}, ...)` works); afterwards they are read back.
+    At initialization they are one `init()` call (so the tree is exactly the pure one, and
+    `apply({"params": pure_params}, ...)` works); afterwards they are read back. `first`: a key
+    of the tree, asked for before `init()` runs (Linen's own error when `params` are missing).
     """
-    if mdl.has_variable("params", "w_x"):  # every cell has `w_x`
+    if "params" in mdl.variables:
         return dict(mdl.variables["params"])
-    if not mdl.is_mutable_collection("params"):  # `apply` without them: Linen's own error
-        mdl.param("w_x", lambda _: None)
-    params = mdl.cell.init(mdl.make_rng("params"), in_features, mdl.param_dtype)
-    return {name: mdl.param(name, lambda _, v=value: v) for name, value in params.items()}
+    if first is not None and not mdl.is_mutable_collection("params"):
+        mdl.param(first, lambda _: None)
+    return {name: mdl.param(name, lambda _, v=value: v) for name, value in init().items()}
 
 
 def _cell_fields(cell_cls, **extra) -> dict:
@@ -377,8 +329,9 @@ class _RNN(_CellModule):
         `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
         outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
         """
-        params = _cell_params(self, jnp.shape(xs)[-1])
-        ys, carry = rnn(self.cell, params, xs, lengths=lengths, initial_carry=initial_carry,
+        params = _pure_params(self, lambda: self.cell.init(self.make_rng("params"), jnp.shape(xs)[-1],
+                                                           self.param_dtype), "w_x")  # fmt: skip
+        ys, carry = recurrent.rnn(self.cell, params, xs, lengths=lengths, initial_carry=initial_carry,
                         reverse=reverse, time_major=time_major,
                         precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
         return (ys, carry) if return_carry else ys
@@ -394,9 +347,9 @@ def _rnn_module(name, cell_cls, what):
     return type(name, (_RNN,), {**ns, "__module__": __name__, "__doc__": what + _RNN_DOC.format(cell_cls.__name__)})
 
 
-LSTM = _rnn_module("LSTM", LSTMCell, "LN-LSTM")
-GRU = _rnn_module("GRU", GRUCell, "LN-GRU")
-SimpleRNN = _rnn_module("SimpleRNN", RNNCell, "LN tanh-RNN")
+LSTM = _rnn_module("LSTM", recurrent.LSTMCell, "LN-LSTM")
+GRU = _rnn_module("GRU", recurrent.GRUCell, "LN-GRU")
+SimpleRNN = _rnn_module("SimpleRNN", recurrent.RNNCell, "LN tanh-RNN")
 
 
 class Bidirectional(nn.Module):
@@ -420,17 +373,6 @@ class Bidirectional(nn.Module):
         return (ys, (cf, cb)) if return_carry else ys
 
 
-_BN_LSTM_MODE_ERROR = (
-    "lnjax.linen.BNLSTM does not know whether to use batch statistics (training) or the per-step "
-    "population statistics (evaluation): `use_running_average` is None. Set it in one of these "
-    "ways:\n\n"
-    "1. as an attribute: `BNLSTM(..., use_running_average=not train)`;\n"
-    "2. at call time: `BNLSTM(...)(xs, use_running_average=not train)`.\n\n"
-    "In training, also make the statistics mutable: `model.apply(variables, xs, "
-    "mutable=['batch_stats'])`."
-)
-
-
 class _BNLSTM(_CellModule):
     @nn.compact
     def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
@@ -439,16 +381,13 @@ class _BNLSTM(_CellModule):
         """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
         `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
         `(outputs, final_carry)`."""
-        if self.use_running_average is None and use_running_average is None:
-            raise ValueError(_BN_LSTM_MODE_ERROR)
-        training = not nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        params = _cell_params(self, jnp.shape(xs)[-1])
+        training = _mode(self, use_running_average)
+        params = _pure_params(self, lambda: self.cell.init(self.make_rng("params"), jnp.shape(xs)[-1],
+                                                           self.param_dtype), "w_x")  # fmt: skip
         dtype = _checks.stats_dtype(jnp.dtype(self.param_dtype))
         stats = self.variable("batch_stats", "stats", self.cell.init_state, dtype)
         init = self.is_initializing()
-        ys, carry, state = bn_lstm_rnn(
+        ys, carry, state = recurrent.bn_lstm_rnn(
             self.cell, params, stats.value, xs, training=training, lengths=lengths,
             initial_carry=initial_carry, time_major=time_major,
             axis_name=None if init else self.axis_name, unroll=unroll,
@@ -459,7 +398,7 @@ class _BNLSTM(_CellModule):
 
 
 BNLSTM = type("BNLSTM", (_BNLSTM,), {
-    **_cell_fields(BNLSTMCell, use_running_average=None, axis_name=None, param_dtype=jnp.float32),
+    **_cell_fields(recurrent.BNLSTMCell, use_running_average=None, axis_name=None, param_dtype=jnp.float32),
     "__module__": __name__,
     "__doc__": """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations,
     defaults) run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
@@ -478,244 +417,47 @@ BNLSTM = type("BNLSTM", (_BNLSTM,), {
 })
 
 
-# --- relatives of layer norm (shells over lnjax.relatives) ------------------------------------
+# --- any normalizer of lnjax.norms --------------------------------------------------------------
 
 
-def _mode(mdl: nn.Module, use_running_average) -> bool:
-    """`training`, from the attribute or the call (exactly once, as in Linen's BatchNorm)."""
-    if mdl.use_running_average is None and use_running_average is None:
-        raise ValueError(_MODE_ERROR.replace("BatchNorm", type(mdl).__name__))
-    return not nn.merge_param("use_running_average", mdl.use_running_average, use_running_average)
+class Norm(nn.Module):
+    """Any `lnjax.norms` normalizer of the last axis as a module: the relatives of layer norm
+    (`norms.switchable()`, `norms.batch_layer()`, `norms.divisive(radius)`, the graph ones,
+    `norms.domain_agnostic_batch()`, ...) or a user's own.
 
-
-def _running_stats(mdl: nn.Module, shape):
-    """The `batch_stats` `mean`, `var` of `mdl` (init 0 and 1) and their values as a state."""
-    mean = mdl.variable("batch_stats", "mean", lambda: batch_norm_state(shape).mean)
-    var = mdl.variable("batch_stats", "var", lambda: batch_norm_state(shape).var)
-    return (mean, var), BatchNormState(mean.value, var.value)
-
-
-def _store(variables, training: bool, mdl: nn.Module, state):
-    """Writes `state` back unless evaluating or initializing (Linen's BatchNorm does neither)."""
-    if training and not mdl.is_initializing():
-        variables[0].value, variables[1].value = state
-
-
-class SwitchableNorm(nn.Module):
-    """Switchable normalization (Luo et al. 2018); see `lnjax.switchable_norm`.
-
-    A learned softmax mix of instance, layer and batch statistics: `params` `scale`, `bias`
-    `[channels]`, control logits `mean_logits`, `var_logits` `[3]` (IN, LN, BN; init 0); the BN
-    branch's running `batch_stats` `mean`, `var`. `x`: `[batch, *spatial, channels]`.
+    `params` are `norm.init(x.shape[-1])`'s tree; a stateful normalizer's state is the
+    `batch_stats` `stats`, not updated during `init` (as Linen's `BatchNorm`). The call passes
+    `**context` (e.g. `segment_ids`, `edges`, `source_mask`) to `norm.apply`.
 
     Attributes:
-      use_running_average, momentum, eps, axis_name: as for `BatchNorm`.
-      axis: the channel axis; not 0.
-      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
+      norm: a `Normalizer`, or a name for `norms.get`.
+      use_running_average: the mode of a stateful normalizer, here or at call time (exactly once).
+      axis_name: named axis across which batch statistics are synchronized; not used in `init`.
+      param_dtype: of the parameters; statistics are at least float32.
     """
 
+    norm: Any
     use_running_average: bool | None = None
-    axis: int = -1
-    momentum: float = 0.99
-    eps: float = 1e-5
     axis_name: str | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, use_running_average: bool | None = None):
+    def __call__(self, x, *, use_running_average: bool | None = None, **context):
+        norm = norms.resolve(self.norm, "norm")
+        if norm is None:
+            raise TypeError('`norm` must be a normalizer, got None (or "none").')
+        size = jnp.shape(x)[-1]
+        params = _pure_params(self, lambda: norm.init(size, self.param_dtype))
+        if not norm.stateful:
+            return norm.apply(params, x, **context)
         training = _mode(self, use_running_average)
-        shape = _feature_shape(x, self.axis)
-        logits = self.param("mean_logits", zeros, (3,), self.param_dtype), self.param(
-            "var_logits", zeros, (3,), self.param_dtype)  # fmt: skip
-        variables, stats = _running_stats(self, shape)
-        y, state = switchable_norm(
-            x, *_scale_bias(self, shape), SwitchableControl(*logits), stats, training=training,
-            axis=self.axis, momentum=self.momentum, eps=self.eps,
-            axis_name=None if self.is_initializing() else self.axis_name,
-        )  # fmt: skip
-        _store(variables, training, self, state)
-        return y
-
-
-class BatchLayerNorm(nn.Module):
-    """Batch layer normalization (Ziaee & Cano 2022); see `lnjax.batch_layer_norm`.
-
-    `params` `scale`, `bias` of shape `x.shape[axis]`; `batch_stats` `mean`, `var` of shape
-    `x.shape[1:]`, the running batch statistics.
-
-    Attributes:
-      use_running_average, momentum, axis_name: as for `BatchNorm`.
-      axis: int or tuple of ints, the feature axes (not 0).
-      batch_size: the `m` of the weights (default `x.shape[0]`).
-      eps: inside the square roots; 1e-3 as the authors'.
-      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
-    """
-
-    use_running_average: bool | None = None
-    axis: Any = -1
-    batch_size: int | None = None
-    momentum: float = 0.99
-    eps: float = 1e-3
-    axis_name: str | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, use_running_average: bool | None = None):
-        training = _mode(self, use_running_average)
-        variables, stats = _running_stats(self, tuple(jnp.shape(x)[1:]))
-        y, state = batch_layer_norm(
-            x, *_scale_bias(self, _feature_shape(x, self.axis)), stats, training=training,
-            axis=self.axis, momentum=self.momentum, eps=self.eps, batch_size=self.batch_size,
-            axis_name=None if self.is_initializing() else self.axis_name,
-        )  # fmt: skip
-        _store(variables, training, self, state)
-        return y
-
-
-class DivisiveNorm(nn.Module):
-    """Divisive normalization (Ren, Liao et al. 2017); see `lnjax.divisive_norm`.
-
-    `v = x - E_A[x]`, `y = scale * v / sqrt(sigma^2 + E_B[v^2]) + bias`, `A`, `B` windows of
-    `radius`, `suppression_radius` units along `axis`. `params` `scale`, `bias` `x.shape[axis]`.
-
-    Attributes:
-      radius, sigma, axis, suppression_radius, summation, edges: as for `lnjax.divisive_norm`.
-      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
-    """
-
-    radius: Any = None
-    sigma: float = 1.0
-    axis: Any = -1
-    suppression_radius: Any = ...
-    summation: bool = True
-    edges: str = "mean"
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, return_l1: bool = False):
-        """Returns `y`, or `(y, mean(|v|))` with `return_l1` (the authors' L1 penalty)."""
-        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return divisive_norm(x, scale, bias, radius=self.radius, sigma=self.sigma, axis=self.axis,
-                             suppression_radius=self.suppression_radius,
-                             summation=self.summation, edges=self.edges,
-                             return_l1=return_l1)  # fmt: skip
-
-
-class GraphNorm(nn.Module):
-    """Graph normalizations of Chen et al. (2020); see `lnjax.graph_learned_norm`.
-
-    `kind="learned"`: `y = scale * sum_k lambda^_k norm_k(x) + bias` over `kinds`, with `params`
-    `weights` `[len(kinds), features]` (equal after `weighting`'s normalization at init); a
-    single `kind` is that normalization alone. The batch-wise part keeps `batch_stats` `mean`,
-    `var`. `x`: node features `[num_nodes, features]`.
-
-    Attributes:
-      kind: "learned" or one of `lnjax.GRAPH_NORM_KINDS`.
-      kinds, weighting: the mixed normalizations and how their weights are normalized.
-      use_running_average, momentum, axis_name: for the batch-wise part, as for `BatchNorm`.
-      eps: inside every square root.
-      use_scale, use_bias, scale_init, bias_init, param_dtype: as for `LayerNorm`.
-    """
-
-    kind: str = "learned"
-    kinds: tuple = GRAPH_NORM_KINDS
-    weighting: str = "softmax"
-    use_running_average: bool | None = None
-    momentum: float = 0.99
-    eps: float = 1e-5
-    axis_name: str | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, segment_ids=None, num_segments=None, edges=None, node_mask=None,
-                 indices_are_sorted: bool = False, use_running_average: bool | None = None):  # fmt: skip
-        """Graph inputs as for the pure ops; only those of the used normalizations are needed."""
-        if self.kind == "learned":
-            components = _check_graph_kinds(self.kinds)
-        elif self.kind in GRAPH_NORM_KINDS:
-            components = (self.kind,)
-        else:
-            raise ValueError(f'`kind` must be "learned" or one of {GRAPH_NORM_KINDS}, got {self.kind!r}.')
-        shape = _feature_shape(x, -1)
-        scale, bias = _scale_bias(self, shape)
-        training, variables, stats = False, None, None
-        if "batch" in components:
-            training = _mode(self, use_running_average)
-            variables, stats = _running_stats(self, shape)
-        axis_name = None if self.is_initializing() else self.axis_name
-        state = None
-        if self.kind == "learned":
-            weights = self.param("weights", lambda _, s, d: graph_learned_weights(
-                s[1], components, self.weighting, d), (len(components),) + shape, self.param_dtype)  # fmt: skip
-            y, state = graph_learned_norm(
-                x, scale, bias, weights, stats, training=training, segment_ids=segment_ids,
-                num_segments=num_segments, edges=edges, kinds=components,
-                weighting=self.weighting, momentum=self.momentum, eps=self.eps,
-                node_mask=node_mask, indices_are_sorted=indices_are_sorted, axis_name=axis_name,
-            )  # fmt: skip
-        elif self.kind == "batch":
-            y, state = graph_batch_norm(x, scale, bias, stats, training=training,
-                                        momentum=self.momentum, eps=self.eps,
-                                        node_mask=node_mask, axis_name=axis_name)  # fmt: skip
-        elif self.kind == "graph":
-            y = graph_norm(x, scale, bias, segment_ids=segment_ids, num_segments=num_segments,
-                           eps=self.eps, indices_are_sorted=indices_are_sorted)  # fmt: skip
-        elif self.kind == "adjacency":
-            y = graph_adjacency_norm(x, scale, bias, edges=edges, eps=self.eps)
-        else:
-            y = graph_node_norm(x, scale, bias, eps=self.eps)
-        if variables is not None:
-            _store(variables, training, self, state)
-        return y
-
-
-class DomainAgnosticBatchNorm(nn.Module):
-    """Domain-agnostic batch normalization (Romijnders et al. 2018); see
-    `lnjax.domain_agnostic_batch_norm`: `BatchNorm` whose training statistics (and running
-    `batch_stats`) come from the source-domain examples only, applied to every example.
-
-    Attributes: as for `BatchNorm` (without `fast_variance`); the call takes `source_mask`.
-    """
-
-    use_running_average: bool | None = None
-    axis: Any = -1
-    momentum: float = 0.99
-    eps: float = 1e-5
-    axis_name: str | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, source_mask, use_running_average: bool | None = None):
-        """`source_mask`: boolean `[batch]`, True for source-domain examples."""
-        training = _mode(self, use_running_average)
-        shape = _feature_shape(x, self.axis)
-        variables, stats = _running_stats(self, shape)
-        y, state = domain_agnostic_batch_norm(
-            x, *_scale_bias(self, shape), stats, source_mask=source_mask, training=training,
-            axis=self.axis, momentum=self.momentum, eps=self.eps,
-            axis_name=None if self.is_initializing() else self.axis_name,
-        )  # fmt: skip
-        _store(variables, training, self, state)
+        dtype = _checks.stats_dtype(jnp.dtype(self.param_dtype))
+        stats = self.variable("batch_stats", "stats", norm.init_state, size, dtype)
+        init = self.is_initializing()
+        y, state = norms.run(norm, params, x, stats.value, training=training,
+                             axis_name=None if init else self.axis_name, **context)  # fmt: skip
+        if training and not init:
+            stats.value = state
         return y
 
 
@@ -746,6 +488,6 @@ class ProxyNorm(nn.Module):
         p = {name: self.param(name, init, shape, self.param_dtype)
              for name, init in (("scale", ones), ("bias", zeros), ("proxy_scale", zeros),
                                 ("proxy_bias", zeros))}  # fmt: skip
-        return proxy_norm(y, p["scale"], p["bias"], p["proxy_scale"], p["proxy_bias"],
+        return relatives.proxy_norm(y, p["scale"], p["bias"], p["proxy_scale"], p["proxy_bias"],
                           activation=self.activation, axis=self.axis, eps=self.eps,
                           num_samples=self.num_samples)  # fmt: skip

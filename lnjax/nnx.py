@@ -12,62 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnjax import _checks
-from lnjax.normalization import (
-    BatchNormState,
-    batch_norm,
-    batch_norm_state,
-    group_norm,
-    instance_norm,
-    layer_norm,
-    rms_norm,
-    weight_norm,
-)
-from lnjax.recurrent import (
-    BNLSTMCell,
-    GRUCell,
-    LSTMCell,
-    RNNCell,
-    bn_lstm_rnn,
-    rnn,
-)
-from lnjax.relatives import (
-    GRAPH_NORM_KINDS,
-    SwitchableControl,
-    _check_kinds as _check_graph_kinds,
-    batch_layer_norm,
-    divisive_norm,
-    domain_agnostic_batch_norm,
-    graph_adjacency_norm,
-    graph_batch_norm,
-    graph_learned_norm,
-    graph_learned_weights,
-    graph_node_norm,
-    graph_norm,
-    proxy_norm,
-    switchable_control,
-    switchable_norm,
-)
+from lnjax import _checks, normalization, norms, recurrent, relatives
 
-__all__ = [
-    "BNLSTM",
-    "BatchLayerNorm",
-    "BatchNorm",
-    "Bidirectional",
-    "DivisiveNorm",
-    "DomainAgnosticBatchNorm",
-    "GRU",
-    "GraphNorm",
-    "GroupNorm",
-    "InstanceNorm",
-    "LSTM",
-    "LayerNorm",
-    "ProxyNorm",
-    "RMSNorm",
-    "SimpleRNN",
-    "SwitchableNorm",
-    "WeightNormDense",
-]
+__all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
+           "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
 ones = jax.nn.initializers.ones
@@ -148,8 +96,8 @@ class LayerNorm(nnx.Module):
         self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
 
     def __call__(self, x):
-        return layer_norm(x, _value(self.scale), _value(self.bias), axis=self.axis, eps=self.eps,
-                          fast_variance=self.fast_variance)
+        return normalization.layer_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
+                                        eps=self.eps, fast_variance=self.fast_variance)
 
 
 class RMSNorm(nnx.Module):
@@ -187,7 +135,8 @@ class RMSNorm(nnx.Module):
         self.axis, self.eps = axis, eps
 
     def __call__(self, x):
-        return rms_norm(x, _value(self.scale), _value(self.bias), axis=self.axis, eps=self.eps)
+        return normalization.rms_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
+                                      eps=self.eps)
 
 
 _MODE_ERROR = (
@@ -200,7 +149,22 @@ _MODE_ERROR = (
 )
 
 
-class BatchNorm(nnx.Module):
+class _Mode(nnx.Module):
+    """The train/eval switch of the modules with running statistics, as `nnx.BatchNorm`'s."""
+
+    def _training(self, use_running_average) -> bool:
+        mode = self.use_running_average if use_running_average is None else use_running_average
+        if mode is None:
+            raise ValueError(_MODE_ERROR.replace("BatchNorm", type(self).__name__))
+        return not mode
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchNorm(_Mode):
     """Batch normalization (Ioffe & Szegedy 2015) with running statistics; see `lnjax.batch_norm`.
 
     Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the statistics over every
@@ -240,7 +204,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         self.num_features = _feature_shape(num_features)
-        state = batch_norm_state(self.num_features)
+        state = normalization.batch_norm_state(self.num_features)
         self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
         self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
         self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
@@ -251,23 +215,16 @@ class BatchNorm(nnx.Module):
     def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
         """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
         are left out of the statistics. `use_running_average` overrides the attribute."""
-        mode = self.use_running_average if use_running_average is None else use_running_average
-        if mode is None:
-            raise ValueError(_MODE_ERROR)
-        training = not mode
-        y, state = batch_norm(
-            x, _value(self.scale), _value(self.bias), BatchNormState(self.mean[...], self.var[...]),
+        training = self._training(use_running_average)
+        y, state = normalization.batch_norm(
+            x, _value(self.scale), _value(self.bias),
+            normalization.BatchNormState(self.mean[...], self.var[...]),
             training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
             axis_name=self.axis_name, mask=mask, fast_variance=self.fast_variance,
         )  # fmt: skip
         if training:
             self.mean[...], self.var[...] = state
         return y
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
 
 
 class GroupNorm(nnx.Module):
@@ -315,7 +272,7 @@ class GroupNorm(nnx.Module):
         self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
 
     def __call__(self, x):
-        return group_norm(x, self.num_groups, _value(self.scale), _value(self.bias),
+        return normalization.group_norm(x, self.num_groups, _value(self.scale), _value(self.bias),
                           axis=self.axis, eps=self.eps, fast_variance=self.fast_variance)
 
 
@@ -356,7 +313,7 @@ class InstanceNorm(nnx.Module):
         self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
 
     def __call__(self, x):
-        return instance_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
+        return normalization.instance_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
                              eps=self.eps, fast_variance=self.fast_variance)
 
 
@@ -396,23 +353,13 @@ class WeightNormDense(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return _dense(x, weight_norm(self.v[...], self.g[...], eps=self.eps), _value(self.bias))
+        w = normalization.weight_norm(self.v[...], self.g[...], eps=self.eps)
+        return _dense(x, w, _value(self.bias))
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
 
 
-
-
-_BN_LSTM_MODE_ERROR = (
-    "lnjax.nnx.BNLSTM does not know whether to use batch statistics (training) or the per-step "
-    "population statistics (evaluation): `use_running_average` is None. Set it in one of these "
-    "ways:\n\n"
-    "1. in the constructor: `BNLSTM(..., use_running_average=False)` (True for evaluation);\n"
-    "2. at call time: `bn_lstm(xs, use_running_average=True/False)`;\n"
-    "3. on the whole model: `model.train()` / `model.eval()`;\n"
-    "4. as a view: `nnx.view(model, use_running_average=True/False)`."
-)
 
 
 def _is_variable(v):
@@ -424,27 +371,37 @@ def _values(tree):
     return jax.tree.map(lambda v: v[...], tree, is_leaf=_is_variable)
 
 
-class _CellParams(nnx.Module):
-    """Holds the parameters of a pure `lnjax.recurrent` cell, created by `cell.init`.
+def _assign(variables, values):
+    """Writes a pytree of arrays into the pytree of `nnx.Variable`s of the same structure."""
+    for var, value in zip(jax.tree.leaves(variables, is_leaf=_is_variable), jax.tree.leaves(values)):
+        var[...] = value
 
-    Each top-level entry of `cell.init(key, in_features)` becomes an attribute of the same name
-    (an `nnx.Param`, or a dict of them), so `nnx.to_pure_dict(nnx.state(m, nnx.Param))` is exactly
-    the pure tree, and `nnx.update(m, params)` loads pure parameters.
+
+class _Params(nnx.Module):
+    """Holds the parameters of a pure cell or normalizer, as `init` made them.
+
+    Each top-level entry becomes an attribute of the same name (an `nnx.Param`, or a pytree of
+    them), so `nnx.to_pure_dict(nnx.state(m, nnx.Param))` is exactly the pure tree, and
+    `nnx.update(m, params)` loads pure parameters.
     """
 
-    def _init_cell(self, cell, in_features, param_dtype, rngs: nnx.Rngs):
-        self.cell = cell
-        self.in_features = _checks.positive_int(in_features, "in_features")
-        params = cell.init(rngs.params(), self.in_features, param_dtype)
+    def _set_params(self, params):
         self._param_names = tuple(params)
         for name, value in params.items():
             setattr(self, name, nnx.data(jax.tree.map(nnx.Param, value)))
 
     @property
     def params(self) -> dict:
-        """The parameters as the pure cell takes them (`cell.init`'s tree of arrays): a single
-        step is `m.cell(m.params, carry, x_t)`."""
+        """The parameters as the pure function takes them (`init`'s tree of arrays): a single
+        RNN step is `m.cell(m.params, carry, x_t)`."""
         return {name: _values(getattr(self, name)) for name in self._param_names}
+
+
+class _CellParams(_Params):
+    def _init_cell(self, cell, in_features, param_dtype, rngs: nnx.Rngs):
+        self.cell = cell
+        self.in_features = _checks.positive_int(in_features, "in_features")
+        self._set_params(cell.init(rngs.params(), self.in_features, param_dtype))
 
 
 class _RNN(_CellParams):
@@ -455,7 +412,8 @@ class _RNN(_CellParams):
         `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
         outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
         """
-        ys, carry = rnn(self.cell, self.params, xs, lengths=lengths, initial_carry=initial_carry,
+        ys, carry = recurrent.rnn(self.cell, self.params, xs, lengths=lengths,
+                                  initial_carry=initial_carry,
                         reverse=reverse, time_major=time_major,
                         precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
         return (ys, carry) if return_carry else ys
@@ -480,17 +438,17 @@ class _CellModule(_RNN):
 
 class LSTM(_CellModule):
     __doc__ = "LN-LSTM layer, `lnjax.LSTMCell`. " + _CellModule.__doc__
-    CELL = LSTMCell
+    CELL = recurrent.LSTMCell
 
 
 class GRU(_CellModule):
     __doc__ = "LN-GRU layer, `lnjax.GRUCell`. " + _CellModule.__doc__
-    CELL = GRUCell
+    CELL = recurrent.GRUCell
 
 
 class SimpleRNN(_CellModule):
     __doc__ = "LN tanh-RNN layer, `lnjax.RNNCell`. " + _CellModule.__doc__
-    CELL = RNNCell
+    CELL = recurrent.RNNCell
 
 
 class Bidirectional(nnx.Module):
@@ -514,7 +472,7 @@ class Bidirectional(nnx.Module):
         return (ys, (cf, cb)) if return_carry else ys
 
 
-class BNLSTM(_CellParams):
+class BNLSTM(_CellParams, _Mode):
     """Batch-normalized LSTM (Cooijmans et al. 2016): `lnjax.BNLSTMCell` (equations, defaults)
     run by `lnjax.bn_lstm_rnn`, with per-step population statistics.
 
@@ -546,7 +504,7 @@ class BNLSTM(_CellParams):
         rngs: nnx.Rngs,
         **cell_options,
     ):
-        cell = BNLSTMCell(hidden_size, max_steps=max_steps, **cell_options)
+        cell = recurrent.BNLSTMCell(hidden_size, max_steps=max_steps, **cell_options)
         self._init_cell(cell, in_features, param_dtype, rngs)
         state = cell.init_state(_checks.stats_dtype(jnp.dtype(param_dtype)))
         self.stats = nnx.data(jax.tree.map(nnx.BatchStat, state))
@@ -558,278 +516,61 @@ class BNLSTM(_CellParams):
         """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
         `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
         `(outputs, final_carry)`. `use_running_average` overrides the attribute."""
-        mode = self.use_running_average if use_running_average is None else use_running_average
-        if mode is None:
-            raise ValueError(_BN_LSTM_MODE_ERROR)
-        training = not mode
-        ys, carry, state = bn_lstm_rnn(
+        training = self._training(use_running_average)
+        ys, carry, state = recurrent.bn_lstm_rnn(
             self.cell, self.params, _values(self.stats), xs, training=training, lengths=lengths,
             initial_carry=initial_carry, time_major=time_major, axis_name=self.axis_name,
             unroll=unroll,
         )  # fmt: skip
         if training:
-            for var, value in zip(jax.tree.leaves(self.stats, is_leaf=_is_variable),
-                                  jax.tree.leaves(state)):  # fmt: skip
-                var[...] = value
+            _assign(self.stats, state)
         return (ys, carry) if return_carry else ys
 
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
+
+# --- any normalizer of lnjax.norms --------------------------------------------------------------
 
 
-# --- relatives of layer norm (shells over lnjax.relatives) ------------------------------------
+class Norm(_Params, _Mode):
+    """Any `lnjax.norms` normalizer of the last axis as a module: the relatives of layer norm
+    (`norms.switchable()`, `norms.batch_layer()`, `norms.divisive(radius)`, the graph ones,
+    `norms.domain_agnostic_batch()`, ...) or a user's own.
 
-
-class _RunningAverageMode(nnx.Module):
-    """The train/eval switch of the modules with running statistics, as `BatchNorm`'s."""
-
-    def _training(self, use_running_average):
-        mode = self.use_running_average if use_running_average is None else use_running_average
-        if mode is None:
-            raise ValueError(_MODE_ERROR.replace("BatchNorm", type(self).__name__))
-        return not mode
-
-    def _init_stats(self, shape):
-        state = batch_norm_state(shape)
-        self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
-
-    def _stats(self) -> BatchNormState:
-        return BatchNormState(self.mean[...], self.var[...])
-
-    def set_view(self, use_running_average: bool | None = None):
-        """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
-
-
-class SwitchableNorm(_RunningAverageMode):
-    """Switchable normalization (Luo et al. 2018); see `lnjax.switchable_norm`.
-
-    A learned softmax mix of instance, layer and batch statistics: parameters `scale`, `bias`
-    `[channels]` and the control logits `mean_logits`, `var_logits` `[3]` (IN, LN, BN; init 0,
-    equal weights); `nnx.BatchStat`s `mean`, `var` `[channels]` for the BN branch.
-    `x`: `[batch, *spatial, channels]`; `y`: `x`'s shape and dtype.
+    Parameters: the attributes named as the keys of `norm.init(num_features)` (`scale`,
+    `bias`, `control`, `weights`); a stateful normalizer's state is `stats`, a pytree of
+    `nnx.BatchStat`s, switched as `BatchNorm`'s (`use_running_average`, `model.train()` /
+    `model.eval()`, `nnx.view`). The call passes `**context` (e.g. `segment_ids`, `edges`,
+    `source_mask`) to `norm.apply`.
 
     Args:
-      num_features: the number of channels.
-      use_running_average, momentum, axis_name, eps: as for `BatchNorm`.
-      axis: the channel axis; not 0.
-      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
+      norm: a `Normalizer`, or a name for `norms.get`.
+      num_features: `x.shape[-1]`.
+      use_running_average: the mode of a stateful normalizer when the call gives none.
+      axis_name: named axis across which batch statistics are synchronized.
+      param_dtype: of the parameters; statistics are at least float32.
+      rngs: unused (the normalizers' initial values are constants); accepted as by Flax layers.
     """
 
-    def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis=-1,
-                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
-                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
-                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
+    def __init__(self, norm, num_features: int, *, use_running_average: bool | None = False,
+                 axis_name: str | None = None, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):  # fmt: skip
+        del rngs
+        self.norm = norms.resolve(norm, "norm")
+        if self.norm is None:
+            raise TypeError('`norm` must be a normalizer, got None (or "none").')
         self.num_features = _checks.positive_int(num_features, "num_features")
-        shape = (self.num_features,)
-        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
-        control = switchable_control(param_dtype)
-        self.mean_logits, self.var_logits = nnx.Param(control.mean_logits), nnx.Param(control.var_logits)
-        self._init_stats(shape)
-        self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
-        self.eps, self.axis_name = eps, axis_name
+        self._set_params(self.norm.init(self.num_features, param_dtype))
+        self.use_running_average, self.axis_name = use_running_average, axis_name
+        if self.norm.stateful:
+            state = self.norm.init_state(self.num_features, _checks.stats_dtype(jnp.dtype(param_dtype)))
+            self.stats = nnx.data(jax.tree.map(nnx.BatchStat, state))
 
-    def __call__(self, x, *, use_running_average: bool | None = None):
+    def __call__(self, x, *, use_running_average: bool | None = None, **context):
+        if not self.norm.stateful:
+            return self.norm.apply(self.params, x, **context)
         training = self._training(use_running_average)
-        control = SwitchableControl(self.mean_logits[...], self.var_logits[...])
-        y, state = switchable_norm(x, _value(self.scale), _value(self.bias), control, self._stats(),
-                                   training=training, axis=self.axis, momentum=self.momentum,
-                                   eps=self.eps, axis_name=self.axis_name)  # fmt: skip
+        y, state = norms.run(self.norm, self.params, x, _values(self.stats), training=training,
+                             axis_name=self.axis_name, **context)  # fmt: skip
         if training:
-            self.mean[...], self.var[...] = state
-        return y
-
-
-class BatchLayerNorm(_RunningAverageMode):
-    """Batch layer normalization (Ziaee & Cano 2022); see `lnjax.batch_layer_norm`.
-
-    `y = scale * ((1/m - 1e-4) x_f + (1 - 1/m - 1e-4) x_b) / sqrt(d) + bias`, `x_f` normalized
-    by feature statistics, `x_b` by batch statistics over axis 0, whose running averages are
-    the `nnx.BatchStat`s `mean`, `var` of shape `example_shape`.
-
-    Args:
-      example_shape: `x.shape[1:]`, the shape of one example (the running statistics' shape).
-      axis: int or tuple of ints, the feature axes of `x` (not 0); `scale`, `bias` have their shape.
-      batch_size: the `m` of the weights (default `x.shape[0]`); the authors fix it to the
-        training batch size, evaluation included.
-      use_running_average, momentum, axis_name: as for `BatchNorm`.
-      eps: inside the square roots; 1e-3 as the authors'.
-      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
-    """
-
-    def __init__(self, example_shape, *, axis=-1, batch_size: int | None = None,
-                 use_running_average: bool | None = False, momentum: float = 0.99,
-                 eps: float = 1e-3, axis_name: str | None = None, use_scale: bool = True,
-                 use_bias: bool = True, scale_init: Initializer = ones,
-                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
-        self.example_shape = _feature_shape(example_shape)
-        feat = _checks.axes(axis, len(self.example_shape) + 1)
-        if 0 in feat:
-            raise ValueError(f"`axis`={axis!r} includes the batch axis 0; expected feature axes.")
-        pshape = tuple(self.example_shape[a - 1] for a in feat)
-        self.scale = _param(use_scale, scale_init, pshape, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, pshape, param_dtype, rngs)
-        self._init_stats(self.example_shape)
-        self.use_running_average, self.axis, self.batch_size = use_running_average, axis, batch_size
-        self.momentum, self.eps, self.axis_name = momentum, eps, axis_name
-
-    def __call__(self, x, *, use_running_average: bool | None = None):
-        training = self._training(use_running_average)
-        y, state = batch_layer_norm(x, _value(self.scale), _value(self.bias), self._stats(),
-                                    training=training, axis=self.axis, momentum=self.momentum,
-                                    eps=self.eps, batch_size=self.batch_size,
-                                    axis_name=self.axis_name)  # fmt: skip
-        if training:
-            self.mean[...], self.var[...] = state
-        return y
-
-
-class DivisiveNorm(nnx.Module):
-    """Divisive normalization (Ren, Liao et al. 2017); see `lnjax.divisive_norm`.
-
-    `v = x - E_A[x]`, `y = scale * v / sqrt(sigma^2 + E_B[v^2]) + bias`, with `A`, `B` windows of
-    `radius`, `suppression_radius` units along `axis` (None: the whole axis).
-
-    Args:
-      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
-      radius, sigma, axis, suppression_radius, summation, edges: as for `lnjax.divisive_norm`.
-      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
-    """
-
-    def __init__(self, num_features, *, radius, sigma: float = 1.0, axis=-1,
-                 suppression_radius=..., summation: bool = True, edges: str = "mean",
-                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
-                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
-        self.num_features = _feature_shape(num_features)
-        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
-        self.radius, self.sigma, self.axis = radius, sigma, axis
-        self.suppression_radius, self.summation, self.edges = suppression_radius, summation, edges
-
-    def __call__(self, x, *, return_l1: bool = False):
-        """Returns `y`, or `(y, mean(|v|))` with `return_l1` (the authors' L1 penalty)."""
-        return divisive_norm(x, _value(self.scale), _value(self.bias), radius=self.radius,
-                             sigma=self.sigma, axis=self.axis,
-                             suppression_radius=self.suppression_radius,
-                             summation=self.summation, edges=self.edges,
-                             return_l1=return_l1)  # fmt: skip
-
-
-def _graph_components(kind, kinds):
-    if kind == "learned":
-        return _check_graph_kinds(kinds)
-    if kind not in GRAPH_NORM_KINDS:
-        raise ValueError(f'`kind` must be "learned" or one of {GRAPH_NORM_KINDS}, got {kind!r}.')
-    return (kind,)
-
-
-class GraphNorm(_RunningAverageMode):
-    """Graph normalizations of Chen et al. (2020); see `lnjax.graph_learned_norm`.
-
-    `kind="learned"` (default): `y = scale * sum_k lambda^_k norm_k(x) + bias` over `kinds`,
-    with per-feature `weights` `[len(kinds), features]` normalized by `weighting` (equal at
-    init). A single `kind` ("node", "adjacency", "graph", "batch") is that normalization alone.
-    When the batch-wise one is used, `mean`, `var` are its `nnx.BatchStat`s.
-    `x`: node features `[num_nodes, features]`.
-
-    Args:
-      num_features: the number of node features.
-      kind: "learned" or one of `lnjax.GRAPH_NORM_KINDS`.
-      kinds, weighting: the mixed normalizations and how their weights are normalized.
-      use_running_average, momentum, axis_name: for the batch-wise part, as for `BatchNorm`.
-      eps: inside every square root.
-      use_scale, use_bias, scale_init, bias_init, param_dtype, rngs: as for `LayerNorm`.
-    """
-
-    def __init__(self, num_features: int, *, kind: str = "learned", kinds=GRAPH_NORM_KINDS,
-                 weighting: str = "softmax", use_running_average: bool | None = False,
-                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
-                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
-                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
-        self.num_features = _checks.positive_int(num_features, "num_features")
-        self.kind, self.components = kind, _graph_components(kind, kinds)
-        shape = (self.num_features,)
-        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
-        self.weights = nnx.data(None)
-        if kind == "learned":
-            self.weights = nnx.Param(graph_learned_weights(self.num_features, self.components,
-                                                           weighting, param_dtype))  # fmt: skip
-        if "batch" in self.components:
-            self._init_stats(shape)
-        self.weighting, self.use_running_average, self.momentum = weighting, use_running_average, momentum
-        self.eps, self.axis_name = eps, axis_name
-
-    def __call__(self, x, *, segment_ids=None, num_segments=None, edges=None, node_mask=None,
-                 indices_are_sorted: bool = False, use_running_average: bool | None = None):  # fmt: skip
-        """`segment_ids`, `num_segments` (graph-wise), `edges` (adjacency-wise) and `node_mask`
-        (batch-wise) as for the pure ops; only those of the used normalizations are needed."""
-        has_batch = "batch" in self.components
-        training = self._training(use_running_average) if has_batch else False
-        stats = self._stats() if has_batch else None
-        scale, bias = _value(self.scale), _value(self.bias)
-        if self.kind == "learned":
-            y, state = graph_learned_norm(
-                x, scale, bias, self.weights[...], stats, training=training,
-                segment_ids=segment_ids, num_segments=num_segments, edges=edges,
-                kinds=self.components, weighting=self.weighting, momentum=self.momentum,
-                eps=self.eps, node_mask=node_mask, indices_are_sorted=indices_are_sorted,
-                axis_name=self.axis_name,
-            )  # fmt: skip
-        elif self.kind == "batch":
-            y, state = graph_batch_norm(x, scale, bias, stats, training=training,
-                                        momentum=self.momentum, eps=self.eps,
-                                        node_mask=node_mask, axis_name=self.axis_name)  # fmt: skip
-        elif self.kind == "graph":
-            y = graph_norm(x, scale, bias, segment_ids=segment_ids, num_segments=num_segments,
-                           eps=self.eps, indices_are_sorted=indices_are_sorted)  # fmt: skip
-        elif self.kind == "adjacency":
-            y = graph_adjacency_norm(x, scale, bias, edges=edges, eps=self.eps)
-        else:
-            y = graph_node_norm(x, scale, bias, eps=self.eps)
-        if has_batch and training:
-            self.mean[...], self.var[...] = state
-        return y
-
-
-class DomainAgnosticBatchNorm(_RunningAverageMode):
-    """Domain-agnostic batch normalization (Romijnders et al. 2018); see
-    `lnjax.domain_agnostic_batch_norm`: `BatchNorm` whose training statistics (and running
-    averages) come from the source-domain examples only, applied to every example.
-
-    Args: as for `BatchNorm` (without `fast_variance`); the call takes `source_mask` `[batch]`.
-    """
-
-    def __init__(self, num_features, *, use_running_average: bool | None = False, axis=-1,
-                 momentum: float = 0.99, eps: float = 1e-5, axis_name: str | None = None,
-                 use_scale: bool = True, use_bias: bool = True, scale_init: Initializer = ones,
-                 bias_init: Initializer = zeros, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None):  # fmt: skip
-        self.num_features = _feature_shape(num_features)
-        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
-        self._init_stats(self.num_features)
-        self.use_running_average, self.axis, self.momentum = use_running_average, axis, momentum
-        self.eps, self.axis_name = eps, axis_name
-
-    def __call__(self, x, *, source_mask, use_running_average: bool | None = None):
-        """`source_mask`: boolean `[batch]`, True for source-domain examples."""
-        training = self._training(use_running_average)
-        y, state = domain_agnostic_batch_norm(
-            x, _value(self.scale), _value(self.bias), self._stats(), source_mask=source_mask,
-            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
-            axis_name=self.axis_name,
-        )  # fmt: skip
-        if training:
-            self.mean[...], self.var[...] = state
+            _assign(self.stats, state)
         return y
 
 
@@ -862,6 +603,6 @@ class ProxyNorm(nnx.Module):
         self.num_samples = _checks.positive_int(num_samples, "num_samples")
 
     def __call__(self, y):
-        return proxy_norm(y, self.scale[...], self.bias[...], self.proxy_scale[...],
+        return relatives.proxy_norm(y, self.scale[...], self.bias[...], self.proxy_scale[...],
                           self.proxy_bias[...], activation=self.activation, axis=self.axis,
                           eps=self.eps, num_samples=self.num_samples)  # fmt: skip

@@ -28,29 +28,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from lnjax import _checks
-from lnjax.normalization import (
-    batch_norm,
-    batch_norm_state,
-    group_norm,
-    layer_norm,
-    rms_norm,
-)
-from lnjax.relatives import (
-    GRAPH_NORM_KINDS,
-    SwitchableControl,
-    batch_layer_norm,
-    batch_layer_norm_state,
-    divisive_norm,
-    graph_adjacency_norm,
-    graph_batch_norm,
-    graph_learned_norm,
-    graph_learned_weights,
-    graph_node_norm,
-    graph_norm,
-    switchable_control,
-    switchable_norm,
-)
+from lnjax import _checks, normalization, relatives
 
 __all__ = [
     "Normalizer",
@@ -58,6 +36,7 @@ __all__ = [
     "batch_layer",
     "bias",
     "divisive",
+    "domain_agnostic_batch",
     "get",
     "graph",
     "graph_adjacency",
@@ -88,13 +67,16 @@ class Normalizer(NamedTuple):
       apply: stateless: `(params, z, **context) -> y`; stateful: `(params, z, state, *,
         training, **context) -> (y, new_state)`. `y` has `z`'s shape and dtype.
       init_state: `(size, dtype=float32) -> state` for a stateful normalizer, else None.
-      name: how it was built, e.g. "layer(eps=1e-06)".
+      name: the call that built it, e.g. "layer(eps=1e-06)".
+      context: the names of the keyword arguments `apply` takes besides the state and mode
+        (e.g. `("axis_name", "mask")`); `run` passes only these.
     """
 
     init: Callable[..., dict]
     apply: Callable[..., Any]
     init_state: Callable[..., Any] | None
     name: str
+    context: tuple[str, ...] = ()
 
     @property
     def stateful(self) -> bool:
@@ -105,18 +87,21 @@ class Normalizer(NamedTuple):
 
 
 def _cached(factory):
-    """Equal arguments give the identical Normalizer (closures compare by identity)."""
+    """Names the Normalizer after its call, and gives the identical one for equal arguments
+    (its closures compare by identity)."""
     cache = {}
 
     @functools.wraps(factory)
     def build(*args, **kwargs):
+        shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in sorted(kwargs.items())]
+        make = lambda: factory(*args, **kwargs)._replace(name=f"{factory.__name__}({', '.join(shown)})")  # noqa: E731
         key = (args, tuple(sorted(kwargs.items())))
         try:
             hash(key)
         except TypeError:  # an unhashable option (e.g. an array): build afresh
-            return factory(*args, **kwargs)
+            return make()
         if key not in cache:
-            cache[key] = factory(*args, **kwargs)
+            cache[key] = make()
         return cache[key]
 
     return build
@@ -138,11 +123,6 @@ def _split(op, options, context=()):
     if not isinstance(own["bias"], bool):
         raise TypeError(f"`bias` must be a bool (whether the normalizer has a bias), got {own['bias']!r}.")
     return own["scale_init"], own["bias"], options
-
-
-def _name(kind, *args, **options):
-    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in sorted(options.items())]
-    return f"{kind}({', '.join(shown)})"
 
 
 def _affine_init(scale_init, has_bias, extra=None):
@@ -182,7 +162,7 @@ def _grouped(op, groups, options):
     return apply
 
 
-def _stateless(kind, op, options, *, groups=1, bound=None, context=()):
+def _stateless(op, options, *, groups=1, bound=None, context=()):
     """A normalizer over `op(z, scale, bias, **options, **context)`. `bound`: the `(name,
     value)` of an argument the factory takes positionally (divisive's radius, group's
     num_groups)."""
@@ -192,14 +172,8 @@ def _stateless(kind, op, options, *, groups=1, bound=None, context=()):
     if bound:
         def fn(x, scale=None, b=None, **kw):
             return op(x, scale=scale, bias=b, **{bound[0]: bound[1]}, **kw)
-    shown = {"groups": groups} if groups != 1 else {}
-    name = _name(kind, *(bound[1:] if bound else ()), **shown, **_shown(scale_init, has_bias, options))
-    return Normalizer(_affine_init(scale_init, has_bias), _grouped(fn, groups, options), None, name)
-
-
-def _shown(scale_init, has_bias, options):
-    own = {"scale_init": scale_init, "bias": has_bias}
-    return {**{k: v for k, v in own.items() if v != _OWN_OPTIONS[k]}, **options}
+    return Normalizer(_affine_init(scale_init, has_bias), _grouped(fn, groups, options), None, None,
+                      tuple(c for c in context if not bound or c != bound[0]))
 
 
 # --- stateless normalizers -----------------------------------------------------------------------
@@ -213,13 +187,13 @@ def layer(*, groups: int = 1, **options) -> Normalizer:
     LSTM); gain and bias stay per unit. Options: those of `layer_norm` (`eps`,
     `fast_variance`, `implementation`), and `scale_init`, `bias`.
     """
-    return _stateless("layer", layer_norm, options, groups=groups)
+    return _stateless(normalization.layer_norm, options, groups=groups)
 
 
 @_cached
 def rms(*, groups: int = 1, **options) -> Normalizer:
     """RMS normalization, `lnjax.rms_norm` over the last axis (options as for `layer`)."""
-    return _stateless("rms", rms_norm, options, groups=groups)
+    return _stateless(normalization.rms_norm, options, groups=groups)
 
 
 @_cached
@@ -227,32 +201,32 @@ def divisive(radius, **options) -> Normalizer:
     """Divisive normalization, `lnjax.divisive_norm` with window `radius` over neighbouring
     units (None: all). Options: `sigma`, `suppression_radius`, `summation`, `edges`, and
     `scale_init`, `bias`."""
-    return _stateless("divisive", divisive_norm, options, bound=("radius", radius))
+    return _stateless(relatives.divisive_norm, options, bound=("radius", radius))
 
 
 @_cached
 def group(num_groups, **options) -> Normalizer:
     """Group normalization, `lnjax.group_norm` of `[batch, *spatial, channels]` over each
     example's groups of channels and its positions; `group(1)` is the ConvNet LN of §6.7."""
-    return _stateless("group", group_norm, options, bound=("num_groups", num_groups))
+    return _stateless(normalization.group_norm, options, bound=("num_groups", num_groups))
 
 
 @_cached
 def graph_node(**options) -> Normalizer:
     """`lnjax.graph_node_norm` of node features `[num_nodes, features]`."""
-    return _stateless("graph_node", graph_node_norm, options)
+    return _stateless(relatives.graph_node_norm, options)
 
 
 @_cached
 def graph_adjacency(**options) -> Normalizer:
     """`lnjax.graph_adjacency_norm`; `apply(params, z, edges=...)`."""
-    return _stateless("graph_adjacency", graph_adjacency_norm, options, context=("edges",))
+    return _stateless(relatives.graph_adjacency_norm, options, context=("edges",))
 
 
 @_cached
 def graph(**options) -> Normalizer:
     """`lnjax.graph_norm`; `apply(params, z, segment_ids=..., num_segments=...)`."""
-    return _stateless("graph", graph_norm, options, context=("segment_ids", "num_segments"))
+    return _stateless(relatives.graph_norm, options, context=("segment_ids", "num_segments"))
 
 
 def _add_bias(z, b=None):
@@ -262,19 +236,19 @@ def _add_bias(z, b=None):
 @_cached
 def bias() -> Normalizer:
     """No normalization, only a bias: `z + b` (the unnormalized baseline's term)."""
-    return Normalizer(_affine_init(None, True), lambda params, z: _add_bias(z, params["bias"]), None, "bias()")
+    return Normalizer(_affine_init(None, True), lambda params, z: _add_bias(z, params["bias"]), None, None)
 
 
 @_cached
 def identity() -> Normalizer:
     """No normalization and no parameters: `z`."""
-    return Normalizer(_affine_init(None, False), lambda params, z: z, None, "identity()")
+    return Normalizer(_affine_init(None, False), lambda params, z: z, None, None)
 
 
 # --- stateful normalizers ------------------------------------------------------------------------
 
 
-def _stateful(kind, op, options, init_state, *, context=("axis_name", "mask"), extra=None, pre=None):
+def _stateful(op, options, init_state, *, context=("axis_name", "mask"), extra=None, pre=None):
     """A normalizer over `op(z, scale, bias, *extra_params, state, training=..., **options)`."""
     scale_init, has_bias, options = _split(op, dict(options), context)
     extra_names = () if extra is None else tuple(extra(1, jnp.float32))
@@ -285,8 +259,7 @@ def _stateful(kind, op, options, init_state, *, context=("axis_name", "mask"), e
             return pre(params.get("scale"), params.get("bias"), extras, z, state, training, {**options, **ctx})
         return op(z, params.get("scale"), params.get("bias"), *extras, state, training=training, **options, **ctx)
 
-    name = _name(kind, **_shown(scale_init, has_bias, options))
-    return Normalizer(_affine_init(scale_init, has_bias, extra), apply, init_state, name)
+    return Normalizer(_affine_init(scale_init, has_bias, extra), apply, init_state, None, context)
 
 
 @_cached
@@ -294,17 +267,17 @@ def batch(**options) -> Normalizer:
     """Batch normalization, `lnjax.batch_norm` with `axis=-1`; state `batch_norm_state(size)`.
     Context at `apply`: `mask`, `axis_name`. Options: `momentum`, `eps`, `fast_variance`,
     `implementation`, and `scale_init`, `bias`."""
-    return _stateful("batch", batch_norm, options, batch_norm_state)
+    return _stateful(normalization.batch_norm, options, normalization.batch_norm_state)
 
 
 def _switch(scale, b, extras, z, state, training, kw):
     (control,) = extras
     if z.ndim >= 3:
-        return switchable_norm(z, scale, b, control, state, training=training, **kw)
+        return relatives.switchable_norm(z, scale, b, control, state, training=training, **kw)
     # No spatial axes, so no instance statistics: the IN weight is pinned at 0, leaving the
     # LN/BN mix of the authors' SwitchNorm1d.
-    control = SwitchableControl(*(logits.at[0].set(-jnp.inf) for logits in control))
-    y, state = switchable_norm(z[:, None], scale, b, control, state, training=training, **kw)
+    control = relatives.SwitchableControl(*(logits.at[0].set(-jnp.inf) for logits in control))
+    y, state = relatives.switchable_norm(z[:, None], scale, b, control, state, training=training, **kw)
     return y[:, 0], state
 
 
@@ -313,44 +286,56 @@ def switchable(**options) -> Normalizer:
     """Switchable normalization, `lnjax.switchable_norm` (its control is a parameter,
     "control"). On `[batch, features]` there are no instance statistics: it mixes LN and BN,
     as the authors' SwitchNorm1d. Context: `axis_name`."""
-    return _stateful("switchable", switchable_norm, options, batch_norm_state, context=("axis_name",),
-                     extra=lambda size, dtype: {"control": switchable_control(dtype)}, pre=_switch)  # fmt: skip
+    return _stateful(relatives.switchable_norm, options, normalization.batch_norm_state, context=("axis_name",),
+                     extra=lambda size, dtype: {"control": relatives.switchable_control(dtype)}, pre=_switch)  # fmt: skip
 
 
 @_cached
 def batch_layer(**options) -> Normalizer:
     """Batch layer normalization, `lnjax.batch_layer_norm` of `[batch, features]`. Options:
     `momentum`, `eps`, `batch_size`, and `scale_init`, `bias`. Context: `axis_name`."""
-    return _stateful("batch_layer", batch_layer_norm, options, batch_layer_norm_state, context=("axis_name",))
+    return _stateful(relatives.batch_layer_norm, options, relatives.batch_layer_norm_state, context=("axis_name",))
 
 
 @_cached
 def graph_batch(**options) -> Normalizer:
     """`lnjax.graph_batch_norm`; context: `node_mask`, `axis_name`."""
-    return _stateful("graph_batch", graph_batch_norm, options, batch_norm_state, context=("node_mask", "axis_name"))
+    return _stateful(relatives.graph_batch_norm, options, normalization.batch_norm_state, context=("node_mask", "axis_name"))
+
+
+def _default(op, name):
+    return inspect.signature(op).parameters[name].default
 
 
 @_cached
 def graph_learned(**options) -> Normalizer:
     """`lnjax.graph_learned_norm` (its mixing weights are a parameter, "weights"); stateful
-    (a `BatchNormState`, or None without "batch" in `kinds`). Context: `segment_ids`,
-    `num_segments`, `edges`, `node_mask`, `axis_name`."""
-    kinds = options.get("kinds", GRAPH_NORM_KINDS)
-    weighting = options.get("weighting", inspect.signature(graph_learned_norm).parameters["weighting"].default)
-
-    def init_state(size, dtype=jnp.float32):
-        return batch_norm_state(size, dtype) if "batch" in kinds else None
-
-    weights = lambda size, dtype: {"weights": graph_learned_weights(size, kinds, weighting, dtype)}  # noqa: E731
+    when "batch" is in `kinds` (as by default). Context: `segment_ids`, `num_segments`,
+    `edges`, `node_mask`, `axis_name`."""
+    op = relatives.graph_learned_norm
+    kinds, weighting = (options.get(k, _default(op, k)) for k in ("kinds", "weighting"))
+    weights = lambda size, dtype: {"weights": relatives.graph_learned_weights(size, kinds, weighting, dtype)}  # noqa: E731
     ctx = ("segment_ids", "num_segments", "edges", "node_mask", "axis_name")
-    return _stateful("graph_learned", graph_learned_norm, options, init_state, context=ctx, extra=weights)
+    norm = _stateful(op, options, normalization.batch_norm_state, context=ctx, extra=weights)
+    if "batch" in kinds:
+        return norm
+    return norm._replace(apply=lambda params, z, **c: norm.apply(params, z, None, training=False, **c)[0],
+                         init_state=None)  # fmt: skip
+
+
+@_cached
+def domain_agnostic_batch(**options) -> Normalizer:
+    """`lnjax.domain_agnostic_batch_norm`: batch statistics of the source-domain examples only;
+    context: `source_mask` (required), `axis_name`."""
+    return _stateful(relatives.domain_agnostic_batch_norm, options, normalization.batch_norm_state,
+                     context=("source_mask", "axis_name"))  # fmt: skip
 
 
 # --- the registry --------------------------------------------------------------------------------
 
 _REGISTRY = {f.__name__: f for f in (layer, rms, divisive, group, bias, identity, batch, switchable,
-                                     batch_layer, graph_node, graph_adjacency, graph, graph_batch,
-                                     graph_learned)}  # fmt: skip
+                                     batch_layer, domain_agnostic_batch, graph_node, graph_adjacency,
+                                     graph, graph_batch, graph_learned)}  # fmt: skip
 
 
 def names() -> tuple[str, ...]:
@@ -384,13 +369,13 @@ def resolve(spec, name: str = "norm") -> Normalizer | None:
                     f"None, got {spec!r}.")  # fmt: skip
 
 
-def run(norm: Normalizer | None, params, z, state=None, *, training=None, axis_name=None, **context):
-    """`(y, new_state)` for either kind: `norm` None is the identity; a stateless normalizer
-    ignores `state`, `training` and `axis_name` (its statistics are per example)."""
+def run(norm: Normalizer | None, params, z, state=None, *, training=None, **context):
+    """`(y, new_state)` for either kind of normalizer, so that one call serves any: `norm` None
+    is the identity, a stateless one ignores `state` and `training`, and each gets only the
+    `context` it takes (`norm.context`; e.g. `axis_name` reaches batch statistics only)."""
     if norm is None:
         return z, state
+    context = {k: v for k, v in context.items() if k in norm.context}
     if not norm.stateful:
         return norm.apply(params, z, **context), state
-    if axis_name is not None:
-        context["axis_name"] = axis_name
     return norm.apply(params, z, state, training=training, **context)

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lnjax._state import BatchNormState
+
 
 def floating(x, name: str = "x"):
     """Returns `x` as an array, raising TypeError unless it is real floating point."""
@@ -50,23 +52,25 @@ def axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _concrete(value):
+    """`float(value)`, or None for a traced value (checked by the user) or a non-number."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
 def nonnegative(value, name: str):
     """Raises ValueError if a concrete `value` is negative; traced values pass (checked by the user)."""
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return value
-    if not v >= 0:  # also rejects NaN
+    v = _concrete(value)
+    if v is not None and not v >= 0:  # also rejects NaN
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
     return value
 
 
 def in_unit_interval(value, name: str):
-    try:
-        v = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return value
-    if not 0.0 <= v <= 1.0:
+    v = _concrete(value)
+    if v is not None and not 0.0 <= v <= 1.0:
         raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
     return value
 
@@ -96,3 +100,51 @@ def training_flag(training):
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a Python bool, got {training!r}.")
     return training
+
+
+def param(p, expected: tuple[int, ...], name: str, hint: str = ""):
+    """Returns an optional parameter `p`: None, or a floating array of shape `expected` exactly."""
+    p = shape(p, expected, name, hint)
+    return None if p is None else floating(p, name)
+
+
+def param_check(x, ax, scale, bias, eps):
+    """Returns `(scale, bias)`, each None or a floating array of shape `x.shape[ax]`; `eps >= 0`."""
+    pshape = tuple(x.shape[a] for a in ax)
+    hint = f" (x.shape[axis] for x of shape {x.shape} and axis {ax})"
+    scale, bias = param(scale, pshape, "scale", hint), param(bias, pshape, "bias", hint)
+    nonnegative(eps, "eps")
+    return scale, bias
+
+
+def channel_axis(axis, ndim: int, *, batch_first: bool = False) -> int:
+    """`axis` as the one (non-negative) channel axis; with `batch_first`, axis 0 is refused."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"`axis` must be a single int, the channel axis; got {axis!r}.")
+    c = axes(axis, ndim)[0]
+    if batch_first and c == 0:
+        raise ValueError(f"`axis`={axis!r} is the batch axis 0; expected the channel axis.")
+    return c
+
+
+def spatial(x):
+    """Returns `x` after checking it is `[batch, *spatial, channels]` with a spatial axis."""
+    if x.ndim < 3:
+        raise ValueError(
+            f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
+            f"{x.shape}; without spatial axes every instance statistic is over one value."
+        )
+    return x
+
+
+def batch_norm_state_check(state, fshape, x_shape, what="x.shape[axis]"):
+    """Checks `state` is a `BatchNormState` whose arrays have the feature shape `fshape`
+    (`what`, of `x` of shape `x_shape`)."""
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState (see `batch_norm_state`), got {type(state).__name__}."
+        )
+    hint = f" ({what} for x of shape {x_shape}; a state made for another shape?)"
+    shape(state.mean, fshape, "state.mean", hint)
+    shape(state.var, fshape, "state.var", hint)
+    return state

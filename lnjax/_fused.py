@@ -2,8 +2,8 @@
 
 `lnjax.normalization` routes its common cases here (layer/RMS norm over the last axis;
 training-mode batch norm over every axis but the last, without mask or axis_name). Same
-numerical contract as the public ops (statistics in at least float32, exact corrected
-two-pass variance, output in the input's dtype); only the derivative is computed differently.
+numerical contract and statistics (`lnjax._stats`) as the public ops (at least float32, exact
+corrected two-pass variance, output in the input's dtype); only the derivative differs.
 
 Why: differentiating the plain formula leaves XLA:CPU a backward pass of several fusions,
 each reading or writing full-size temporaries (`x - mean`, broadcasts of `rstd` and of the
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lnjax import _checks
+from lnjax import _stats
 
 # Working-set size of one block of rows (float32 bytes of one operand); chosen on a 2-core
 # AMD EPYC with 1 MiB of L2 per core (BENCHMARKS.md, "what was tried").
@@ -58,10 +58,12 @@ def _block_rows(n, h, block_bytes):
 
 
 def _affine_tangent(t, xhat, scale, dscale, dbias):
-    """`scale * t + dscale * xhat + dbias` for `[rows, H]` float arrays and `[H]` parameters."""
+    """`scale * t + dscale * xhat + dbias` for `[rows, H]` float arrays and `[H]` parameters
+    (`dscale` is None exactly when the primal scale is; `scale=None` leaves `t` as it is)."""
     dtype = t.dtype
     if scale is not None:
         t = t * _row(scale, dtype)
+    if dscale is not None:
         t = t + xhat * _row(dscale, dtype)
     if dbias is not None:
         t = t + _row(dbias, dtype)
@@ -85,33 +87,18 @@ def _row_tangent(tangent, x, dx, row_stats, params):
     return t.reshape((n, h))
 
 
-def _stats(xf, axis, eps):
-    """(mean, residual, rstd, var) by the corrected two-pass algorithm (as
-    `normalization._moments`): centring as `(x - mean) - residual` stays exact when
-    |mean| >> std."""
-    mean = jnp.mean(xf, axis=axis, keepdims=True)
-    d = xf - mean
-    residual = jnp.mean(d, axis=axis, keepdims=True)
-    var = jnp.maximum(jnp.mean(d * d, axis=axis, keepdims=True) - residual * residual, 0)
-    return mean, residual, lax.rsqrt(var + jnp.asarray(eps, xf.dtype)), var
-
-
 def _normalize(x, axis, scale, bias, eps, barrier):
-    """`(y, mean, residual, rstd, var)`: `x` normalized over `axis` (a `[rows, H]` array)."""
-    dtype = _checks.stats_dtype(x.dtype)
-    xf = x.astype(dtype)
-    mean, residual, rstd, var = _stats(xf, axis, eps)
+    """`(y, mean, residual, rstd, var)`: `x` (a `[rows, H]` array) normalized over `axis`, by
+    the statistics core's corrected two-pass moments."""
+    mean, residual, var, _ = _stats.moments(x, (axis,))
+    rstd = _stats.inv_std(var, eps)
     m, r, rs = (mean, residual, rstd)
     if barrier:
         # When the statistics are also used by the tangent, XLA materializes `x - mean` once
         # for both the variance and y (a full-size temporary); the barrier makes y recompute
         # it from x instead, fused with the output.
         m, r, rs = lax.optimization_barrier((m, r, rs))
-    y = ((xf - m) - r) * rs
-    if scale is not None:
-        y = y * _row(scale, dtype)
-    if bias is not None:
-        y = y + _row(bias, dtype)
+    y = _stats.scale_shift(_stats.center(x, m, r) * rs, scale, bias, (1,), 2)
     return y.astype(x.dtype), mean, residual, rstd, var
 
 
@@ -121,12 +108,12 @@ def _normalize(x, axis, scale, bias, eps, barrier):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _ln(x, scale, bias, eps):
-    return _normalize(x, -1, scale, bias, eps, barrier=False)[0]
+    return _normalize(x, 1, scale, bias, eps, barrier=False)[0]
 
 
 def _ln_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     dtype = mean.dtype
-    xhat = ((x.astype(dtype) - mean) - residual) * rstd
+    xhat = _stats.center(x, mean, residual) * rstd
     d = dx.astype(dtype)
     # rstd multiplies the [rows, 1] means before they broadcast, so that the transpose (the
     # backward) needs only the row sums sum(g * scale) and sum(g * scale * xhat).
@@ -140,11 +127,11 @@ def _ln_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
 def _ln_jvp(eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    y, mean, residual, rstd, _ = _normalize(x, -1, scale, bias, eps, barrier=True)
+    y, mean, residual, rstd, _ = _normalize(x, 1, scale, bias, eps, barrier=True)
     return y, _row_tangent(_ln_tangent, x, dx, (mean, residual, rstd), (scale, dscale, dbias))
 
 
-def _layer_norm_2d(x, scale=None, bias=None, eps=1e-5):
+def layer_norm_2d(x, scale=None, bias=None, eps=1e-5):
     """`lnjax.layer_norm(x, scale, bias, axis=-1, eps=eps)` with the closed-form derivative.
 
     Args:
@@ -163,15 +150,8 @@ def _layer_norm_2d(x, scale=None, bias=None, eps=1e-5):
 
 
 def _rms_forward(x, scale, bias, eps):
-    dtype = _checks.stats_dtype(x.dtype)
-    xf = x.astype(dtype)
-    rstd = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.asarray(eps, dtype))
-    y = xf * rstd
-    if scale is not None:
-        y = y * _row(scale, dtype)
-    if bias is not None:
-        y = y + _row(bias, dtype)
-    return y.astype(x.dtype), rstd
+    y, rstd = _stats.rms_normalize(x, (1,), eps)
+    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype), rstd
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -195,7 +175,7 @@ def _rms_jvp(eps, primals, tangents):
     return y, _row_tangent(_rms_tangent, x, dx, (rstd,), (scale, dscale, dbias))
 
 
-def _rms_norm_2d(x, scale=None, bias=None, eps=1e-6):
+def rms_norm_2d(x, scale=None, bias=None, eps=1e-6):
     """`lnjax.rms_norm(x, scale, bias, axis=-1, eps=eps)` with the closed-form derivative."""
     return _rms(_rows(x), scale, bias, float(eps)).reshape(x.shape)
 
@@ -212,7 +192,7 @@ def _bn(x, scale, bias, eps):
 
 def _bn_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     dtype = mean.dtype
-    centred = (x.astype(dtype) - mean) - residual
+    centred = _stats.center(x, mean, residual)
     xhat = centred * rstd
     d = dx.astype(dtype)
     dmean = jnp.mean(d, axis=0, keepdims=True)
@@ -222,11 +202,7 @@ def _bn_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     # transpose (the backward) needs only the two column sums sum(g) and sum(g * xhat).
     k = rstd if scale is None else rstd * _row(scale, dtype)
     t = k * d - k * dmean - xhat * (k * rstd * dvar / 2)
-    if scale is not None:
-        t = t + xhat * _row(dscale, dtype)
-    if dbias is not None:
-        t = t + _row(dbias, dtype)
-    return t.astype(x.dtype), dmean[0], dvar[0]
+    return _affine_tangent(t, xhat, None, dscale, dbias).astype(x.dtype), dmean[0], dvar[0]
 
 
 @_bn.defjvp
@@ -238,7 +214,7 @@ def _bn_jvp(eps, primals, tangents):
     return out, jax.checkpoint(_bn_tangent)(x, dx, mean, residual, rstd, scale, dscale, dbias)
 
 
-def _batch_norm_train_2d(x, scale=None, bias=None, eps=1e-5):
+def batch_norm_train_2d(x, scale=None, bias=None, eps=1e-5):
     """Training-mode batch norm of `[..., C]` over every axis but the last, closed-form derivative.
 
     Returns `(y, mean, var)`: `y` of `x`'s shape and dtype; the batch mean and biased

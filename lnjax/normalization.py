@@ -23,14 +23,12 @@ the fused path cannot apply.
 """
 
 import math
-from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from lnjax import _checks, _fused
+from lnjax import _checks, _fused, _stats
+from lnjax._state import BatchNormState
 
 __all__ = [
     "BatchNormState",
@@ -43,86 +41,6 @@ __all__ = [
     "rms_norm",
     "weight_norm",
 ]
-
-
-def _broadcast_to_axes(p, ax: tuple[int, ...], ndim: int, dtype):
-    """Reshapes a parameter of shape `x.shape[ax]` so it broadcasts against `x`."""
-    shape = [1] * ndim
-    for a, n in zip(ax, p.shape):
-        shape[a] = n
-    return p.astype(dtype).reshape(shape)
-
-
-def _scale_shift(y, scale, bias, ax, ndim):
-    if scale is not None:
-        y = y * _broadcast_to_axes(scale, ax, ndim, y.dtype)
-    if bias is not None:
-        y = y + _broadcast_to_axes(bias, ax, ndim, y.dtype)
-    return y
-
-
-def _inv_std(var, eps):
-    # eps is cast so that a NumPy/float64 eps never promotes float32 statistics.
-    return lax.rsqrt(var + jnp.asarray(eps, var.dtype))
-
-
-def _moments(x, ax, *, mask, axis_name, fast_variance):
-    """(mean, residual, biased var, count) over `ax`, keepdims, in the statistics dtype.
-
-    The mean is returned in two parts, `mean + residual`: the first is the rounded mean, the
-    second the mean of `x - mean` (the corrected two-pass algorithm of Chan, Golub & LeVeque).
-    Centring as `(x - mean) - residual` is then exact to the precision of the deviations:
-    for `1e4 + N(0, 1e-2)` in float32 the rounded mean alone is off by ~5% of the standard
-    deviation, which a single subtraction would pass on to every output. The residual costs
-    no extra pass: it is summed alongside the squares.
-
-    With `axis_name`, sums and counts are reduced across that named axis too, so every device
-    sees the statistics of the global batch. Counts are clamped at 1 so that an all-masked
-    reduction gives mean 0 and variance 0 rather than NaN.
-    """
-    dtype = _checks.stats_dtype(x.dtype)
-    xf = x.astype(dtype)
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in ax), dtype)
-    else:
-        xf = jnp.where(mask, xf, 0)
-        count = jnp.sum(mask, axis=ax, keepdims=True, dtype=dtype)
-
-    def total(v):
-        s = jnp.sum(v, axis=ax, keepdims=True)
-        return s if axis_name is None else lax.psum(s, axis_name)
-
-    if axis_name is not None:
-        count = lax.psum(count, axis_name)
-    count = jnp.maximum(count, 1)
-    if fast_variance:
-        mean = total(xf) / count
-        var = jnp.maximum(total(xf * xf) / count - mean * mean, 0)
-        return mean, jnp.zeros_like(mean), var, count
-    # `mean` only shifts the data; the gradient flows through the residual, which makes
-    # `(x - mean) - residual` exactly `x - mean(x)` as a function of x.
-    mean = lax.stop_gradient(total(xf) / count)
-    d = xf - mean
-    if mask is not None:
-        d = jnp.where(mask, d, 0)
-    residual = total(d) / count
-    var = jnp.maximum(total(d * d) / count - residual * residual, 0)
-    return mean, residual, var, count
-
-
-def _center(x, mean, residual):
-    return (x.astype(mean.dtype) - mean) - residual
-
-
-def _expand_mask(mask, x, ax, name="mask"):
-    """Checks a boolean mask of shape `x.shape[ax]` and expands it to broadcast against x."""
-    if mask is None:
-        return None
-    expected = tuple(x.shape[a] for a in ax)
-    mask = _checks.shape(mask, expected, name, hint=" (one flag per position on the reduced axes)")
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"`{name}` must be boolean, got dtype {mask.dtype}.")
-    return _broadcast_to_axes(mask, ax, x.ndim, jnp.bool_)
 
 
 def moments(x, axis=-1, *, keepdims=False, fast_variance=False, mask=None, axis_name=None):
@@ -146,24 +64,12 @@ def moments(x, axis=-1, *, keepdims=False, fast_variance=False, mask=None, axis_
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    m = _expand_mask(mask, x, ax)
-    mean, residual, var, _ = _moments(x, ax, mask=m, axis_name=axis_name, fast_variance=fast_variance)
+    m = _stats.expand_mask(mask, x, ax)
+    mean, residual, var, _ = _stats.moments(x, ax, mask=m, axis_name=axis_name, fast_variance=fast_variance)
     mean = mean + residual
     if not keepdims:
         mean, var = jnp.squeeze(mean, ax), jnp.squeeze(var, ax)
     return mean, var
-
-
-def _param_check(x, ax, scale, bias, eps):
-    pshape = tuple(x.shape[a] for a in ax)
-    hint = f" (x.shape[axis] for x of shape {x.shape} and axis {ax})"
-    scale = _checks.shape(scale, pshape, "scale", hint)
-    bias = _checks.shape(bias, pshape, "bias", hint)
-    for name, p in (("scale", scale), ("bias", bias)):
-        if p is not None:
-            _checks.floating(p, name)
-    _checks.nonnegative(eps, "eps")
-    return scale, bias
 
 
 def _wants_fused(implementation):
@@ -215,12 +121,12 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _param_check(x, ax, scale, bias, eps)
+    scale, bias = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
-        return _fused._layer_norm_2d(x, scale, bias, float(eps))
-    mean, residual, var, _ = _moments(x, ax, mask=None, axis_name=None, fast_variance=fast_variance)
-    y = _center(x, mean, residual) * _inv_std(var, eps)
-    return _scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
+        return _fused.layer_norm_2d(x, scale, bias, float(eps))
+    mean, residual, var, _ = _stats.moments(x, ax, fast_variance=fast_variance)
+    y = _stats.normalize(x, mean, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
 def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None):
@@ -242,25 +148,11 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _param_check(x, ax, scale, bias, eps)
+    scale, bias = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps):
-        return _fused._rms_norm_2d(x, scale, bias, float(eps))
-    xf = x.astype(_checks.stats_dtype(x.dtype))
-    ms = jnp.mean(xf * xf, axis=ax, keepdims=True)
-    return _scale_shift(xf * _inv_std(ms, eps), scale, bias, ax, x.ndim).astype(x.dtype)
-
-
-class BatchNormState(NamedTuple):
-    """Running statistics of batch normalization, each of the feature shape.
-
-    Attributes:
-      mean: running average of the batch means.
-      var: running average of the unbiased batch variances `m / (m - 1) * var`
-        (Ioffe & Szegedy 2015, Alg. 2), used at inference.
-    """
-
-    mean: jax.Array
-    var: jax.Array
+        return _fused.rms_norm_2d(x, scale, bias, float(eps))
+    y, _ = _stats.rms_normalize(x, ax, eps)
+    return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
 def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
@@ -333,51 +225,24 @@ def batch_norm(
             f"`axis`={axis!r} keeps every axis of x (shape {x.shape}); batch_norm needs a batch "
             "axis to compute statistics over, or an `axis_name` when the batch is vmapped."
         )
-    if not isinstance(training, bool):
-        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
-    scale, bias = _param_check(x, feat, scale, bias, eps)
+    _checks.training_flag(training)
+    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
     _checks.in_unit_interval(momentum, "momentum")
-    if not isinstance(state, BatchNormState):
-        raise TypeError(
-            f"`state` must be a BatchNormState (see `batch_norm_state`), got {type(state).__name__}."
-        )
-    fshape = tuple(x.shape[a] for a in feat)
-    hint = f" (x.shape[axis] for x of shape {x.shape}; a state made for another feature size?)"
-    _checks.shape(state.mean, fshape, "state.mean", hint)
-    _checks.shape(state.var, fshape, "state.var", hint)
-    m = _expand_mask(mask, x, red)
-
-    def ema(old, new):
-        return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
-
+    _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
+    m = _stats.expand_mask(mask, x, red)
     if not training:
         _wants_fused(implementation)  # validated; inference is elementwise, always the formula
     elif _use_fused(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
                     fast_variance=not fast_variance):
-        y, mean, var = _fused._batch_norm_train_2d(x, scale, bias, float(eps))
-        n = math.prod(x.shape[:-1])
-        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var) * (n / max(n - 1, 1))
-        return y, BatchNormState(ema(state.mean, mean), ema(state.var, var))
-    if training:
-        mean, residual, var, count = _moments(x, red, mask=m, axis_name=axis_name, fast_variance=fast_variance)
-        flat = lambda s: lax.stop_gradient(s.reshape(fshape))  # noqa: E731
-        n = flat(jnp.broadcast_to(count, mean.shape))
-        unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
-        new_state = BatchNormState(ema(state.mean, flat(mean + residual)), ema(state.var, unbiased))
-    else:
-        dtype = _checks.stats_dtype(x.dtype)
-        mean = _broadcast_to_axes(state.mean, feat, x.ndim, dtype)
-        var = _broadcast_to_axes(state.var, feat, x.ndim, dtype)
-        residual = jnp.zeros_like(mean)
-        new_state = state
-    y = _center(x, mean, residual) * _inv_std(var, eps)
-    return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
-
-
-def _channel_axis(axis, ndim):
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
-        raise TypeError(f"`axis` must be a single int, the channel axis; got {axis!r}.")
-    return _checks.axes(axis, ndim)[0]
+        y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
+        count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
+        return y, _stats.ema_update(state, mean, var, count, momentum)
+    mean, residual, var, new_state = _stats.batch_moments(
+        x, red, state, training=training, momentum=momentum, mask=m, axis_name=axis_name,
+        fast_variance=fast_variance,
+    )
+    y = _stats.normalize(x, mean, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 
 def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
@@ -403,9 +268,7 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     x = _checks.floating(x)
     if x.ndim < 2:
         raise ValueError(f"`x` must have a batch axis and a channel axis, got shape {x.shape}.")
-    c = _channel_axis(axis, x.ndim)
-    if c == 0:
-        raise ValueError(f"`axis`={axis!r} is the batch axis 0; expected the channel axis.")
+    c = _checks.channel_axis(axis, x.ndim, batch_first=True)
     channels = x.shape[c]
     num_groups = _checks.positive_int(num_groups, "num_groups")
     if channels % num_groups:
@@ -413,12 +276,12 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
             f"`num_groups`={num_groups} does not divide the {channels} channels of x "
             f"(shape {x.shape}, channel axis {c})."
         )
-    scale, bias = _param_check(x, (c,), scale, bias, eps)
+    scale, bias = _checks.param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
-    mean, residual, var, _ = _moments(xg, red, mask=None, axis_name=None, fast_variance=fast_variance)
-    y = (_center(xg, mean, residual) * _inv_std(var, eps)).reshape(x.shape)
-    return _scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)
+    mean, residual, var, _ = _stats.moments(xg, red, fast_variance=fast_variance)
+    y = _stats.normalize(xg, mean, residual, var, eps).reshape(x.shape)
+    return _stats.scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)
 
 
 def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
@@ -434,13 +297,8 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=
     Returns:
       Array of `x`'s shape and dtype. Equal to `group_norm(x, channels, ...)`.
     """
-    x = _checks.floating(x)
-    if x.ndim < 3:
-        raise ValueError(
-            f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
-            f"{x.shape}; without spatial axes every instance statistic is over one value."
-        )
-    c = _channel_axis(axis, x.ndim)
+    x = _checks.spatial(_checks.floating(x))
+    c = _checks.channel_axis(axis, x.ndim, batch_first=True)
     return group_norm(x, x.shape[c], scale, bias, axis=c, eps=eps, fast_variance=fast_variance)
 
 
@@ -468,5 +326,5 @@ def weight_norm(v, g, *, axis=-1, eps=1e-12):
     red = tuple(a for a in range(v.ndim) if a not in keep)
     vf = v.astype(_checks.stats_dtype(v.dtype))
     sq = jnp.sum(vf * vf, axis=red, keepdims=True)
-    w = vf * _inv_std(sq, eps) * _broadcast_to_axes(g, keep, v.ndim, vf.dtype)
+    w = vf * _stats.inv_std(sq, eps) * _stats.broadcast_to_axes(g, keep, v.ndim, vf.dtype)
     return w.astype(v.dtype)

@@ -20,20 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lnjax import _checks
-from lnjax.normalization import (
-    BatchNormState,
-    _broadcast_to_axes,
-    _center,
-    _channel_axis,
-    _inv_std,
-    _moments,
-    _param_check,
-    _scale_shift,
-    batch_norm,
-    batch_norm_state,
-    layer_norm,
-)
+from lnjax import _checks, _stats
+from lnjax.normalization import BatchNormState, batch_norm, batch_norm_state, layer_norm
 
 __all__ = [
     "GRAPH_NORM_KINDS",
@@ -54,38 +42,6 @@ __all__ = [
     "switchable_norm",
     "switchable_norm_state",
 ]
-
-
-# --- shared checks ------------------------------------------------------------------------------
-
-
-def _training_flag(training):
-    if not isinstance(training, bool):
-        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
-
-
-def _check_state(state, fshape, x_shape, what="x.shape[axis]"):
-    if not isinstance(state, BatchNormState):
-        raise TypeError(
-            "`state` must be a BatchNormState (see `batch_norm_state`), got "
-            f"{type(state).__name__}."
-        )
-    hint = f" ({what} for x of shape {x_shape}; a state made for another shape?)"
-    _checks.shape(state.mean, fshape, "state.mean", hint)
-    _checks.shape(state.var, fshape, "state.var", hint)
-
-
-def _ema_state(state, mean, var, count, momentum):
-    """The running-average update of `batch_norm`: unbiased `n / (n - 1)` variance."""
-    fshape = state.mean.shape
-    flat = lambda s: lax.stop_gradient(s.reshape(fshape))  # noqa: E731
-    n = flat(jnp.broadcast_to(count, mean.shape))
-    unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
-
-    def ema(old, new):
-        return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
-
-    return BatchNormState(ema(state.mean, flat(mean)), ema(state.var, unbiased))
 
 
 def _is_concrete(a) -> bool:
@@ -159,17 +115,10 @@ def switchable_norm(
     Returns:
       `(y, new_state)`, `y` with `x`'s shape and dtype.
     """
-    x = _checks.floating(x)
-    if x.ndim < 3:
-        raise ValueError(
-            f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
-            f"{x.shape}; without spatial axes every instance statistic is over one value."
-        )
-    c = _channel_axis(axis, x.ndim)
-    if c == 0:
-        raise ValueError(f"`axis`={axis!r} is the batch axis 0; expected the channel axis.")
-    _training_flag(training)
-    scale, bias = _param_check(x, (c,), scale, bias, eps)
+    x = _checks.spatial(_checks.floating(x))
+    c = _checks.channel_axis(axis, x.ndim, batch_first=True)
+    _checks.training_flag(training)
+    scale, bias = _checks.param_check(x, (c,), scale, bias, eps)
     _checks.in_unit_interval(momentum, "momentum")
     if not isinstance(control, SwitchableControl):
         raise TypeError(
@@ -178,21 +127,14 @@ def switchable_norm(
         )
     for name, logits in zip(("control.mean_logits", "control.var_logits"), control):
         _checks.floating(_checks.shape(logits, (3,), name, " (one logit per IN, LN, BN)"), name)
-    _check_state(state, (x.shape[c],), x.shape)
+    _checks.batch_norm_state_check(state, (x.shape[c],), x.shape)
 
     space = tuple(a for a in range(1, x.ndim) if a != c)
-    stat = dict(mask=None, fast_variance=False)
-    m_in, r_in, v_in, _ = _moments(x, space, axis_name=None, **stat)
-    m_ln, r_ln, v_ln, _ = _moments(x, space + (c,), axis_name=None, **stat)
-    if training:
-        m_bn, r_bn, v_bn, n = _moments(x, (0,) + space, axis_name=axis_name, **stat)
-        new_state = _ema_state(state, m_bn + r_bn, v_bn, n, momentum)
-    else:
-        dtype = _checks.stats_dtype(x.dtype)
-        m_bn = _broadcast_to_axes(state.mean, (c,), x.ndim, dtype)
-        v_bn = _broadcast_to_axes(state.var, (c,), x.ndim, dtype)
-        r_bn = jnp.zeros_like(m_bn)
-        new_state = state
+    m_in, r_in, v_in, _ = _stats.moments(x, space)
+    m_ln, r_ln, v_ln, _ = _stats.moments(x, space + (c,))
+    m_bn, r_bn, v_bn, new_state = _stats.batch_moments(
+        x, (0,) + space, state, training=training, momentum=momentum, axis_name=axis_name
+    )
     wm = jax.nn.softmax(control.mean_logits.astype(m_in.dtype))
     wv = jax.nn.softmax(control.var_logits.astype(m_in.dtype))
     # Centring on the instance mean and mixing only the (small) differences keeps the mixture
@@ -200,8 +142,8 @@ def switchable_norm(
     # As the weights sum to 1 this is `x - sum_k w_k mu_k`, gradients included.
     residual = wm[0] * r_in + wm[1] * ((m_ln - m_in) + r_ln) + wm[2] * ((m_bn - m_in) + r_bn)
     var = wv[0] * v_in + wv[1] * v_ln + wv[2] * v_bn
-    y = _center(x, m_in, residual) * _inv_std(var, eps)
-    return _scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype), new_state
+    y = _stats.normalize(x, m_in, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype), new_state
 
 
 # --- batch layer normalization ------------------------------------------------------------------
@@ -263,28 +205,21 @@ def batch_layer_norm(
     feat = _checks.axes(axis, x.ndim)
     if 0 in feat:
         raise ValueError(f"`axis`={axis!r} includes the batch axis 0; expected feature axes.")
-    _training_flag(training)
-    scale, bias = _param_check(x, feat, scale, bias, eps)
+    _checks.training_flag(training)
+    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
     _checks.in_unit_interval(momentum, "momentum")
-    _check_state(state, x.shape[1:], x.shape, what="x.shape[1:]")
+    _checks.batch_norm_state_check(state, x.shape[1:], x.shape, what="x.shape[1:]")
     m = x.shape[0] if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     d = math.prod(x.shape[a] for a in feat)
 
-    stat = dict(mask=None, fast_variance=False)
-    f_mean, f_res, f_var, _ = _moments(x, feat, axis_name=None, **stat)
-    x_f = _center(x, f_mean, f_res) * _inv_std(f_var, eps)
-    if training:
-        b_mean, b_res, b_var, n = _moments(x, (0,), axis_name=axis_name, **stat)
-        new_state = _ema_state(state, b_mean + b_res, b_var, n, momentum)
-    else:
-        dtype = _checks.stats_dtype(x.dtype)
-        b_mean = state.mean.astype(dtype)[None]
-        b_var = state.var.astype(dtype)[None]
-        b_res = jnp.zeros_like(b_mean)
-        new_state = state
-    x_b = _center(x, b_mean, b_res) * _inv_std(b_var, eps)
+    f_mean, f_res, f_var, _ = _stats.moments(x, feat)
+    x_f = _stats.normalize(x, f_mean, f_res, f_var, eps)
+    b_mean, b_res, b_var, new_state = _stats.batch_moments(
+        x, (0,), state, training=training, momentum=momentum, axis_name=axis_name
+    )
+    x_b = _stats.normalize(x, b_mean, b_res, b_var, eps)
     y = ((1 / m - 1e-4) * x_f + (1 - 1 / m - 1e-4) * x_b) / math.sqrt(d)
-    return _scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
+    return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 
 # --- divisive normalization ---------------------------------------------------------------------
@@ -389,7 +324,7 @@ def divisive_norm(
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _param_check(x, ax, scale, bias, 0.0)
+    scale, bias = _checks.param_check(x, ax, scale, bias, 0.0)
     if suppression_radius is ...:
         suppression_radius = radius
     r_a = _radii(radius, ax, "radius")
@@ -414,7 +349,7 @@ def divisive_norm(
         v = z
     e_b = _window_mean(v * v, ax, r_b, edges)
     y = v * lax.rsqrt(jnp.asarray(sigma, dtype) ** 2 + e_b)
-    y = _scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
+    y = _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
     if return_l1:
         return y, jnp.mean(jnp.abs(v))
     return y
@@ -508,17 +443,14 @@ def _segment_moments(values, seg, num_segments, weight, *, sorted_ids, over_feat
     rows = jax.ops.segment_sum(w, seg, num_segments, indices_are_sorted=sorted_ids)
     count = jnp.maximum(rows * nf, 1)[:, None]
     wv = w[:, None]
-    mean = lax.stop_gradient(seg_sum(values * wv) / count)
-    d = (values - mean.at[seg].get(mode="fill", fill_value=0)) * wv
-    residual = seg_sum(d) / count
-    var = jnp.maximum(seg_sum(d * d) / count - residual * residual, 0)
-    return mean, residual, var
+    expand = lambda s: s.at[seg].get(mode="fill", fill_value=0)  # noqa: E731
+    return _stats.two_pass(values, count, seg_sum, expand=expand, keep=lambda v: v * wv)
 
 
 def _gather_normalize(xf, ids, mean, residual, var, eps):
     # Out-of-range ids under jit (checked eagerly otherwise) gather NaN: a visible error.
     g = lambda s: s.at[ids].get(mode="fill", fill_value=jnp.nan)  # noqa: E731
-    return ((xf - g(mean)) - g(residual)) * _inv_std(g(var), eps)
+    return _stats.normalize(xf, g(mean), g(residual), g(var), eps)
 
 
 def graph_node_norm(x, scale=None, bias=None, *, eps=1e-5):
@@ -559,7 +491,7 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
       Array of `x`'s shape and dtype.
     """
     x = _nodes(x)
-    scale, bias = _param_check(x, (1,), scale, bias, eps)
+    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
     n = x.shape[0]
     edges = _check_edges(edges, n)
     xf = x.astype(_checks.stats_dtype(x.dtype))
@@ -571,8 +503,8 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
     mean, residual, var = _segment_moments(
         rows, seg, n, weight, sorted_ids=False, over_features=True
     )
-    y = ((xf - mean) - residual) * _inv_std(var, eps)
-    return _scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
+    y = _stats.normalize(xf, mean, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
 
 
 def graph_norm(x, scale=None, bias=None, *, segment_ids, num_segments, eps=1e-5,
@@ -604,12 +536,12 @@ def graph_norm(x, scale=None, bias=None, *, segment_ids, num_segments, eps=1e-5,
       Array of `x`'s shape and dtype.
     """
     x = _nodes(x)
-    scale, bias = _param_check(x, (1,), scale, bias, eps)
+    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
     ids, g = _check_segments(segment_ids, x.shape[0], num_segments, indices_are_sorted)
     xf = x.astype(_checks.stats_dtype(x.dtype))
     stats = _segment_moments(xf, ids, g, None, sorted_ids=indices_are_sorted, over_features=False)
     y = _gather_normalize(xf, ids, *stats, eps)
-    return _scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
+    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
 
 
 def graph_batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, momentum=0.99,
@@ -702,8 +634,8 @@ def graph_learned_norm(
     x = _nodes(x)
     kinds = _check_kinds(kinds)
     _check_weighting(weighting)
-    _training_flag(training)
-    scale, bias = _param_check(x, (1,), scale, bias, eps)
+    _checks.training_flag(training)
+    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
     nf = x.shape[1]
     weights = _checks.shape(weights, (len(kinds), nf), "weights",
                             f" (one row per kind of {kinds}, one column per feature)")  # fmt: skip
@@ -731,7 +663,7 @@ def graph_learned_norm(
     else:
         w = w / jnp.sum(w, axis=0, keepdims=True)
     y = sum(w[i][None, :] * p for i, p in enumerate(parts))
-    return _scale_shift(y, scale, bias, (1,), 2).astype(x.dtype), new_state
+    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype), new_state
 
 
 # --- domain-agnostic batch normalization --------------------------------------------------------
@@ -857,32 +789,25 @@ def proxy_norm(
       Array of `y`'s shape and dtype.
     """
     y = _checks.floating(y, "y")
-    c = _channel_axis(axis, y.ndim)
+    c = _checks.channel_axis(axis, y.ndim)
     if not callable(activation):
         raise TypeError(f"`activation` must be a callable, e.g. jax.nn.relu; got {activation!r}.")
     _checks.positive_int(num_samples, "num_samples")
     pshape = (y.shape[c],)
     hint = f" (y.shape[axis] for y of shape {y.shape} and axis {c})"
-    params = {}
-    for name, p in (("scale", scale), ("bias", bias), ("proxy_scale", proxy_scale),
-                    ("proxy_bias", proxy_bias)):  # fmt: skip
-        p = _checks.shape(p, pshape, name, hint)
-        params[name] = None if p is None else _checks.floating(p, name)
+    params = [_checks.param(p, pshape, n, hint) for n, p in (("scale", scale), ("bias", bias),
+              ("proxy_scale", proxy_scale), ("proxy_bias", proxy_bias))]  # fmt: skip
     _checks.nonnegative(eps, "eps")
 
     dtype = _checks.stats_dtype(y.dtype)
-    one = jnp.ones(pshape, dtype)
-    zero = jnp.zeros(pshape, dtype)
     gamma, beta, g_t, b_t = (
-        d if params[k] is None else params[k].astype(dtype)
-        for k, d in (("scale", one), ("bias", zero), ("proxy_scale", zero), ("proxy_bias", zero))
+        jnp.full(pshape, default, dtype) if p is None else p.astype(dtype)
+        for p, default in zip(params, (1, 0, 0, 0))
     )
     q = proxy_quantiles(num_samples, dtype)
     proxy = activation(gamma[None] * (b_t[None] + (1 + g_t[None]) * q[:, None]) + beta[None])
-    mean, residual, var, _ = _moments(proxy, (0,), mask=None, axis_name=None, fast_variance=False)
-    shape = [1] * y.ndim
-    shape[c] = pshape[0]
+    mean, residual, var, _ = _stats.moments(proxy, (0,))
+    shape = tuple(pshape[0] if a == c else 1 for a in range(y.ndim))
     b = lambda a: a.reshape(shape)  # noqa: E731
     z = activation(y.astype(dtype) * b(gamma) + b(beta))
-    out = ((z - b(mean)) - b(residual)) * b(_inv_std(var, eps))
-    return out.astype(y.dtype)
+    return _stats.normalize(z, b(mean), b(residual), b(var), eps).astype(y.dtype)

@@ -53,12 +53,12 @@ def plain_batch_norm(x, scale, bias, eps):
 
 
 def fused_bn_y(x, scale, bias, eps):
-    return _fused._batch_norm_train_2d(x, scale, bias, eps)[0]
+    return _fused.batch_norm_train_2d(x, scale, bias, eps)[0]
 
 
 OPS = {
-    "layer": (plain_layer_norm, _fused._layer_norm_2d, 1e-5),
-    "rms": (plain_rms_norm, _fused._rms_norm_2d, 1e-6),
+    "layer": (plain_layer_norm, _fused.layer_norm_2d, 1e-5),
+    "rms": (plain_rms_norm, _fused.rms_norm_2d, 1e-6),
     "batch": (plain_batch_norm, fused_bn_y, 1e-5),
 }
 
@@ -124,12 +124,12 @@ def test_check_grads_float64(op, layout, monkeypatch):
 
 def test_batch_norm_statistics_and_their_gradients():
     x, _, scale, bias = _inputs((4, 3, 8), jnp.float64, seed=2)
-    y, mean, var = _fused._batch_norm_train_2d(x, scale, bias, 1e-5)
+    y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, 1e-5)
     flat = np.asarray(x).reshape(-1, 8)
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
     np.testing.assert_allclose(var, flat.var(0), rtol=1e-12)
     # Gradients through the returned statistics are exact too (not dropped).
-    check_grads(lambda x: _fused._batch_norm_train_2d(x, scale, bias, 1e-5), (x,), order=1, modes=["fwd", "rev"])
+    check_grads(lambda x: _fused.batch_norm_train_2d(x, scale, bias, 1e-5), (x,), order=1, modes=["fwd", "rev"])
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -154,7 +154,7 @@ def test_bfloat16_close_to_float32(op, layout, monkeypatch):
 def test_large_mean_keeps_exact_variance():
     # 1e4 +- 0.01: the one-pass variance cancels to 0 in float32; the two-pass one does not.
     x = (1e4 + 0.01 * jnp.asarray(np.random.default_rng(4).normal(size=(8, 64)))).astype(jnp.float32)
-    y = _fused._layer_norm_2d(x, None, None, 1e-12)
+    y = _fused.layer_norm_2d(x, None, None, 1e-12)
     np.testing.assert_allclose(np.std(np.asarray(y, np.float64), axis=-1), 1.0, rtol=1e-2)
 
 
@@ -164,6 +164,6 @@ def test_vmap_and_grad_compose():
     def loss(fn, x):
         return jnp.sum(fn(x, scale, bias, 1e-5) * g[0])
 
-    got = jax.vmap(jax.grad(lambda x: loss(_fused._layer_norm_2d, x)))(x)
+    got = jax.vmap(jax.grad(lambda x: loss(_fused.layer_norm_2d, x)))(x)
     want = jax.vmap(jax.grad(lambda x: loss(plain_layer_norm, x)))(x)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

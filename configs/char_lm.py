@@ -10,16 +10,15 @@ for bits per character). By default the file is this repository's README.md.
 
 import pathlib
 
-from configs.base import base_config
+from configs.base import base_config, recurrent
 
 
 def get_config():
-    c = base_config()
+    c = recurrent(base_config())
     c.name = "char_lm"
     c.task.name = "char_lm"
     c.task.path = str(pathlib.Path(__file__).resolve().parents[1] / "README.md")
     c.task.length = 64
-    c.model.kind = "rnn"
     c.model.cell = "lstm"
     c.model.norm = "layer"
     c.model.hidden = (128,)

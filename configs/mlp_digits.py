@@ -12,7 +12,7 @@ def get_config():
     c.name = "mlp_digits"
     c.model.kind = "mlp"
     c.model.hidden = (256, 256)
-    c.model.norm = "layer"  # none | batch | layer | rms
+    c.model.norm = "layer"  # none | batch | layer | rms | switchable | batch_layer | divisive (any lnjax.norms name)
     c.batch_size = 128
     c.num_steps = 1000
     return c

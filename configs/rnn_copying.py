@@ -5,17 +5,16 @@ Per-step cross-entropy over T + 20 steps; the memoryless baseline scores
 Tokens are fed one-hot; the model predicts a token at every step.
 """
 
-from configs.base import base_config
+from configs.base import base_config, recurrent
 
 
 def get_config():
-    c = base_config()
+    c = recurrent(base_config())
     c.name = "rnn_copying"
     c.task.name = "copying"
     c.task.length = 30  # the delay T
     c.task.train_size = 4096
     c.task.test_size = 512
-    c.model.kind = "rnn"
     c.model.cell = "lstm"  # lstm | gru | rnn | bn_lstm
     c.model.norm = "layer"
     c.model.hidden = (64,)

@@ -40,9 +40,11 @@ Model (`make_model`): GIN-style message passing, per layer
     h <- relu(norm(MLP(h + sum_{j -> i} h_j))),   MLP = Dense -> relu -> Dense,
 
 then a per-graph mean (or sum) readout over real nodes and a linear head to 2 logits. `norm` is
-one of `NORMS`: none, node (`graph_node_norm`), adjacency (`graph_adjacency_norm`), graph
-(`graph_norm`), batch (`graph_batch_norm`, running statistics in `state`), learned
-(`graph_learned_norm` over the four kinds, softmax weights, running statistics in `state`).
+one of `NORMS`, each a normalizer of the `lnjax.norms` registry (`NORM_NAMES`): none, node
+(`norms.graph_node`), adjacency (`norms.graph_adjacency`), graph (`norms.graph`), batch
+(`norms.graph_batch`, running statistics in `state`), learned (`norms.graph_learned` over the
+four kinds, softmax weights, running statistics in `state`); the stateful two get the
+momentum of `GraphConfig`.
 
 Training (`train_graph`, `compare`): Adam on the mean cross-entropy, batches of random training
 graphs, the whole run one jitted `lax.scan` (vmapped over seeds in `compare`). Test accuracy is
@@ -63,11 +65,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import lnjax
 from experiments.models import Model
+from lnjax import norms
 
 __all__ = [
     "NORMS",
+    "NORM_NAMES",
     "GraphBatch",
     "GraphConfig",
     "GraphDataset",
@@ -76,17 +79,37 @@ __all__ = [
     "format_table",
     "graph_data",
     "make_model",
+    "normalizer",
     "pack",
     "slot_batch",
     "train_graph",
 ]
 
-NORMS = ("none", "node", "adjacency", "graph", "batch", "learned")
+# The experiment's names of the normalizations, and the lnjax.norms registry names they stand for.
+NORM_NAMES = {"none": "none", "node": "graph_node", "adjacency": "graph_adjacency", "graph": "graph",
+              "batch": "graph_batch", "learned": "graph_learned"}  # fmt: skip
+NORMS = tuple(NORM_NAMES)
+_RUNNING_STATISTICS = ("batch", "learned")  # the normalizations that take a `momentum`
+# What each needs of a batch at `apply`: the edges (neighbourhoods), the graph of each node
+# (graph-wise statistics) and the node mask (batch statistics over the real nodes only).
+_CONTEXT = {"none": (), "node": (), "adjacency": ("edges",), "graph": ("segment_ids", "num_segments"),
+            "batch": ("node_mask",), "learned": ("segment_ids", "num_segments", "edges", "node_mask")}  # fmt: skip
 
 
 def _check_norm(norm):
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
+
+
+def normalizer(norm, options=None, *, momentum=0.9) -> norms.Normalizer | None:
+    """The `lnjax.norms` normalizer `norm` (one of `NORMS`) stands for, built with the factory
+    options `options` (a dict) and, for those with running statistics, `momentum` (unless
+    `options` sets it); None for "none"."""
+    _check_norm(norm)
+    options = dict(options or {})
+    if norm in _RUNNING_STATISTICS:
+        options = {"momentum": momentum, **options}
+    return norms.get(NORM_NAMES[norm], **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,15 +318,18 @@ def _dense(key, n_in, n_out):
 
 
 def make_model(norm="graph", *, in_features=4, hidden=32, num_layers=3, num_classes=2,
-               readout="mean", momentum=0.9) -> Model:  # fmt: skip
+               readout="mean", momentum=0.9, norm_args=None) -> Model:  # fmt: skip
     """The GIN-style classifier of the module docstring, as `Model(init, apply)`.
 
-    `init(key) -> (params, state)`; `state` is a tuple with one entry per layer: a
-    `BatchNormState` for "batch"/"learned", else None.
+    `init(key) -> (params, state)`; each layer's parameters hold its normalizer's under
+    "norm"; `state` is a tuple with one entry per layer: a `BatchNormState` for
+    "batch"/"learned", else None.
     `apply(params, state, batch: GraphBatch, *, training) -> (logits [G, num_classes], state)`;
     `training` picks batch or running statistics for "batch"/"learned" (others ignore it).
+    `momentum` is that of the running statistics; `norm_args`, further options of the
+    normalizer's factory (e.g. `{"eps": 1e-6}`; see `normalizer`).
     """
-    _check_norm(norm)
+    nrm = normalizer(norm, norm_args, momentum=momentum)
     if readout not in ("mean", "sum"):
         raise ValueError(f'`readout` must be "mean" or "sum", got {readout!r}.')
     for name, v in (("in_features", in_features), ("hidden", hidden), ("num_layers", num_layers),
@@ -319,13 +345,9 @@ def make_model(norm="graph", *, in_features=4, hidden=32, num_layers=3, num_clas
             p = {"mlp1": _dense(keys[2 * i], n_in, hidden),
                  "mlp2": _dense(keys[2 * i + 1], hidden, hidden)}  # fmt: skip
             s = None
-            if norm != "none":
-                p["scale"] = jnp.ones((hidden,), jnp.float32)
-                p["bias"] = jnp.zeros((hidden,), jnp.float32)
-            if norm == "learned":
-                p["mix"] = lnjax.graph_learned_weights(hidden)
-            if norm in ("batch", "learned"):
-                s = lnjax.batch_norm_state(hidden)
+            if nrm is not None:
+                p["norm"] = nrm.init(hidden)
+                s = nrm.init_state(hidden) if nrm.stateful else None
             layers.append(p)
             states.append(s)
             n_in = hidden
@@ -343,7 +365,7 @@ def make_model(norm="graph", *, in_features=4, hidden=32, num_layers=3, num_clas
         for p, s in zip(params["layers"], state):
             a = h + jax.ops.segment_sum(h[send], recv, num_segments=n)
             z = jax.nn.relu(a @ p["mlp1"]["w"] + p["mlp1"]["b"]) @ p["mlp2"]["w"] + p["mlp2"]["b"]
-            z, s = _norm(norm, p, s, z, batch, training=training, momentum=momentum)
+            z, s = norms.run(nrm, p.get("norm"), z, s, training=training, **_context(norm, batch))
             new_states.append(s)
             h = jax.nn.relu(z)
         mask = batch.node_mask.astype(h.dtype)[:, None]
@@ -357,25 +379,12 @@ def make_model(norm="graph", *, in_features=4, hidden=32, num_layers=3, num_clas
     return Model(init, apply)
 
 
-def _norm(norm, p, s, z, batch, *, training, momentum):
-    g = batch.num_graphs
-    if norm == "none":
-        return z, s
-    if norm == "node":
-        return lnjax.graph_node_norm(z, p["scale"], p["bias"]), s
-    if norm == "adjacency":
-        return lnjax.graph_adjacency_norm(z, p["scale"], p["bias"], edges=batch.edges), s
-    if norm == "graph":
-        y = lnjax.graph_norm(z, p["scale"], p["bias"], segment_ids=batch.segment_ids,
-                             num_segments=g + 1)  # fmt: skip
-        return y, s
-    if norm == "batch":
-        return lnjax.graph_batch_norm(z, p["scale"], p["bias"], s, training=training,
-                                      momentum=momentum, node_mask=batch.node_mask)  # fmt: skip
-    return lnjax.graph_learned_norm(
-        z, p["scale"], p["bias"], p["mix"], s, training=training, segment_ids=batch.segment_ids,
-        num_segments=g + 1, edges=batch.edges, momentum=momentum, node_mask=batch.node_mask,
-    )
+def _context(norm, batch: GraphBatch) -> dict:
+    """What normalization `norm` needs of the batch at `apply` (`_CONTEXT`)."""
+    # The padding nodes' dummy segment is the extra one.
+    have = {"edges": batch.edges, "segment_ids": batch.segment_ids, "num_segments": batch.num_graphs + 1,
+            "node_mask": batch.node_mask}  # fmt: skip
+    return {k: have[k] for k in _CONTEXT[norm]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,14 @@ A `Model` is a pair of pure functions:
 `axis_name` names the mapped axis (`shard_map`/`pmap`/`vmap`) the batch is split over in
 data-parallel training: batch norm then reduces its statistics across it, so every shard
 normalizes with the statistics of the global batch. Models without batch norm ignore it.
+
+Every normalization is a `lnjax.norms.Normalizer`: each builder takes `norm`, a Normalizer or a
+name of the registry (`lnjax.norms.names()`, "none" for no normalization), and `norm_args`, the
+factory options a name is built with (`lnjax.norms.get(norm, **norm_args)`: e.g. `{"eps": 1e-6}`,
+`{"radius": 16}` for "divisive", `{"momentum": 0.9}`, `{"scale_init": 0.1}`). The builders add
+no option of their own: the defaults are lnjax's, and the experiments' settings (the momentum
+0.9 of their batch statistics, divisive norm's radius) come from their configs
+(`configs/base.py`, `model.norm_defaults`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -16,10 +24,18 @@ import jax
 import jax.numpy as jnp
 
 import lnjax
+from lnjax import norms
 
-NORMS = ("none", "batch", "layer", "rms", "switchable", "batch_layer", "divisive")
-CONV_NORMS = ("none", "batch", "layer", "rms", "switchable")
-DIVISIVE_RADIUS = 16  # divisive norm's window radius over hidden units (MLP)
+CELLS = ("lstm", "gru", "rnn", "bn_lstm")
+
+# The options of BNLSTMCell's default normalizers (Cooijmans et al.: gains 0.1, and the single
+# bias b in the input term), to which `norm_args` is added for cell="bn_lstm".
+# tests/test_experiments.py checks that they build exactly the cell's defaults.
+BN_LSTM_TERMS = {
+    "input_norm": {"scale_init": 0.1},
+    "recurrent_norm": {"scale_init": 0.1, "bias": False},
+    "cell_norm": {"scale_init": 0.1},
+}
 
 
 class Model(NamedTuple):
@@ -27,71 +43,71 @@ class Model(NamedTuple):
     apply: Callable[..., tuple[jax.Array, Any]]
 
 
-def _check_norm(norm, allowed=NORMS):
-    if norm not in allowed:
-        raise ValueError(f"`norm` must be one of {allowed}, got {norm!r}.")
+def normalizer(norm, norm_args=None, *, what="norm") -> norms.Normalizer | None:
+    """`norm` as a Normalizer (None for "none"): a name is built by `lnjax.norms.get` with the
+    options `norm_args`; a Normalizer value is used as it is (it takes no `norm_args`).
+
+    Raises ValueError for an unknown name and TypeError for an option the normalizer does not
+    take, naming `what` (the argument).
+    """
+    args = dict(norm_args or {})
+    if isinstance(norm, norms.Normalizer):
+        if args:
+            raise TypeError(f"`{what}` is a Normalizer value ({norm!r}); `norm_args` {args} only apply "
+                            "to a normalizer given by name.")  # fmt: skip
+        return norm
+    if not isinstance(norm, str):
+        raise TypeError(f"`{what}` must be a name from {norms.names()} or a lnjax.norms.Normalizer, got {norm!r}.")
+    try:
+        return norms.get(norm, **args)
+    except (TypeError, ValueError) as e:
+        shown = f" with norm_args {args}" if args else ""
+        raise type(e)(f"`{what}`={norm!r}{shown}: {e}") from None
+
+
+def _kind(norm):
+    """The factory a Normalizer was built by ("batch", "layer", ...), or "none"."""
+    return "none" if norm is None else norm.name.partition("(")[0]
 
 
 def _dense(key, n_in, n_out):
     return {"w": jax.nn.initializers.he_normal()(key, (n_in, n_out), jnp.float32), "b": jnp.zeros((n_out,), jnp.float32)}
 
 
-def _norm_init(norm, shape):
-    if norm == "none":
+def _norm_init(norm, size):
+    """`(params, state)` of one normalized layer of `size` units: the normalizer's parameters
+    and its running statistics (None if it has none)."""
+    if norm is None:
         return {}, None
-    p = {"scale": jnp.ones(shape, jnp.float32), "bias": jnp.zeros(shape, jnp.float32)}
-    if norm == "switchable":
-        p["control"] = lnjax.switchable_control()
-    stateful = norm in ("batch", "switchable", "batch_layer")
-    return p, (lnjax.batch_norm_state(shape) if stateful else None)
+    return norm.init(size), (norm.init_state(size) if norm.stateful else None)
 
 
-def _norm_apply(norm, p, s, a, *, training, axis=-1, momentum=0.9, axis_name=None, batch_size=None):
-    """Normalizes pre-activations `a` (gain and bias after normalizing, as eq. 5)."""
-    if norm == "layer":
-        # Over every non-batch axis (per example), with one gain and bias per channel: for
-        # images this is group norm with one group, as the paper's ConvNet LN.
-        if a.ndim == 2:
-            return lnjax.layer_norm(a, p["scale"], p["bias"]), s
-        return lnjax.group_norm(a, 1, p["scale"], p["bias"], axis=axis), s
-    if norm == "rms":
-        return lnjax.rms_norm(a, p["scale"], p["bias"]), s
-    if norm == "batch":
-        return lnjax.batch_norm(a, p["scale"], p["bias"], s, training=training, axis=axis, momentum=momentum,
-                                axis_name=axis_name)
-    if norm == "switchable":
-        if a.ndim == 2:
-            # No spatial axes, so no instance statistics: the IN weight is pinned at 0, leaving
-            # the LN/BN mix of the authors' SwitchNorm1d.
-            no_in = lambda l: l.at[0].set(-jnp.inf)  # noqa: E731
-            control = lnjax.SwitchableControl(*(no_in(l) for l in p["control"]))
-            y, s = lnjax.switchable_norm(a[:, None], p["scale"], p["bias"], control, s, training=training,
-                                         momentum=momentum, axis_name=axis_name)
-            return y[:, 0], s
-        return lnjax.switchable_norm(a, p["scale"], p["bias"], p["control"], s, training=training, axis=axis,
-                                     momentum=momentum, axis_name=axis_name)
-    if norm == "batch_layer":
-        return lnjax.batch_layer_norm(a, p["scale"], p["bias"], s, training=training, momentum=momentum,
-                                      batch_size=batch_size, axis_name=axis_name)
-    if norm == "divisive":
-        return lnjax.divisive_norm(a, p["scale"], p["bias"], radius=DIVISIVE_RADIUS), s
-    return a, s
-
-
-def mlp(sizes, norm="layer", *, batch_size=None):
+def mlp(sizes, norm="layer", *, norm_args=None, batch_size=None):
     """Permutation-invariant MLP `sizes[0] -> ... -> sizes[-1]` with ReLU (§6.6).
 
-    BN normalizes every layer, the output included (as the paper's BN baseline); every other
-    norm (layer, RMS, switchable, batch-layer, divisive with radius `DIVISIVE_RADIUS`)
-    normalizes the hidden layers only, as the paper's LN. Linear biases are dropped where a
-    normalization's bias replaces them. `batch_size` is batch-layer norm's `m` (the training
-    batch size, also at evaluation, as its authors).
+    Batch norm normalizes every layer, the output included (as the paper's BN baseline); every
+    other normalizer (layer, RMS, switchable, batch-layer, divisive, ...) normalizes the hidden
+    layers only, as the paper's LN. A layer's linear bias is dropped where its normalizer has a
+    bias (the normalizer's replaces it), and otherwise added after the normalization.
+    Switchable norm on these `[batch, features]` layers mixes LN and BN statistics only (no
+    spatial axes: no instance statistics).
+
+    Args:
+      sizes: layer widths, input first.
+      norm, norm_args: the normalizer (see the module docstring), e.g. `mlp(s, "divisive",
+        norm_args={"radius": 16})`.
+      batch_size: batch-layer norm's `m` (the training batch size, also at evaluation, as its
+        authors), given to a normalizer built from the name "batch_layer" unless `norm_args`
+        sets it.
     """
-    _check_norm(norm)
+    args = dict(norm_args or {})
+    if norm == "batch_layer" and batch_size is not None:
+        args.setdefault("batch_size", batch_size)
+    nrm = normalizer(norm, args)
     n_layers = len(sizes) - 1
 
     def normed(i):
-        return norm != "none" and (i < n_layers - 1 or norm == "batch")
+        return nrm is not None and (i < n_layers - 1 or _kind(nrm) == "batch")
 
     def init(key):
         params, state = [], []
@@ -99,8 +115,9 @@ def mlp(sizes, norm="layer", *, batch_size=None):
             layer = _dense(k, sizes[i], sizes[i + 1])
             s = None
             if normed(i):
-                del layer["b"]
-                layer["norm"], s = _norm_init(norm, (sizes[i + 1],))
+                layer["norm"], s = _norm_init(nrm, sizes[i + 1])
+                if "bias" in layer["norm"]:
+                    del layer["b"]
             params.append(layer)
             state.append(s)
         return params, state
@@ -110,9 +127,8 @@ def mlp(sizes, norm="layer", *, batch_size=None):
         for i, (p, s) in enumerate(zip(params, state)):
             a = x @ p["w"]
             if normed(i):
-                a, s = _norm_apply(norm, p["norm"], s, a, training=training, axis_name=axis_name,
-                                   batch_size=batch_size)
-            else:
+                a, s = norms.run(nrm, p["norm"], a, s, training=training, axis_name=axis_name)
+            if "b" in p:
                 a = a + p["b"][None]
             new_state.append(s)
             x = jax.nn.relu(a) if i < n_layers - 1 else a
@@ -121,20 +137,39 @@ def mlp(sizes, norm="layer", *, batch_size=None):
     return Model(init, apply)
 
 
-def convnet(num_classes, channels=(32, 64), norm="layer", in_channels=1):
+def conv_normalizer(norm, norm_args=None) -> norms.Normalizer | None:
+    """The normalizer of `convnet`'s `[batch, H, W, C]` activations. The name "layer" is the
+    paper's ConvNet LN (§6.7): statistics over each example's channels and positions with one
+    gain and bias per channel, i.e. `lnjax.norms.group(1, **norm_args)` (group norm with one
+    group). Every other name, and any Normalizer value, is as `normalizer` builds it: a
+    stateless one over the channels at each position (`norms.layer()` as a value is that),
+    batch statistics over the batch and positions."""
+    if norm == "layer":
+        args = dict(norm_args or {})
+        try:
+            return norms.group(1, **args)
+        except TypeError as e:
+            shown = f" with norm_args {args}" if args else ""
+            raise TypeError(f"`norm`='layer' (the ConvNet LN, lnjax.norms.group(1)){shown}: {e}") from None
+    return normalizer(norm, norm_args)
+
+
+def convnet(num_classes, channels=(32, 64), norm="layer", in_channels=1, *, norm_args=None):
     """Small ConvNet for `[batch, H, W, C]` images (§6.7): 3x3 convs (the second and later with
     stride 2), each followed by the normalization and ReLU, global average pooling, a linear
-    softmax layer. LN is over each example's channels and positions (group norm, 1 group);
-    switchable norm mixes IN, LN and BN statistics per channel."""
-    _check_norm(norm, CONV_NORMS)
+    softmax layer. `norm`, `norm_args`: as `conv_normalizer` builds them ("layer" is the
+    paper's ConvNet LN over each example's channels and positions; switchable norm mixes IN,
+    LN and BN statistics per channel). The convolutions have a bias only where the
+    normalizer has none (added after it)."""
+    nrm = conv_normalizer(norm, norm_args)
 
     def init(key):
         keys = jax.random.split(key, len(channels) + 1)
         params, state, c_in = [], [], in_channels
         for k, c in zip(keys, channels):
             layer = {"w": jax.nn.initializers.he_normal()(k, (3, 3, c_in, c), jnp.float32)}
-            layer["norm"], s = _norm_init(norm, (c,))
-            if norm == "none":
+            layer["norm"], s = _norm_init(nrm, c)
+            if "bias" not in layer["norm"]:
                 layer["b"] = jnp.zeros((c,), jnp.float32)
             params.append(layer)
             state.append(s)
@@ -149,9 +184,9 @@ def convnet(num_classes, channels=(32, 64), norm="layer", in_channels=1):
             a = jax.lax.conv_general_dilated(
                 x, p["w"], (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
-            if norm == "none":
+            a, s = norms.run(nrm, p["norm"], a, s, training=training, axis_name=axis_name)
+            if "b" in p:
                 a = a + p["b"][None, None, None]
-            a, s = _norm_apply(norm, p["norm"], s, a, training=training, axis_name=axis_name)
             new_state.append(s)
             x = jax.nn.relu(a)
         x = jnp.mean(x, axis=(1, 2))
@@ -160,41 +195,68 @@ def convnet(num_classes, channels=(32, 64), norm="layer", in_channels=1):
     return Model(init, apply)
 
 
-def sequence_model(input_size, num_outputs, hidden_size, cell="lstm", norm="layer", *,
-                   gain_init=None, norm_input=None, max_steps=None, forget_bias=None,
-                   tokens=False, readout="last", dn_radius=None, dn_sigma=None):
+def _bn_lstm_terms(norm_args):
+    """The BN-LSTM's three normalizers: the cell's defaults, with `norm_args` as options of each."""
+    if not norm_args:
+        return {}  # exactly the cell's defaults
+    return {term: normalizer("batch", {**opts, **norm_args}, what=f"bn_lstm {term}")
+            for term, opts in BN_LSTM_TERMS.items()}  # fmt: skip
+
+
+def sequence_model(input_size, num_outputs, hidden_size, cell="lstm", norm="layer", *, norm_args=None,
+                   input_norm=None, max_steps=None, forget_bias=None, tokens=False, readout="last"):  # fmt: skip
     """A recurrent network read out linearly from its hidden states.
 
     Args:
       input_size: features per step, or the vocabulary size with `tokens=True`.
-      cell: "lstm", "gru" or "rnn" (lnjax cells with `norm` in none/layer/rms), or
-        "bn_lstm" (Cooijmans et al., needs `max_steps`; `norm` is ignored).
-      gain_init, norm_input, forget_bias, dn_radius, dn_sigma: passed to the cell when given
-        (`dn_*`: `norm="divisive"`'s window radius and sigma).
+      cell: "lstm", "gru" or "rnn" (the lnjax cells), or "bn_lstm" (Cooijmans et al.,
+        `BNLSTMCell`; needs `max_steps`).
+      norm, norm_args: the normalizer of every term of the cell (the shortcut: an LSTM's
+        input, recurrent and cell terms, a GRU's four, the tanh RNN's summed input), a name
+        built with the options `norm_args` or a Normalizer value (module docstring); "none" is
+        the unnormalized cell (`z + b`, and `c_t` itself). E.g. `norm_args={"scale_init": 0.1}`
+        for initial gains 0.1, `norm="divisive", norm_args={"radius": 30, "sigma": 1.0}`.
+        For cell="bn_lstm", `norm` is ignored: the cell's own batch normalizers are used,
+        `norm_args` added to the options of each (e.g. `{"momentum": 0.9}`).
+      input_norm: the normalizer of the input term(s) `W_x x_t` of an LSTM or GRU, as `norm`
+        (a name other than "none" is built with `norm_args` too); None: the same as `norm`;
+        "none": unnormalized (`W_x x_t + b`, the recurrent-only form). Ignored by the tanh RNN
+        (it normalizes the summed input) and by cell="bn_lstm". Every term goes to the cell as
+        a Normalizer value, an explicit choice: the cell's error/warning for a named input
+        norm over very few input features does not apply.
+      max_steps: the BN-LSTM's number of per-step statistics (the longest training length).
+      forget_bias: the initial forget-gate bias of an LSTM; None: the cell's default (0 for
+        `LSTMCell` as the paper, 1 for `BNLSTMCell` as Cooijmans et al.).
       tokens: inputs are int tokens `[batch, T]`, fed one-hot.
       readout: "last" (outputs `[batch, num_outputs]` from the last hidden state) or "all"
         (`[batch, T, num_outputs]`, one prediction per step: copying, language modelling).
     """
     if readout not in ("last", "all"):
         raise ValueError(f'`readout` must be "last" or "all", got {readout!r}.')
-    if tokens and norm_input is None:
-        norm_input = True  # one-hot inputs all have norm 1: LN(W_x x) loses nothing
-    kw = {k: v for k, v in dict(gain_init=gain_init, forget_bias=forget_bias).items() if v is not None}
-    if norm == "divisive":
-        kw.update({k: v for k, v in dict(dn_radius=dn_radius, dn_sigma=dn_sigma).items() if v is not None})
+    if cell not in CELLS:
+        raise ValueError(f"`cell` must be one of {CELLS}, got {cell!r}.")
+    kw = {} if forget_bias is None or cell not in ("lstm", "bn_lstm") else {"forget_bias": forget_bias}
     if cell == "bn_lstm":
         if max_steps is None:
             raise ValueError("`max_steps` is required for cell='bn_lstm'.")
-        core = lnjax.BNLSTMCell(hidden_size, max_steps, **kw)
-    elif cell in ("lstm", "gru", "rnn"):
-        cls = {"lstm": lnjax.LSTMCell, "gru": lnjax.GRUCell, "rnn": lnjax.RNNCell}[cell]
-        if cell != "rnn" and norm_input is not None:
-            kw["norm_input"] = norm_input
-        if cell != "lstm":
-            kw.pop("forget_bias", None)
-        core = cls(hidden_size, norm=norm, **kw)
+        core = lnjax.BNLSTMCell(hidden_size, max_steps=max_steps, **_bn_lstm_terms(norm_args), **kw)
     else:
-        raise ValueError(f"`cell` must be one of ('lstm', 'gru', 'rnn', 'bn_lstm'), got {cell!r}.")
+        term = normalizer(norm, norm_args)
+        if cell == "rnn":
+            cls, terms = lnjax.RNNCell, {"norm": term}
+        else:
+            if input_norm is None:
+                x_term = term
+            elif input_norm == "none" or isinstance(input_norm, norms.Normalizer):
+                x_term = normalizer(input_norm, what="input_norm")  # takes no `norm_args`
+            else:
+                x_term = normalizer(input_norm, norm_args, what="input_norm")
+            cls, terms = (lnjax.LSTMCell, {"cell_norm": term}) if cell == "lstm" else (lnjax.GRUCell, {})
+            terms.update(input_norm=x_term, recurrent_norm=term)
+        try:
+            core = cls(hidden_size, **terms, **kw)
+        except TypeError as e:  # a stateful normalizer: batch statistics per step are the BN-LSTM's
+            raise ValueError(f"`norm`={norm!r} for cell={cell!r}: {e}") from None
 
     def init(key):
         k1, k2 = jax.random.split(key)

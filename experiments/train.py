@@ -109,24 +109,59 @@ def build_task(cfg) -> Task:
             f"char_lm, got {name!r}."
         )
 
-    m = cfg.model
-    if m.kind == "mlp":
-        model = models.mlp((int(np.prod(ds.x_train.shape[1:])), *m.hidden, n_out), norm=m.norm,
-                           batch_size=cfg.batch_size)
-    elif m.kind == "convnet":
-        model = models.convnet(n_out, tuple(m.hidden), norm=m.norm, in_channels=ds.x_train.shape[-1])
-    elif m.kind == "rnn":
-        tokens = name in ("copying", "char_lm")  # int tokens in, one prediction per step out
-        model = models.sequence_model(
-            ds.num_classes if tokens else ds.x_train.shape[-1], n_out, m.hidden[0], cell=m.cell,
-            norm=m.norm, gain_init=m.get("gain_init"), norm_input=m.get("norm_input"),
-            max_steps=ds.x_train.shape[1], forget_bias=m.get("forget_bias"),
-            tokens=tokens, readout="all" if tokens else "last",
-            dn_radius=m.get("dn_radius"), dn_sigma=m.get("dn_sigma"),
-        )
+    tokens = name in ("copying", "char_lm")  # int tokens in, one prediction per step out
+    if cfg.model.kind == "rnn":
+        input_size = ds.num_classes if tokens else ds.x_train.shape[-1]
     else:
-        raise ValueError(f"`model.kind` must be mlp, convnet or rnn, got {m.kind!r}.")
+        input_size = int(np.prod(ds.x_train.shape[1:]))  # the MLP's flattened input
+    model = build_model(cfg, input_size=input_size, num_outputs=n_out, in_channels=ds.x_train.shape[-1],
+                        max_steps=ds.x_train.shape[1], tokens=tokens)  # fmt: skip
     return Task(model, loss_fn, ds)
+
+
+def _defaults_key(model_cfg):
+    return "bn_lstm" if model_cfg.kind == "rnn" and model_cfg.cell == "bn_lstm" else model_cfg.norm
+
+
+def norm_options(model_cfg) -> dict:
+    """The factory options of the model's normalizers (configs/base.py): the experiment's
+    `model.norm_defaults` for `model.norm` (for the BN-LSTM cell: its entry "bn_lstm"), updated
+    by every entry of `model.norm_args` that is set (not None)."""
+    defaults = model_cfg.get("norm_defaults", {}).get(_defaults_key(model_cfg))
+    options = defaults.to_dict() if hasattr(defaults, "to_dict") else dict(defaults or {})
+    args = model_cfg.get("norm_args")
+    args = args.to_dict() if hasattr(args, "to_dict") else dict(args or {})
+    options.update({k: v for k, v in args.items() if v is not None})
+    return options
+
+
+def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, tokens=False) -> models.Model:
+    """The model `cfg.model` describes, for inputs of `input_size` features (flattened for the
+    MLP; the vocabulary size with `tokens`), `in_channels` channels (ConvNet) and sequences of
+    at most `max_steps` steps (RNN). Its normalizers get `norm_options(cfg.model)`.
+
+    Raises ValueError for an unknown `model.kind`, `model.norm` or `model.cell`, and for an
+    option the normalizer does not take (naming `config.model.norm_args`)."""
+    m = cfg.model
+    options = norm_options(m)
+    key = _defaults_key(m)
+    try:
+        if m.kind == "mlp":
+            return models.mlp((input_size, *m.hidden, num_outputs), norm=m.norm, norm_args=options,
+                              batch_size=cfg.batch_size)  # fmt: skip
+        if m.kind == "convnet":
+            return models.convnet(num_outputs, tuple(m.hidden), norm=m.norm, in_channels=in_channels,
+                                  norm_args=options)  # fmt: skip
+        if m.kind == "rnn":
+            return models.sequence_model(
+                input_size, num_outputs, m.hidden[0], cell=m.cell, norm=m.norm, norm_args=options,
+                input_norm=m.get("input_norm"), max_steps=max_steps, forget_bias=m.get("forget_bias"),
+                tokens=tokens, readout="all" if tokens else "last",
+            )
+    except TypeError as e:  # an option the normalizer does not take
+        raise ValueError(f"config.model: {e} (the normalizer's options: the entries of "
+                         f"`config.model.norm_args` that are set, over `config.model.norm_defaults.{key}`)") from None
+    raise ValueError(f"`model.kind` must be mlp, convnet or rnn, got {m.kind!r}.")
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -398,6 +433,8 @@ def check_config(cfg):
     if cfg.num_steps % cfg.steps_per_call:
         raise ValueError(f"`config.num_steps`={cfg.num_steps} must be a multiple of `config.steps_per_call`={cfg.steps_per_call}.")
     _check_mesh_config(cfg, len(sweep_members(cfg)))
+    # The model's normalizers are built (no data needed): a bad name or option fails here.
+    build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
 
 
 def _flat(tree, prefix=""):
@@ -524,6 +561,19 @@ def _params_digest(params, i) -> str:
     return h.hexdigest()
 
 
+def define_config_flag(flag_values=None, sys_argv=None):
+    """Defines `--config`, a config file from configs/, and its `--config.<key>=<value>`
+    overrides (on `flag_values`, default absl's FLAGS). The config is locked: an override must
+    name an existing key (so the normalizer options one can set are those `model.norm_args`
+    declares, see configs/base.py). `sys_argv`: the command line, if not `sys.argv`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True,
+                                           flag_values=flags.FLAGS if flag_values is None else flag_values,
+                                           sys_argv=sys_argv)  # fmt: skip
+
+
 def main(argv):
     from absl import flags
 
@@ -542,13 +592,12 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
     from experiments import xla_flags
 
     xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)  # before the first computation starts XLA
 
-    config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+    define_config_flag()
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
     flags.DEFINE_string("coordinator_address", None,
                         "Multi-process runs: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")

@@ -11,6 +11,7 @@ a second run of the same program loads its executable instead of compiling it ag
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -27,8 +28,9 @@ import numpy as np
 import pytest
 
 import lnjax
-from configs import char_lm, convnet_digits, mlp_digits, rnn_adding, rnn_copying
+from configs import base, char_lm, convnet_digits, mlp_digits, rnn_adding, rnn_copying, rnn_digits
 from experiments import graphs, invariances, models, train
+from lnjax import norms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 300  # seconds for one tiny training subprocess (the machine may be loaded)
@@ -211,6 +213,9 @@ def test_cli_overrides_are_parsed_saved_and_used(tmp_path, subprocess_env):
 @pytest.mark.parametrize("flag, expected", [
     ("--config.optimizer.learnin_rate=1", ("learnin_rate", 'Did you mean "learning_rate"')),
     ("--config.num_steps=abc", ("--config.num_steps=abc", "invalid literal for int()")),
+    # An option the normalizer (layer norm, the config's) does not take: before training.
+    ("--config.model.norm_args.radius=3", ("`radius` is not an option", "config.model.norm_args")),
+    ("--config.model.norm_args.epsilon=1e-6", ("KeyError: 'epsilon'",)),  # not declared (configs/base.py)
 ])
 def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, subprocess_env, flag, expected):
     proc = run(train_cmd(tmp_path / "run", flag), subprocess_env, timeout=120)
@@ -220,11 +225,104 @@ def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, subprocess_env, flag
     assert not (tmp_path / "run").exists()  # rejected before anything is written
 
 
-@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, char_lm])
+@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, rnn_digits, char_lm])
 def test_shipped_configs_are_valid(module):
     cfg = module.get_config()
     train.check_config(cfg)
     assert cfg.num_steps % cfg.steps_per_call == 0
+    assert sorted(cfg.model.norm_args) == sorted(base.NORM_OPTIONS)  # declared, all unset
+    assert all(v is None for v in cfg.model.norm_args.values())
+
+
+def parse_cli(module, *overrides):
+    """The config `experiments.train`'s command line gives (its own `--config` flag, locked)."""
+    from absl import flags
+
+    argv = ["train", f"--config={ROOT / 'configs' / (module.__name__.rsplit('.', 1)[1] + '.py')}", *overrides]
+    flag_values = flags.FlagValues()
+    train.define_config_flag(flag_values, argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def test_normalizer_options_come_from_the_config():
+    """The experiments' settings of each normalizer are in the config (configs/base.py), and
+    `model.norm_args` entries that are set go over them."""
+    def options(module, **model):
+        cfg = module.get_config()
+        for k, v in model.items():
+            cfg.model[k] = v
+        return train.norm_options(cfg.model)
+
+    assert options(mlp_digits) == {} and options(convnet_digits) == {}  # layer norm: lnjax's defaults
+    for norm in ("batch", "switchable", "batch_layer"):  # batch statistics: momentum 0.9
+        assert options(mlp_digits, norm=norm) == options(convnet_digits, norm=norm) == {"momentum": 0.9}
+    assert options(mlp_digits, norm="divisive") == {"radius": 16}
+    assert options(rnn_adding, norm="divisive") == {"radius": 30}  # Ren et al.'s window
+    assert options(rnn_digits, norm="divisive") == {"radius": 15}
+    assert options(rnn_adding, norm="rms") == {"eps": 1e-5}  # the RNN cells' eps
+    assert options(rnn_adding, cell="bn_lstm") == {"scale_init": 1.0}
+    cfg = mlp_digits.get_config()
+    cfg.model.norm = "batch"
+    cfg.model.norm_args.momentum, cfg.model.norm_args.eps = 0.5, 1e-3
+    assert train.norm_options(cfg.model) == {"momentum": 0.5, "eps": 1e-3}
+
+
+def _init_apply(model, x, training=True):
+    params, state = model.init(jax.random.PRNGKey(0))
+    return params, np.asarray(model.apply(params, state, x, training=training)[0])
+
+
+def _mlp_output(cfg, x):
+    return _init_apply(train.build_model(cfg, input_size=x.shape[1], num_outputs=10), x)[1]
+
+
+@pytest.mark.filterwarnings("ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")  # config_flags
+def test_cli_norm_args_reach_the_normalizer():
+    """`--config.model.norm_args.<option>` parses against the locked config and reaches the
+    normalizer: the model computes what the normalizer built with that option gives."""
+    x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    cfg = parse_cli(mlp_digits, "--config.model.norm_args.eps=1e-6")
+    assert cfg.model.norm_args.eps == 1e-6 and train.norm_options(cfg.model) == {"eps": 1e-6}
+    got = _mlp_output(cfg, x)
+    np.testing.assert_array_equal(got, _init_apply(models.mlp((64, 256, 256, 10), norm=norms.layer(eps=1e-6)), x)[1])
+    assert not np.array_equal(got, _mlp_output(parse_cli(mlp_digits), x))  # eps 1e-5
+
+    # A factory argument (divisive norm's radius) over the config's default (16).
+    cfg = parse_cli(mlp_digits, "--config.model.norm=divisive", "--config.model.norm_args.radius=2")
+    assert train.norm_options(cfg.model) == {"radius": 2}
+    got = _mlp_output(cfg, x)
+    np.testing.assert_array_equal(got, _init_apply(models.mlp((64, 256, 256, 10), norm=norms.divisive(2)), x)[1])
+    assert not np.array_equal(got, _mlp_output(parse_cli(mlp_digits, "--config.model.norm=divisive"), x))
+
+    # The RNN cells' terms: the initial gains of the recurrent and cell norms (input: none).
+    cfg = parse_cli(rnn_adding, "--config.model.norm_args.scale_init=0.1")
+    params, _ = train.build_model(cfg, input_size=2, num_outputs=1, max_steps=5).init(jax.random.PRNGKey(0))
+    rnn = params["rnn"]
+    assert set(rnn["n_x"]) == {"bias"}  # input_norm="none": W_x x + b
+    np.testing.assert_array_equal(rnn["n_h"]["scale"], np.float32(0.1))
+    np.testing.assert_array_equal(rnn["n_c"]["scale"], np.float32(0.1))
+
+
+def test_unknown_normalizer_options_are_rejected_before_training(tmp_path):
+    cfg = tiny_config()
+    cfg.model.norm_args.radius = 3  # layer norm has no radius
+    with pytest.raises(ValueError, match=r"config\.model.*`radius` is not an option.*norm_args"):
+        train.check_config(cfg)
+    with pytest.raises(ValueError, match="`radius` is not an option"):
+        train.fit(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
+    cfg = tiny_config(norm="none")
+    cfg.model.norm_args.eps = 1e-6  # no normalizer, so no options
+    with pytest.raises(ValueError, match="takes no options"):
+        train.check_config(cfg)
+    cfg = tiny_config(norm="bogus")
+    with pytest.raises(ValueError, match="unknown normalizer 'bogus'"):
+        train.check_config(cfg)
+    cfg = rnn_adding.get_config()
+    cfg.model.norm_defaults.layer = {"momentum": 0.9}  # a wrong default is caught alike
+    with pytest.raises(ValueError, match="`momentum` is not an option"):
+        train.check_config(cfg)
 
 
 @pytest.mark.parametrize("key, value", [
@@ -516,39 +614,140 @@ def _check_apply(model, x, out_shape, stateful):
         assert changed == (stateful and training)
 
 
-@pytest.mark.parametrize("norm", models.NORMS)
+MLP_NORMS = ("none", "batch", "layer", "rms", "switchable", "batch_layer", "divisive")
+CONV_NORMS = ("none", "batch", "layer", "rms", "switchable")
+STATEFUL = ("batch", "switchable", "batch_layer")  # running batch statistics
+
+
+@pytest.mark.parametrize("norm", MLP_NORMS)
 def test_mlp_and_convnet_output_shapes(norm):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 12)).astype(np.float32)
-    stateful = norm in ("batch", "switchable", "batch_layer")  # running batch statistics
-    _check_apply(models.mlp((12, 16, 8, 3), norm=norm), x, (5, 3), stateful)
-    if norm in models.CONV_NORMS:
+    args = {"radius": 4} if norm == "divisive" else {}
+    _check_apply(models.mlp((12, 16, 8, 3), norm=norm, norm_args=args), x, (5, 3), norm in STATEFUL)
+    if norm in CONV_NORMS:
         images = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
-        _check_apply(models.convnet(4, (6, 8), norm=norm, in_channels=2), images, (5, 4), stateful)
-    else:
-        with pytest.raises(ValueError, match="`norm` must be one of"):
-            models.convnet(4, norm=norm)
+        _check_apply(models.convnet(4, (6, 8), norm=norm, in_channels=2, norm_args=args), images, (5, 4),
+                     norm in STATEFUL)
+
+
+def test_mlp_layers_normalized_and_biases():
+    """BN normalizes every layer, the output included; the other norms the hidden layers.
+    A layer has a linear bias only where its normalizer has none."""
+    x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    sizes = (12, 16, 8, 3)
+    for norm, normed in (("batch", [True] * 3), ("layer", [True, True, False]), ("none", [False] * 3)):
+        params, _ = models.mlp(sizes, norm=norm).init(jax.random.PRNGKey(0))
+        assert ["norm" in p for p in params] == normed, norm
+        assert ["b" in p for p in params] == [not n for n in normed], norm
+    # Without a bias in the normalizer, the layer keeps its own (added after normalizing).
+    params, _ = models.mlp(sizes, norm="layer", norm_args={"bias": False}).init(jax.random.PRNGKey(0))
+    assert [sorted(p) for p in params] == [["b", "norm", "w"], ["b", "norm", "w"], ["b", "w"]]
+    assert sorted(params[0]["norm"]) == ["scale"]
+    # A name with options and the Normalizer value it names are the same model.
+    _, by_name = _init_apply(models.mlp(sizes, norm="rms", norm_args={"eps": 1e-3}), x)
+    _, by_value = _init_apply(models.mlp(sizes, norm=norms.rms(eps=1e-3)), x)
+    np.testing.assert_array_equal(by_name, by_value)
+    # batch_layer's m is the MLP's batch_size unless norm_args sets it.
+    assert models.normalizer("batch_layer", {"batch_size": 4}) is norms.batch_layer(batch_size=4)
+    _, m8 = _init_apply(models.mlp(sizes, norm="batch_layer", batch_size=8), x)
+    _, m5 = _init_apply(models.mlp(sizes, norm="batch_layer", batch_size=8, norm_args={"batch_size": 5}), x)
+    _, default = _init_apply(models.mlp(sizes, norm="batch_layer"), x)  # m = 5, the batch
+    np.testing.assert_array_equal(m5, default)
+    assert not np.array_equal(m8, default)
+
+
+def test_convnet_layer_norm_is_group_norm_with_one_group():
+    """The ConvNet's "layer" is the paper's ConvNet LN: statistics over each example's
+    channels and positions (group norm, one group), not per position over the channels."""
+    images = np.random.default_rng(0).normal(size=(3, 8, 8, 2)).astype(np.float32)
+    assert models.conv_normalizer("layer") is norms.group(1)
+    assert models.conv_normalizer("layer", {"eps": 1e-3}) is norms.group(1, eps=1e-3)
+    _, by_name = _init_apply(models.convnet(4, (6, 8), norm="layer", in_channels=2), images)
+    _, group = _init_apply(models.convnet(4, (6, 8), norm=norms.group(1), in_channels=2), images)
+    _, per_position = _init_apply(models.convnet(4, (6, 8), norm=norms.layer(), in_channels=2), images)
+    np.testing.assert_array_equal(by_name, group)
+    assert not np.allclose(by_name, per_position)
 
 
 def test_mlp_switchable_norm_mixes_only_layer_and_batch_statistics():
     # Hidden layers have no spatial axes: the IN branch is pinned off whatever its logit, and a
     # dominant LN (or BN) logit makes the switchable norm that norm.
     a = np.random.default_rng(1).normal(size=(6, 16)).astype(np.float32)
-    p, state = models._norm_init("switchable", (16,))
+    model = models.mlp((16, 16, 16), norm="switchable", norm_args={"momentum": 0.9})
+    params, state = model.init(jax.random.PRNGKey(0))
+    eye = jnp.eye(16, dtype=jnp.float32)
+    params[0]["w"], params[1]["w"] = eye, eye  # the hidden layer normalizes `a` itself
     for branch, want in ((1, lnjax.layer_norm(a)),
                          (2, lnjax.batch_norm(a, None, None, lnjax.batch_norm_state(16), training=True)[0])):
         logits = jnp.full(3, -50.0).at[branch].set(50.0).at[0].set(100.0)  # IN "preferred": ignored
-        control = lnjax.SwitchableControl(logits, logits)
-        y, _ = models._norm_apply("switchable", dict(p, control=control), state, a, training=True)
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+        params[0]["norm"]["control"] = lnjax.SwitchableControl(logits, logits)
+        y, _ = model.apply(params, state, a, training=True)
+        np.testing.assert_allclose(y, jax.nn.relu(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cell, norm", [(c, n) for c in ("lstm", "gru", "rnn") for n in ("none", "layer", "rms")]
                          + [("bn_lstm", "layer")])
 def test_sequence_model_output_shapes(cell, norm):
     x = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
-    model = models.sequence_model(3, 2, 8, cell=cell, norm=norm, max_steps=7, norm_input=True)
+    model = models.sequence_model(3, 2, 8, cell=cell, norm=norm, max_steps=7)
     _check_apply(model, x, (5, 2), cell == "bn_lstm")
+
+
+def test_sequence_model_builds_its_cell_terms_as_normalizer_values():
+    """`norm` is every term's, built with `norm_args`; `input_norm` overrides the input terms;
+    each goes to the cell as a Normalizer value, so a few input features only warn when the
+    cell is given a name, never here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = models.sequence_model(1, 2, 8, norm="layer", norm_args={"scale_init": 0.1})  # 1 input feature
+        params, _ = model.init(jax.random.PRNGKey(0))
+    rnn = params["rnn"]
+    for term in ("n_x", "n_h", "n_c"):
+        assert sorted(rnn[term]) == ["bias", "scale"]
+        np.testing.assert_array_equal(rnn[term]["scale"], np.float32(0.1))
+    # input_norm="none": W_x x + b (recurrent-only), and the options are not its.
+    params, _ = models.sequence_model(2, 2, 8, norm="layer", input_norm="none",
+                                      norm_args={"scale_init": 0.1}).init(jax.random.PRNGKey(0))
+    assert set(params["rnn"]["n_x"]) == {"bias"} and "scale" in params["rnn"]["n_h"]
+    params, _ = models.sequence_model(2, 2, 8, cell="gru", norm="layer", input_norm="rms").init(jax.random.PRNGKey(0))
+    assert set(params["rnn"]["n_x_gates"]) == {"scale", "bias"}
+    # norm="none": the standard cell (biases only, c_t itself).
+    params, _ = models.sequence_model(2, 2, 8, norm="none").init(jax.random.PRNGKey(0))
+    assert [sorted(params["rnn"].get(t, {})) for t in ("n_x", "n_h", "n_c")] == [["bias"], ["bias"], []]
+    # A Normalizer value, and the divisive norm's options (Ren et al.'s radius and sigma).
+    x = np.random.default_rng(0).normal(size=(3, 5, 2)).astype(np.float32)
+    a = models.sequence_model(2, 2, 8, cell="rnn", norm="divisive", norm_args={"radius": 3, "sigma": 0.5})
+    b = models.sequence_model(2, 2, 8, cell="rnn", norm=norms.divisive(3, sigma=0.5))
+    np.testing.assert_array_equal(_init_apply(a, x)[1], _init_apply(b, x)[1])
+    assert not np.array_equal(_init_apply(a, x)[1], _init_apply(models.sequence_model(
+        2, 2, 8, cell="rnn", norm="divisive", norm_args={"radius": 3}), x)[1])
+
+
+def test_bn_lstm_uses_the_cells_defaults_and_norm_args_options():
+    cell_defaults = {f.name: f.default for f in dataclasses.fields(lnjax.BNLSTMCell)}
+    for term, options in models.BN_LSTM_TERMS.items():  # the table equals the cell's defaults
+        assert norms.batch(**options) is cell_defaults[term], term
+    x = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)
+    default = models.sequence_model(3, 2, 8, cell="bn_lstm", max_steps=5)
+    params, state = default.init(jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(params["rnn"]["n_h"]["scale"], np.float32(0.1))  # Cooijmans et al.
+    assert "bias" not in params["rnn"]["n_h"]
+    np.testing.assert_array_equal(params["rnn"]["n_x"]["bias"][8:16], 1.0)  # forget bias 1
+    # norm_args: options of each of its batch normalizers (here the momentum of their
+    # statistics and the initial gains); `norm` and `input_norm` do not apply.
+    fast = models.sequence_model(3, 2, 8, cell="bn_lstm", norm="rms", input_norm="none", max_steps=5,
+                                 norm_args={"momentum": 0.5, "scale_init": 1.0}, forget_bias=0.0)
+    p2, _ = fast.init(jax.random.PRNGKey(0))
+    assert jax.tree.structure(p2) == jax.tree.structure(params) and "bias" not in p2["rnn"]["n_h"]
+    np.testing.assert_array_equal(p2["rnn"]["n_h"]["scale"], 1.0)
+    np.testing.assert_array_equal(p2["rnn"]["n_x"]["bias"], 0.0)
+    _, s1 = default.apply(params, state, x, training=True)
+    _, s2 = fast.apply(params, state, x, training=True)
+    # One step of running averages from (mean 0, var 1): new = momentum * old + (1 - momentum) * batch.
+    np.testing.assert_allclose(np.asarray(s2.x.mean[0]), np.asarray(s1.x.mean[0]) * 0.5 / 0.01, rtol=1e-4, atol=1e-6)
 
 
 def test_sequence_model_tokens_and_per_step_readout():
@@ -601,14 +800,24 @@ def test_char_lm_task_reports_a_missing_file(tmp_path):
 
 
 def test_models_reject_bad_names():
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(ValueError, match="`norm`='instance'.*unknown normalizer"):
+        models.mlp((4, 8, 2), norm="instance")
+    with pytest.raises(TypeError, match="`norm`='group'.*num_groups"):  # needs its number of groups
         models.mlp((4, 8, 2), norm="group")
     with pytest.raises(ValueError, match="norm"):
         models.convnet(3, norm="instance")
+    with pytest.raises(TypeError, match="`radius` is not an option"):
+        models.convnet(3, norm="layer", norm_args={"radius": 3})
+    with pytest.raises(TypeError, match="only apply to a normalizer given by name"):
+        models.mlp((4, 8, 2), norm=norms.layer(), norm_args={"eps": 1e-3})
+    with pytest.raises(TypeError, match='norm "none" takes no options'):
+        models.mlp((4, 8, 2), norm="none", norm_args={"eps": 1e-3})
     with pytest.raises(ValueError, match="cell"):
         models.sequence_model(3, 2, 8, cell="transformer")
     with pytest.raises(ValueError, match="norm"):
         models.sequence_model(3, 2, 8, cell="lstm", norm="batch")  # BN is the bn_lstm cell
+    with pytest.raises(TypeError, match="`input_norm`='divisive'"):
+        models.sequence_model(3, 2, 8, cell="lstm", input_norm="divisive")  # needs a radius
     with pytest.raises(ValueError, match="max_steps"):
         models.sequence_model(3, 2, 8, cell="bn_lstm")
 

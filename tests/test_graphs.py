@@ -13,6 +13,7 @@ import pytest
 
 import lnjax
 from experiments import graphs
+from lnjax import norms
 
 FORWARD_NORMS = ("none", "node", "adjacency", "graph")  # no cross-graph statistics
 
@@ -214,7 +215,7 @@ def test_forward_backward_every_norm(data, norm, jax_defaults):
     assert all(np.any(g != 0) for g in jax.tree.leaves(grads["head"]))
     assert np.any(grads["layers"][0]["mlp1"]["w"] != 0)  # gradient reaches the first layer
     if norm == "learned":
-        assert np.any(grads["layers"][0]["mix"] != 0)
+        assert np.any(grads["layers"][0]["norm"]["weights"] != 0)
     if norm in ("batch", "learned"):
         assert isinstance(new_state[0], lnjax.BatchNormState)
         _, eval_state = jax.jit(model.apply, static_argnames="training")(
@@ -223,6 +224,34 @@ def test_forward_backward_every_norm(data, norm, jax_defaults):
         assert eval_state is not None and np.array_equal(eval_state[0].mean, state[0].mean)
     else:
         assert new_state == (None, None)
+
+
+def test_norms_are_the_registrys(data, jax_defaults):
+    """Each of `NORMS` is a normalizer of the lnjax.norms registry; those with running
+    statistics get the momentum (GraphConfig's in training), and `norm_args` reach them all."""
+    assert graphs.normalizer("none") is None
+    for norm, name in graphs.NORM_NAMES.items():
+        if norm == "none":
+            continue
+        momentum = {"momentum": 0.9} if norm in ("batch", "learned") else {}
+        assert graphs.normalizer(norm) is norms.get(name, **momentum)
+        assert graphs.normalizer(norm, {"eps": 1e-3}) is norms.get(name, eps=1e-3, **momentum)
+    assert graphs.normalizer("batch", momentum=0.5) is norms.graph_batch(momentum=0.5)
+    model, params, state = _model("batch", momentum=0.5)
+    layer = params["layers"][0]
+    assert sorted(layer) == ["mlp1", "mlp2", "norm"] and sorted(layer["norm"]) == ["bias", "scale"]
+    batch = graphs.slot_batch(data, jnp.arange(4))
+    _, new_state = model.apply(params, state, batch, training=True)
+    _, ref_state = _model("batch")[0].apply(params, state, batch, training=True)
+    # From mean 0: the running mean is (1 - momentum) times the batch mean.
+    np.testing.assert_allclose(new_state[0].mean, ref_state[0].mean * 0.5 / 0.1, rtol=1e-5, atol=1e-7)
+    # norm_args: further options of the factory.
+    out, _ = _model("graph", norm_args={"eps": 10.0})[0].apply(params, state, batch, training=False)
+    ref, _ = _model("graph")[0].apply(params, state, batch, training=False)
+    assert not np.allclose(out, ref)
+    with pytest.raises(TypeError, match="`momentum` is not an option"):  # no running statistics
+        graphs.make_model("graph", norm_args={"momentum": 0.5})
+    assert graphs.normalizer("batch", {"momentum": 0.5}, momentum=0.9) is norms.graph_batch(momentum=0.5)
 
 
 def test_bad_arguments(data, jax_defaults):

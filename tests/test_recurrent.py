@@ -173,7 +173,7 @@ def np_ln_lstm(p, xs, *, terms, eps, groups=(1, 1), carry_normalized=False):
         a = np_norm(nh, ah, p["n_h"], eps, groups[1]) + np_norm(nx, ax, p["n_x"], eps, groups[0])
         i, f, g, o = (a[:, k * Hh : (k + 1) * Hh] for k in range(4))
         c = np_sigmoid(f) * c + np_sigmoid(i) * np.tanh(g)
-        cn = np_norm(nc, c, p["n_c"], eps)
+        cn = np_norm(nc, c, p.get("n_c", {}), eps)
         h = np_sigmoid(o) * np.tanh(cn)
         if carry_normalized:
             c = cn

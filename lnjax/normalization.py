@@ -140,8 +140,7 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
       bias: optional bias, shape `x.shape[axis]`; off by default as in the authors' code.
       axis: int or tuple of ints reduced over.
       eps: inside the square root; 1e-6 as in Flax's RMSNorm.
-      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
-        of the formula) or "fused" (closed-form derivative; see the module docstring).
+      implementation: as for `layer_norm`.
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -168,21 +167,8 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
     return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
 
 
-def batch_norm(
-    x,
-    scale,
-    bias,
-    state: BatchNormState,
-    *,
-    training: bool,
-    axis=-1,
-    momentum=0.99,
-    eps=1e-5,
-    axis_name=None,
-    mask=None,
-    fast_variance=False,
-    implementation=None,
-):
+def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1, momentum=0.99, eps=1e-5,
+               axis_name=None, mask=None, fast_variance=False, implementation=None):  # fmt: skip
     """Batch normalization (Ioffe & Szegedy 2015) with running statistics in `state`.
 
     Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the batch mean and

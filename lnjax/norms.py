@@ -287,7 +287,8 @@ def switchable(**options) -> Normalizer:
     "control"). On `[batch, features]` there are no instance statistics: it mixes LN and BN,
     as the authors' SwitchNorm1d. Context: `axis_name`."""
     return _stateful(relatives.switchable_norm, options, normalization.batch_norm_state, context=("axis_name",),
-                     extra=lambda size, dtype: {"control": relatives.switchable_control(dtype)}, pre=_switch)  # fmt: skip
+                     extra=lambda size, dtype: {"control": relatives.switchable_control(dtype)},
+                     pre=_switch)  # fmt: skip
 
 
 @_cached
@@ -300,7 +301,8 @@ def batch_layer(**options) -> Normalizer:
 @_cached
 def graph_batch(**options) -> Normalizer:
     """`lnjax.graph_batch_norm`; context: `node_mask`, `axis_name`."""
-    return _stateful(relatives.graph_batch_norm, options, normalization.batch_norm_state, context=("node_mask", "axis_name"))
+    return _stateful(relatives.graph_batch_norm, options, normalization.batch_norm_state,
+                     context=("node_mask", "axis_name"))
 
 
 def _default(op, name):
@@ -314,7 +316,9 @@ def graph_learned(**options) -> Normalizer:
     `edges`, `node_mask`, `axis_name`."""
     op = relatives.graph_learned_norm
     kinds, weighting = (options.get(k, _default(op, k)) for k in ("kinds", "weighting"))
-    weights = lambda size, dtype: {"weights": relatives.graph_learned_weights(size, kinds, weighting, dtype)}  # noqa: E731
+    def weights(size, dtype):
+        return {"weights": relatives.graph_learned_weights(size, kinds, weighting, dtype)}
+
     ctx = ("segment_ids", "num_segments", "edges", "node_mask", "axis_name")
     norm = _stateful(op, options, normalization.batch_norm_state, context=ctx, extra=weights)
     if "batch" in kinds:

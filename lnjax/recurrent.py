@@ -95,7 +95,9 @@ def _varying_like(carry, inputs):
     def cast(c):
         missing = tuple(sorted(axes - varying(c)))
         # A counter in the carry (an int) does not depend on the data: it stays invariant.
-        return lax.pcast(c, missing, to="varying") if missing and jnp.issubdtype(c.dtype, jnp.floating) else c
+        if not missing or not jnp.issubdtype(c.dtype, jnp.floating):
+            return c
+        return lax.pcast(c, missing, to="varying")
 
     return jax.tree.map(cast, carry) if axes else carry
 
@@ -149,7 +151,7 @@ def _term_params(params, keys, forget_bias, hidden):
         if "bias" in params.get(k, {}):
             params[k]["bias"] = params[k]["bias"].at[hidden : 2 * hidden].set(forget_bias)
             return params
-    raise ValueError(f"`forget_bias`={value!r} needs a bias in the input or recurrent term, "
+    raise ValueError(f"`forget_bias`={forget_bias!r} needs a bias in the input or recurrent term, "
                      "but neither normalizer has one.")  # fmt: skip
 
 
@@ -166,10 +168,12 @@ class _Cell:
 
     Attributes:
       hidden_size: H.
-      precision (keyword-only): of the matmuls (`jax.lax.Precision`); None is the backend's default (TF32 on
-        recent GPUs, bfloat16 passes on TPU); pass `Precision.HIGHEST` for float32 accuracy.
-      dtype (keyword-only): dtype of the matmul operands (e.g. bfloat16); None keeps the parameters'. The
-        products, normalizations and gate arithmetic are in the parameters' dtype.
+      precision (keyword-only): of the matmuls (`jax.lax.Precision`); None is the backend's
+        default (TF32 on recent GPUs, bfloat16 passes on TPU); pass `Precision.HIGHEST` for
+        float32 accuracy there.
+      dtype (keyword-only): dtype of the matmul operands (e.g. bfloat16); None keeps the
+        parameters'. The products, normalizations and gate arithmetic are in the parameters'
+        dtype.
     """
 
     hidden_size: int
@@ -317,7 +321,8 @@ class GRUCell(_Cell):
     def step(self, params, carry, u):
         H, (n1, n4) = self.hidden_size, self._recurrent_norm
         a = self._matmul(carry, params["w_h"])
-        r, z = jnp.split(jax.nn.sigmoid(u[..., : 2 * H] + n1.apply(params.get("n_h_gates", {}), a[..., : 2 * H])), 2, axis=-1)
+        gates = u[..., : 2 * H] + n1.apply(params.get("n_h_gates", {}), a[..., : 2 * H])
+        r, z = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
         n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params.get("n_h_cand", {}), a[..., 2 * H :]))
         h = z * carry + (1 - z) * n
         return h, h
@@ -339,8 +344,8 @@ class RNNCell(_Cell):
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        params = {**_weights(key, input_size, self.hidden_size, 1, dtype), "n": self._norm.init(self.hidden_size, dtype)}
-        return _term_params(params, (), 0, self.hidden_size)
+        H = self.hidden_size
+        return _term_params({**_weights(key, input_size, H, 1, dtype), "n": self._norm.init(H, dtype)}, (), 0, H)
 
     def project_inputs(self, params, x):
         """`W_x x`, shape `[..., H]` (normalized after the recurrent term is added)."""

@@ -73,19 +73,8 @@ def switchable_norm_state(num_channels, dtype=jnp.float32) -> BatchNormState:
     return batch_norm_state(num_channels, dtype)
 
 
-def switchable_norm(
-    x,
-    scale,
-    bias,
-    control: SwitchableControl,
-    state: BatchNormState,
-    *,
-    training: bool,
-    axis=-1,
-    momentum=0.99,
-    eps=1e-5,
-    axis_name=None,
-):
+def switchable_norm(x, scale, bias, control: SwitchableControl, state: BatchNormState, *, training: bool,
+                    axis=-1, momentum=0.99, eps=1e-5, axis_name=None):  # fmt: skip
     """Switchable normalization (Luo et al. 2018): a learned mix of IN, LN and BN statistics.
 
     With `mu_k`, `var_k` the instance (per example and channel, over space), layer (per example,

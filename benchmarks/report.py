@@ -384,7 +384,7 @@ def _rnn_tables(results):
         "Hidden size H for every layer; lnjax LN-LSTM is `LSTMCell(H)` (layer norm on `W_x x`, "
         "`W_h h` and `c`), LN-GRU is `GRUCell(H)`; the PyTorch LN-LSTM is the same equations "
         "written by hand (input projection hoisted out of the loop). The unnormalized LSTMs "
-        "(lnjax `norm='none'`, Flax `OptimizedLSTMCell`, `torch.nn.LSTM`) are checked against one "
+        "(lnjax `LSTMCell(H, None, None, None)`, Flax `OptimizedLSTMCell`, `torch.nn.LSTM`) are checked against one "
         "another with the same weights; the LN-LSTMs likewise.",
         "",
     ]

@@ -9,7 +9,7 @@ Contenders, all in one process per configuration, timed interleaved:
 
 * lnjax LN-LSTM and LN-GRU (`lnjax.rnn`), each with `precompute_inputs=True` (one matmul for
   `N_x(W_x x)` over all steps, before the scan) and `False` (inside the scan);
-* lnjax unnormalized LSTM (`norm="none"`), Flax `nn.RNN(nn.OptimizedLSTMCell)` and PyTorch
+* lnjax unnormalized LSTM (`LSTMCell(H, None, None, None)`), Flax `nn.RNN(nn.OptimizedLSTMCell)` and PyTorch
   `nn.LSTM`, with the same weights;
 * a hand-written PyTorch LN-LSTM of lnjax's equations (input projection hoisted out of the
   loop, as PyTorch users write it), eager and `torch.jit.script`-ed (default settings).
@@ -48,7 +48,7 @@ def _get(tree, key):
 
 
 def torch_ln_lstm(xs, w_x, w_h, nx_s, nx_b, nh_s, nh_b, nc_s, nc_b, eps: float):
-    """lnjax's LSTMCell(norm="layer") in PyTorch: gates = LN_h(W_h h) + LN_x(W_x x),
+    """lnjax's LSTMCell(H) (layer norm on every term) in PyTorch: gates = LN_h(W_h h) + LN_x(W_x x),
     c = s(f) c + s(i) tanh(g), h = s(o) tanh(LN_c(c)); gate order (i, f, g, o)."""
     B, T = xs.shape[0], xs.shape[1]
     H4 = w_h.shape[1]
@@ -148,7 +148,8 @@ def run(job):
                       grads_view=lambda g: [_get(g, k) for k in LN_LSTM_KEYS])
 
     if job.get("xla", True):
-        xla_cell = lnjax.LSTMCell(Hd, implementation="xla")
+        xla_ln = lnjax.norms.layer(implementation="xla")
+        xla_cell = lnjax.LSTMCell(Hd, xla_ln, xla_ln, xla_ln)
         for pre in (False, True):
             def floss(p, xs, tgt, pre=pre):
                 ys, _ = lnjax.rnn(xla_cell, p, xs, precompute_inputs=pre)
@@ -187,7 +188,7 @@ def run(job):
         jax_contender(f"lnjax LN-GRU, precompute_inputs={pre}", "LN-GRU", gloss, p_gru)
 
     # Unnormalized LSTM, same weights in three libraries ---------------------------------
-    ucell = lnjax.LSTMCell(Hd, norm="none")
+    ucell = lnjax.LSTMCell(Hd, None, None, None)
     p_u = ucell.init(jax.random.key(2), I)
     p_u["n_x"]["bias"] = 0.1 * jax.random.normal(jax.random.key(3), (4 * Hd,))
     p_u["n_h"]["bias"] = 0.1 * jax.random.normal(jax.random.key(4), (4 * Hd,))
@@ -197,7 +198,7 @@ def run(job):
         return jnp.mean((ys - tgt) ** 2)
 
     # Canonical view of the plain LSTM's gradients: (dW_x [I,4H], dW_h [H,4H], d(b_x + b_h)).
-    jax_contender("lnjax LSTM (norm='none')", "LSTM", uloss, p_u,
+    jax_contender("lnjax LSTM (no norm)", "LSTM", uloss, p_u,
                   note=f"precompute_inputs={lnjax.recurrent.default_precompute_inputs(B)} (default)",
                   grads_view=lambda g: [g["w_x"], g["w_h"], g["n_h"]["bias"]])
 

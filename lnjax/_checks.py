@@ -52,24 +52,37 @@ def axes(axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _concrete(value):
-    """`float(value)`, or None for a traced value (checked by the user) or a non-number."""
+def real_scalar(value, name: str):
+    """Returns `value` after checking it is one real number: a Python or NumPy int or float, or
+    a 0-d real array (possibly traced). Bools, strings and arrays with axes (which would
+    broadcast) are a TypeError."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok and hasattr(value, "shape") and hasattr(value, "dtype"):
+        ok = value.shape == () and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    if not ok:
+        raise TypeError(f"`{name}` must be a real number (a Python or NumPy scalar, or a 0-d array), got {value!r}.")
+    return value
+
+
+def _concrete(value, name):
+    """`float(value)` of a real scalar, or None for a traced one (the user's to check)."""
+    real_scalar(value, name)
     try:
         return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
+    except jax.errors.ConcretizationTypeError:
         return None
 
 
 def nonnegative(value, name: str):
     """Raises ValueError if a concrete `value` is negative; traced values pass (checked by the user)."""
-    v = _concrete(value)
+    v = _concrete(value, name)
     if v is not None and not v >= 0:  # also rejects NaN
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
     return value
 
 
 def in_unit_interval(value, name: str):
-    v = _concrete(value)
+    v = _concrete(value, name)
     if v is not None and not 0.0 <= v <= 1.0:
         raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
     return value
@@ -145,6 +158,7 @@ def batch_norm_state_check(state, fshape, x_shape, what="x.shape[axis]"):
             f"`state` must be a BatchNormState (see `batch_norm_state`), got {type(state).__name__}."
         )
     hint = f" ({what} for x of shape {x_shape}; a state made for another shape?)"
-    shape(state.mean, fshape, "state.mean", hint)
-    shape(state.var, fshape, "state.var", hint)
+    for name, value in zip(("state.mean", "state.var"), state):
+        # An integer state would truncate every running average.
+        floating(shape(value, fshape, name, hint), name)
     return state

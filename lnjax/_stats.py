@@ -76,8 +76,9 @@ def moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
 
     `mean + residual` is the mean (see `two_pass`; the residual is 0 with `fast_variance`).
     With `axis_name`, sums and counts are reduced across that named axis too, so every device
-    sees the statistics of the global batch. Counts are clamped at 1 so that an all-masked
-    reduction gives mean 0 and variance 0 rather than NaN.
+    sees the statistics of the global batch. The count returned is the number of entries
+    reduced (0 for an empty or all-masked reduction, whose mean and variance are then 0, not
+    NaN: the divisions use at least 1).
     """
     dtype = _checks.stats_dtype(x.dtype)
     xf = x.astype(dtype)
@@ -93,12 +94,12 @@ def moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
 
     if axis_name is not None:
         count = lax.psum(count, axis_name)
-    count = jnp.maximum(count, 1)
+    n = jnp.maximum(count, 1)
     if not fast_variance:
-        return (*two_pass(xf, count, total, keep=keep), count)
+        return (*two_pass(xf, n, total, keep=keep), count)
     xf = xf if keep is None else keep(xf)
-    mean = total(xf) / count
-    var = jnp.maximum(total(xf * xf) / count - mean * mean, 0)
+    mean = total(xf) / n
+    var = jnp.maximum(total(xf * xf) / n - mean * mean, 0)
     return mean, jnp.zeros_like(mean), var, count
 
 
@@ -124,14 +125,16 @@ def ema_update(state: BatchNormState, mean, var, count, momentum) -> BatchNormSt
     with the unbiased `n / (n - 1) * var` (Ioffe & Szegedy 2015, Alg. 2).
 
     `mean`, `var` and `count` hold one value per feature, in any shape with the state's size
-    (`count` may be a scalar); no gradient flows into the state.
+    (`count` may be a scalar); no gradient flows into the state. A feature that saw no data
+    (`count` 0: an empty or all-masked batch) keeps its running averages.
     """
     flat = lambda s: lax.stop_gradient(s.reshape(state.mean.shape))  # noqa: E731
     n = flat(jnp.broadcast_to(count, mean.shape))
     unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
 
     def ema(old, new):
-        return (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+        updated = (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
+        return jnp.where(n > 0, updated, old)
 
     return BatchNormState(ema(state.mean, flat(mean)), ema(state.var, unbiased))
 

@@ -26,6 +26,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lnjax import _checks, _fused, _stats
 from lnjax._state import BatchNormState
@@ -164,6 +165,8 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
     shape = (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
     for n in shape:
         _checks.positive_int(n, "num_features")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating dtype (running averages), got {jnp.dtype(dtype)}.")
     return BatchNormState(mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype))
 
 
@@ -192,8 +195,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
       axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
       mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
         `[batch, features]`); False positions (padding) are left out of the statistics but
-        still normalized with them (domain-agnostic BN relies on it); keep padding finite:
-        a NaN there reaches the gradients of the statistics.
+        still normalized with them, and their values (even NaN) reach no gradient. A batch
+        with no data (empty, or all masked) leaves the running averages unchanged.
       fast_variance: one-pass variance (see `moments`).
       implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
         of the formula) or "fused" (closed-form derivative; see the module docstring).
@@ -227,8 +230,16 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         x, red, state, training=training, momentum=momentum, mask=m, axis_name=axis_name,
         fast_variance=fast_variance,
     )
-    y = _stats.normalize(x, mean, residual, var, eps)
-    return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
+
+    def normalized(x):
+        return _stats.scale_shift(_stats.normalize(x, mean, residual, var, eps), scale, bias, feat, x.ndim)
+
+    if m is None:
+        return normalized(x).astype(x.dtype), new_state
+    # Masked positions are normalized too, but through a branch without gradient, and the
+    # differentiated branch sees zeros there: their values (even NaN) reach no gradient.
+    y = jnp.where(m, normalized(jnp.where(m, x, jnp.zeros((), x.dtype))), lax.stop_gradient(normalized(x)))
+    return y.astype(x.dtype), new_state
 
 
 def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False):
@@ -285,6 +296,9 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=
     """
     x = _checks.spatial(_checks.floating(x))
     c = _checks.channel_axis(axis, x.ndim, batch_first=True)
+    if math.prod(x.shape[1:]) == x.shape[c]:
+        raise ValueError(f"`x` of shape {x.shape} has one spatial position: every instance statistic "
+                         "would be over one value (the output would be `bias`).")  # fmt: skip
     return group_norm(x, x.shape[c], scale, bias, axis=c, eps=eps, fast_variance=fast_variance)
 
 
@@ -310,6 +324,9 @@ def weight_norm(v, g, *, axis=-1, eps=1e-12):
     _checks.floating(g, "g")
     _checks.nonnegative(eps, "eps")
     red = tuple(a for a in range(v.ndim) if a not in keep)
+    if not red:
+        raise ValueError(f"`axis`={axis!r} keeps every axis of v (shape {v.shape}): no axis is left to take the "
+                         "norm over (each weight would become g * sign(v)).")  # fmt: skip
     vf = v.astype(_checks.stats_dtype(v.dtype))
     sq = jnp.sum(vf * vf, axis=red, keepdims=True)
     w = vf * _stats.inv_std(sq, eps) * _stats.broadcast_to_axes(g, keep, v.ndim, vf.dtype)

@@ -120,6 +120,7 @@ def _split(op, options, context=()):
                and k not in options and k not in context and k not in _RESERVED]  # fmt: skip
     if missing:
         raise TypeError(f"`{op.__name__}` needs {', '.join(f'`{k}`' for k in missing)}.")
+    _checks.real_scalar(own["scale_init"], "scale_init")
     if not isinstance(own["bias"], bool):
         raise TypeError(f"`bias` must be a bool (whether the normalizer has a bias), got {own['bias']!r}.")
     return own["scale_init"], own["bias"], options
@@ -155,7 +156,8 @@ def _grouped(op, groups, options):
         z = _checks.floating(z, "z")
         if z.ndim < 1 or z.shape[-1] % groups:
             raise ValueError(f"`groups`={groups} does not divide the last axis of z (shape {z.shape}).")
-        y = op(z.reshape(z.shape[:-1] + (groups, -1)), **options, **context).reshape(z.shape)
+        # Sizes spelled out: a `-1` cannot be inferred for an empty batch.
+        y = op(z.reshape(z.shape[:-1] + (groups, z.shape[-1] // groups)), **options, **context).reshape(z.shape)
         y = y if scale is None else y * _lead(scale.astype(y.dtype), y.ndim)
         return y if b is None else y + _lead(b.astype(y.dtype), y.ndim)
 

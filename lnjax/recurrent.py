@@ -488,8 +488,14 @@ def rnn(
     mask = _lengths_mask(lengths, T, batch_shape)
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
+    want = jax.eval_shape(lambda: cell.initial_carry(batch_shape, _carry_dtype(params, xs)))
     if initial_carry is None:
         initial_carry = cell.initial_carry(batch_shape, _carry_dtype(params, xs))
+    elif jax.tree.structure(initial_carry) != jax.tree.structure(want) or any(
+            jnp.shape(a) != b.shape for a, b in zip(jax.tree.leaves(initial_carry), jax.tree.leaves(want))):
+        shapes = lambda t: jax.tree.map(lambda a: tuple(jnp.shape(a)), t)  # noqa: E731
+        raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
+                         f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)

@@ -708,16 +708,19 @@ def domain_agnostic_batch_norm(
     red = tuple(a for a in range(x.ndim) if a not in feat)
     mshape = tuple(x.shape[a] for a in red)
     mask = jnp.broadcast_to(source_mask.reshape((-1,) + (1,) * (len(red) - 1)), mshape)
-    y, new_state = batch_norm(x, scale, bias, state, training=training, axis=axis,
-                              momentum=momentum, eps=eps, axis_name=axis_name,
-                              mask=mask)  # fmt: skip
-    if training:
-        n_source = jnp.sum(source_mask)
-        if axis_name is not None:
-            n_source = lax.psum(n_source, axis_name)
-        keep = lambda new, old: jnp.where(n_source > 0, new, old)  # noqa: E731
-        new_state = jax.tree.map(keep, new_state, state)
-    return y, new_state
+    _checks.training_flag(training)
+    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
+    _checks.in_unit_interval(momentum, "momentum")
+    _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
+    # Not `batch_norm(mask=...)`: the target examples are data here, normalized *and*
+    # differentiated with the source statistics (batch_norm keeps masked padding out of every
+    # gradient). A batch without source examples keeps the running averages (`ema_update`).
+    mean, residual, var, new_state = _stats.batch_moments(
+        x, red, state, training=training, momentum=momentum, mask=_stats.expand_mask(mask, x, red),
+        axis_name=axis_name,
+    )
+    y = _stats.normalize(x, mean, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 
 # --- proxy normalization ------------------------------------------------------------------------

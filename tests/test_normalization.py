@@ -1038,3 +1038,98 @@ FUSED_BAD = [
 def test_fused_implementation_bad_configuration(thunk, exc, match):
     with pytest.raises(exc, match=match):
         thunk()
+
+
+# --------------------------------------------------------------------------------------------
+# batches without data, masked values, states that would truncate
+# --------------------------------------------------------------------------------------------
+
+
+def _no_data_cases():
+    """(name, run(state) -> new_state) for every op that keeps running batch statistics, each
+    given a batch with no data (empty, or every position masked)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 8)), jnp.float32)
+    none = jnp.zeros((4, 3), bool)
+    return [
+        ("empty/default", lambda s: batch_norm(jnp.zeros((0, 8), jnp.float32), None, None, s, training=True)[1]),
+        ("empty/xla", lambda s: batch_norm(jnp.zeros((0, 8), jnp.float32), None, None, s, training=True,
+                                           implementation="xla")[1]),
+        ("all-masked", lambda s: batch_norm(x, None, None, s, training=True, mask=none)[1]),
+        ("all-masked/fast-variance", lambda s: batch_norm(x, None, None, s, training=True, mask=none,
+                                                          fast_variance=True)[1]),
+        ("domain-agnostic/no-source", lambda s: lnjax.domain_agnostic_batch_norm(
+            x[:, 0], None, None, s, source_mask=jnp.zeros(4, bool), training=True)[1]),
+        ("graph-batch/no-node", lambda s: lnjax.graph_batch_norm(
+            x[:, 0], None, None, s, training=True, node_mask=jnp.zeros(4, bool))[1]),
+        ("empty/vmapped", lambda s: jax.vmap(
+            lambda v: batch_norm(v, None, None, s, training=True, axis_name="b")[1], axis_name="b",
+            out_axes=None)(jnp.zeros((0, 8), jnp.float32))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,run", _no_data_cases(), ids=[c[0] for c in _no_data_cases()])
+def test_a_batch_without_data_leaves_the_running_statistics_unchanged(name, run):
+    state = BatchNormState(jnp.linspace(-1, 1, 8, dtype=jnp.float32), jnp.linspace(0.5, 2, 8, dtype=jnp.float32))
+    new = jax.jit(run)(state)
+    np.testing.assert_array_equal(new.mean, state.mean)
+    np.testing.assert_array_equal(new.var, state.var)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_masked_values_reach_no_gradient_even_nan(implementation):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float64)
+    mask = jnp.asarray([True, True, False, True, False, True])
+    scale, bias = jnp.asarray(1 + 0.3 * rng.normal(size=5)), jnp.asarray(rng.normal(size=5))
+    w = jnp.asarray(rng.normal(size=(6, 5)))
+
+    def loss(x, scale, bias):
+        y, _ = batch_norm(x, scale, bias, batch_norm_state(5, jnp.float64), training=True, mask=mask)
+        return jnp.sum(jnp.where(mask[:, None], y, 0) * w), y
+
+    (value, y), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, scale, bias)
+    for poison in (jnp.nan, jnp.inf, 1e30):
+        bad = jnp.where(mask[:, None], x, poison)
+        (v2, y2), g2 = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(bad, scale, bias)
+        np.testing.assert_array_equal(v2, value)
+        np.testing.assert_array_equal(y2[np.asarray(mask)], y[np.asarray(mask)])
+        for a, b in zip(g2, grads):
+            assert np.all(np.isfinite(a))
+            np.testing.assert_array_equal(a, b)
+    # masked positions are still normalized with the statistics of the others
+    mu, var = x[np.asarray(mask)].mean(0), x[np.asarray(mask)].var(0)
+    np.testing.assert_allclose(y[2], scale * (x[2] - mu) / np.sqrt(var + 1e-5) + bias, rtol=1e-12)
+
+
+def test_integer_running_statistics_are_rejected():
+    with pytest.raises(TypeError, match="floating dtype"):
+        batch_norm_state(8, jnp.int32)
+    state = BatchNormState(jnp.zeros(8, jnp.int32), jnp.ones(8, jnp.int32))
+    with pytest.raises(TypeError, match="state.mean"):
+        batch_norm(jnp.ones((4, 8), jnp.float32), None, None, state, training=True)
+
+
+@pytest.mark.parametrize("eps", [jnp.full(8, 1e-5), -jnp.ones(8), True, "1e-5", 1e-5j], ids=repr)
+@pytest.mark.parametrize("op", ["layer", "rms", "batch", "group", "weight"])
+def test_eps_must_be_one_real_number(op, eps):
+    x = jnp.ones((4, 8), jnp.float32)
+    call = {
+        "layer": lambda: lnjax.layer_norm(x, eps=eps),
+        "rms": lambda: lnjax.rms_norm(x, eps=eps),
+        "batch": lambda: batch_norm(x, None, None, batch_norm_state(8), training=True, eps=eps),
+        "group": lambda: lnjax.group_norm(x, 2, eps=eps),
+        "weight": lambda: lnjax.weight_norm(x, jnp.ones(8, jnp.float32), eps=eps),
+    }[op]
+    with pytest.raises(TypeError, match="`eps` must be a real number"):
+        call()
+    with pytest.raises(TypeError, match="`eps` must be a real number"):
+        jax.jit(call)()
+
+
+def test_reductions_over_a_single_value_are_errors():
+    with pytest.raises(ValueError, match="no axis is left"):
+        lnjax.weight_norm(jnp.ones(4, jnp.float32), jnp.ones(4, jnp.float32), axis=0)
+    with pytest.raises(ValueError, match="one spatial position"):
+        lnjax.instance_norm(jnp.ones((2, 1, 1, 3), jnp.float32))
+    with pytest.raises(TypeError, match="`momentum` must be a real number"):
+        batch_norm(jnp.ones((4, 8), jnp.float32), None, None, batch_norm_state(8), training=True, momentum=jnp.ones(8))

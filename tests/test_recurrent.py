@@ -734,6 +734,27 @@ def test_user_defined_cell_with_only_call_and_initial_carry(batch):
     assert ys2.shape == (batch, T, 8)
 
 
+@pytest.mark.parametrize("k", range(3), ids=["lstm-per-gate", "gru-rms", "rnn"])
+def test_no_time_steps_or_no_sequences_give_empty_outputs(k):
+    cell = per_gate_gru_rnn_cells()[k]
+    params = cell.init(jax.random.key(0), F)
+    for shape in ((4, 0, F), (0, 5, F)):
+        for pre in (True, False):
+            ys, carry = rnn(cell, params, jnp.zeros(shape, jnp.float32), precompute_inputs=pre)
+            assert ys.shape == shape[:-1] + (6,)
+            assert_tree_close(carry, cell.initial_carry(shape[:1], jnp.float32))
+
+
+def test_initial_carry_of_the_wrong_structure_or_shape_is_an_error():
+    cell = make_cell("lstm")
+    p = random_params(cell, 19)
+    xs = rand(19, (2, 4, F))
+    for bad in (jnp.zeros((2, H)), LSTMCarry(jnp.zeros((3, H)), jnp.zeros((3, H))),
+                LSTMCarry(jnp.zeros((2, H + 1)), jnp.zeros((2, H + 1)))):  # fmt: skip
+        with pytest.raises(ValueError, match="`initial_carry` has shapes"):
+            rnn(cell, p, xs, initial_carry=bad)
+
+
 def test_initial_carry_is_used():
     cell = make_cell("lstm")
     p = random_params(cell, 19)

@@ -8,7 +8,16 @@ state and marked diverged; the others are unaffected.
 
 Checkpoints (orbax) are written every `config.checkpoint_every` steps and on completion; the
 same command resumes from the latest one and, all randomness being derived from the step
-counter, ends with exactly the parameters and metrics of an uninterrupted run.
+counter, ends with exactly the parameters and metrics of an uninterrupted run. Each checkpoint
+records (in its orbax custom metadata) the config that produced it and the SHA-256 of every
+array: resuming under another config is refused even without config.json, and a corrupt or
+unreadable latest checkpoint is reported (a RuntimeWarning naming the step and the file), set
+aside into `<workdir>/corrupt_checkpoints/` and the previous valid one used; with none valid,
+`CheckpointError` names every file.
+
+The whole config is checked (`check_config`, with the size of the training set) before the
+first file is written; a bad value is a `ConfigError` naming the key and the allowed values,
+which the command line prints as one `error: ...` line (exit status 1, no traceback).
 
 Devices: the training step runs under `jax.shard_map` on a 2-D mesh with axes ("sweep",
 "data") (`config.mesh`). The stacked members are split over "sweep"; within a member the batch
@@ -32,6 +41,9 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
+import sys
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,6 +57,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import data as data_lib
 from experiments import models
+from lnjax import norms
 
 
 class TrainState(NamedTuple):
@@ -419,22 +432,74 @@ def _write_atomic(path: pathlib.Path, text: str):
     os.replace(tmp, path)
 
 
-def check_config(cfg):
-    """Rejects settings that would otherwise fail late or silently."""
-    for name in ("num_steps", "steps_per_call", "batch_size"):
-        if cfg[name] < 1:
-            raise ValueError(f"`config.{name}` must be >= 1, got {cfg[name]}.")
+class ConfigError(ValueError):
+    """A config value that cannot work, or a workdir that holds another run: the user's to fix
+    (the command line prints it as one `error: ...` line, without a traceback)."""
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of the workdir can be restored as saved (each one is corrupt)."""
+
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_positive_float(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v) and v > 0)
+
+
+def check_config(cfg, num_examples: int | None = None):
+    """Rejects settings that would otherwise fail late or silently, each with a `ConfigError`
+    (a ValueError) of one line naming the key and its allowed values. Writes nothing.
+
+    `num_examples`: the size of the training set, if known (`fit` passes it): `batch_size`
+    may not exceed it."""
+    def need(ok, key, allowed, value):
+        if not ok:
+            raise ConfigError(f"`config.{key}` must be {allowed}, got {value!r}.")
+
+    for name in ("num_steps", "steps_per_call", "batch_size", "eval_every", "checkpoint_every", "unroll"):
+        need(_is_int(cfg[name]) and cfg[name] >= 1, name, "an int >= 1", cfg[name])
     for name in ("eval_every", "checkpoint_every"):
         if cfg[name] % cfg.steps_per_call:
-            raise ValueError(
+            raise ConfigError(
                 f"`config.{name}`={cfg[name]} must be a multiple of `config.steps_per_call`="
                 f"{cfg.steps_per_call} (evaluation and checkpoints happen between fused calls)."
             )
     if cfg.num_steps % cfg.steps_per_call:
-        raise ValueError(f"`config.num_steps`={cfg.num_steps} must be a multiple of `config.steps_per_call`={cfg.steps_per_call}.")
-    _check_mesh_config(cfg, len(sweep_members(cfg)))
-    # The model's normalizers are built (no data needed): a bad name or option fails here.
-    build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
+        raise ConfigError(f"`config.num_steps`={cfg.num_steps} must be a multiple of `config.steps_per_call`={cfg.steps_per_call}.")
+    if num_examples is not None and cfg.batch_size > num_examples:
+        raise ConfigError(f"`config.batch_size` must be at most the number of training examples ({num_examples}), "
+                          f"got {cfg.batch_size}.")
+    need(cfg.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}", cfg.optimizer.name)
+    need(_is_positive_float(cfg.optimizer.learning_rate), "optimizer.learning_rate", "a finite number > 0",
+         cfg.optimizer.learning_rate)
+    clip = cfg.optimizer.grad_clip
+    need(isinstance(clip, (int, float)) and not isinstance(clip, bool) and np.isfinite(clip) and clip >= 0,
+         "optimizer.grad_clip", "a finite number >= 0 (0: no clipping)", clip)
+    for lr in cfg.sweep.learning_rate:
+        need(_is_positive_float(lr), "sweep.learning_rate", "a tuple of finite numbers > 0", tuple(cfg.sweep.learning_rate))
+    for seed in cfg.sweep.seed:
+        need(_is_int(seed) and 0 <= seed < 2**32, "sweep.seed", "a tuple of ints in [0, 2**32)", tuple(cfg.sweep.seed))
+    if "seed" in cfg.task:
+        need(_is_int(cfg.task.seed) and 0 <= cfg.task.seed < 2**31 - 1, "task.seed", "an int in [0, 2**31 - 1)", cfg.task.seed)
+    hidden = tuple(cfg.model.hidden)
+    need(all(_is_int(h) and h >= 1 for h in hidden) and (hidden or cfg.model.kind == "mlp"), "model.hidden",
+         "a tuple of ints >= 1" + ("" if cfg.model.kind == "mlp" else " (at least one)"), hidden)
+    need(isinstance(cfg.model.norm, str) and cfg.model.norm in norms.names(), "model.norm",
+         f"one of {norms.names()}", cfg.model.norm)
+    try:
+        _check_mesh_config(cfg, len(sweep_members(cfg)))
+        # The model's normalizers are built (no data needed): a bad name or option fails here.
+        build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _flat(tree, prefix=""):
@@ -443,17 +508,144 @@ def _flat(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
-def _check_extension(old: dict, new: dict, workdir):
-    """A workdir's run may only be continued with more steps (nothing else decides its result)."""
+def _check_extension(old: dict, new: dict, workdir, source="config.json"):
+    """A workdir's run may only be continued with more steps (nothing else decides its result).
+    `source`: where `old` was read (named in the error)."""
     a, b = _flat(old), _flat(new)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if changed == ["num_steps"] and b["num_steps"] >= a["num_steps"]:
+    if not changed or (changed == ["num_steps"] and b["num_steps"] >= a["num_steps"]):
         return  # training longer: resume from the last checkpoint and go on
     detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
-    raise ValueError(
-        f"{workdir} holds a run with a different config ({detail}); only `num_steps` may grow to "
-        "extend a run. Use another --workdir or delete it."
+    raise ConfigError(
+        f"{workdir} holds a run with a different config ({detail}) according to its {source}; "
+        "only `num_steps` may grow to extend a run. Use another --workdir or delete it."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Verified checkpoints
+# --------------------------------------------------------------------------------------------
+
+# Each step's orbax `custom_metadata` (in its _CHECKPOINT_METADATA, written and finalized with
+# the step) records the run's config and the SHA-256 of every array of the state: a step is
+# bound to the config that produced it, and its arrays are verified when restored. (Orbax
+# checksums only the index of its zarr3 shards, not the array bytes, and has no option to
+# verify what it restores.)
+RECORD_KEY = "lnjax_checkpoint"
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+
+
+def state_digests(state, mesh: Mesh) -> dict[str, str]:
+    """SHA-256 of each array of `state` (dtype, shape and bytes; host copies, gathered from
+    every process), keyed by its path in the tree."""
+    host = fetch(state, mesh)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
+        a = np.ascontiguousarray(leaf)
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        out[jax.tree_util.keystr(path)] = h.hexdigest()
+    return out
+
+
+class _Corrupt(Exception):
+    """One step that cannot be restored as saved: the file (or array) at fault, and why."""
+
+    def __init__(self, step, where, why):
+        super().__init__(f"checkpoint step {step}: {where}: {why}")
+        self.step = step
+
+
+def _first_line(e: BaseException, limit=300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _bad_json_file(step_dir: pathlib.Path):
+    """The first of orbax's JSON files under `step_dir` that does not parse, with the error."""
+    files = [f for f in sorted(step_dir.rglob("*")) if f.is_file()
+             and (f.name in _JSON_FILES or f.parent.name == "array_metadatas")]
+    for f in files:
+        try:
+            json.loads(f.read_bytes())
+        except (ValueError, OSError) as e:
+            return f, e
+    return None, None
+
+
+def _corrupt_from(step, step_dir: pathlib.Path, e: BaseException) -> _Corrupt:
+    bad, err = _bad_json_file(step_dir)
+    if bad is not None:
+        return _Corrupt(step, f"file {bad}", f"unreadable ({_first_line(err)})")
+    return _Corrupt(step, f"files under {step_dir}", f"restore failed ({_first_line(e)})")
+
+
+def _restore_verified(manager, step, abstract, mesh, config: dict, workdir):
+    """Step `step`'s state, after checking its record: the config it was saved under may only
+    differ in a smaller `num_steps` (else ConfigError), and every array's SHA-256 must match
+    (else `_Corrupt`, naming the array and the step directory)."""
+    import orbax.checkpoint as ocp
+
+    step_dir = pathlib.Path(str(manager.directory)) / str(step)
+    try:
+        record = (manager.metadata(step).custom_metadata or {}).get(RECORD_KEY)
+    except Exception as e:  # noqa: BLE001 (orbax raises what its readers raise: JSON, OS, ValueError)
+        raise _corrupt_from(step, step_dir, e) from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or not isinstance(record.get("sha256"), dict):
+        bad, err = _bad_json_file(step_dir)
+        where = f"file {bad}" if bad is not None else f"file {step_dir / '_CHECKPOINT_METADATA'}"
+        why = f"unreadable ({_first_line(err)})" if bad is not None else f"has no {RECORD_KEY!r} record (config and checksums)"
+        raise _Corrupt(step, where, why)
+    _check_extension(record["config"], config, workdir, source=f"checkpoint step {step}")
+    try:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # noqa: BLE001
+        raise _corrupt_from(step, step_dir, e) from None
+    got = state_digests(state, mesh)
+    if got.keys() != record["sha256"].keys():
+        raise _Corrupt(step, f"files under {step_dir / 'default'}", "the arrays restored are not those recorded")
+    wrong = [k for k in got if got[k] != record["sha256"][k]]
+    if wrong:
+        raise _Corrupt(step, f"files under {step_dir / 'default'}",
+                       f"SHA-256 mismatch of {len(wrong)} array(s), first `state{wrong[0]}`")
+    return state
+
+
+def restore_latest_valid(manager, abstract, mesh, config: dict, workdir):
+    """`(step, state, bad)`: the newest checkpoint that restores as saved (`(0, None, [])` for
+    none at all), and the steps found corrupt on the way, each reported with a warning naming
+    the step and the file. Raises CheckpointError naming every file if no checkpoint is valid,
+    and ConfigError if the newest readable one was saved under another config."""
+    bad = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return step, _restore_verified(manager, step, abstract, mesh, config, workdir), bad
+        except _Corrupt as e:
+            bad.append(e)
+            warnings.warn(f"corrupt {e}; falling back to the previous checkpoint.", RuntimeWarning, stacklevel=2)
+    if bad:
+        raise CheckpointError(f"no valid checkpoint in {manager.directory}: " + "; ".join(map(str, bad))
+                              + ". Delete the workdir's checkpoints to train afresh.")
+    return 0, None, bad
+
+
+def _set_aside(ckpt_dir: pathlib.Path, steps, primary: bool):
+    """Moves the corrupt steps out of `ckpt_dir` (into `corrupt_checkpoints/` next to it) so
+    that they are saved again; every process waits for it."""
+    if primary:
+        dest = ckpt_dir.parent / "corrupt_checkpoints"
+        dest.mkdir(exist_ok=True)
+        for step in steps:
+            target = dest / str(step)
+            n = 1
+            while target.exists():
+                target, n = dest / f"{step}.{n}", n + 1
+            shutil.move(str(ckpt_dir / str(step)), str(target))
+            print(f"moved corrupt checkpoint step {step} to {target}", file=sys.stderr)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lnjax: corrupt checkpoints set aside")
 
 
 def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | None = None):
@@ -464,27 +656,36 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
     every process calls `fit` alike: process 0 writes the config and the metrics, all of them
     write (their shards of) the checkpoints and restore them.
+
+    Nothing is written before every check has passed: `ConfigError` for a bad config value or
+    a workdir whose config.json or checkpoints hold another run, `CheckpointError` if no
+    checkpoint restores as saved (see `restore_latest_valid`).
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
+    # Everything is checked before the first file is written: the config (with the size of
+    # the training set), the mesh, config.json and the checkpoints' own record of the config.
     check_config(cfg)
+    try:
+        task = task or build_task(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_config(cfg, num_examples=task.data.x_train.shape[0])
     members = sweep_members(cfg)
-    mesh = make_mesh(cfg, len(members))  # bad mesh settings fail here, before anything is written
+    try:
+        mesh = make_mesh(cfg, len(members))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     primary = jax.process_index() == 0  # writes config.json and metrics.jsonl (orbax: checkpoints)
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     config_json = cfg.to_json(sort_keys=True)
+    config = json.loads(config_json)
     saved = workdir / "config.json"
     if saved.exists() and saved.read_text() != config_json:
-        _check_extension(json.loads(saved.read_text()), json.loads(config_json), workdir)
-    if primary:
-        _write_atomic(saved, config_json)
+        _check_extension(json.loads(saved.read_text()), config, workdir)
 
-    task = task or build_task(cfg)
     opt = make_optimizer(cfg.optimizer)
-    if cfg.batch_size > task.data.x_train.shape[0]:
-        raise ValueError(f"`config.batch_size`={cfg.batch_size} exceeds the {task.data.x_train.shape[0]} training examples.")
     n_data = mesh.shape[DATA]
     x_tr, y_tr = (put_on_mesh(a, mesh, P(DATA), pad_to=n_data) for a in task.data[:2])
     x_te, y_te = (put_on_mesh(a, mesh, P()) for a in task.data[2:4])
@@ -492,15 +693,29 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     chunk = make_train_chunk(task, opt, cfg.batch_size, cfg.steps_per_call, cfg.unroll, mesh=mesh)
     evaluate = make_evaluate(task, mesh)
 
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
-    )
+    ckpt_dir = workdir / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     step = 0
-    if manager.latest_step() is not None:
-        step = manager.latest_step()
+    if ckpt_dir.is_dir():
+        manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        step, restored, bad = restore_latest_valid(manager, abstract, mesh, config, workdir)
+        if restored is not None:
+            state = restored
+        if bad:
+            _set_aside(ckpt_dir, [e.step for e in bad], primary)
+            manager.reload()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if primary:
+        _write_atomic(saved, config_json)
+    if not ckpt_dir.is_dir():
+        manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+    def save(step, state):
+        record = {"config": config, "sha256": state_digests(state, mesh)}
+        manager.save(step, args=ocp.args.StandardSave(state), custom_metadata={RECORD_KEY: record})
+        manager.wait_until_finished()
+
     metrics_path = workdir / "metrics.jsonl"
     rows = _read_metrics(metrics_path, step)
     if primary:
@@ -526,8 +741,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
                     log.write(json.dumps(row) + "\n")
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-                manager.save(step, args=ocp.args.StandardSave(state))
-                manager.wait_until_finished()
+                save(step, state)
     bar.close()
     manager.close()
     return state, rows, members
@@ -581,7 +795,11 @@ def main(argv):
     f = flags.FLAGS
     init_distributed(f.coordinator_address, f.num_processes, f.process_id, auto=f.distributed)
     cfg = f.config
-    state, rows, members = fit(cfg, f.workdir)
+    try:
+        state, rows, members = fit(cfg, f.workdir)
+    except (ConfigError, CheckpointError) as e:  # the user's to fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     params = fetch(state.params, state.step.sharding.mesh)
     last = {r["member"]: r for r in rows}
     for i, m in enumerate(members):

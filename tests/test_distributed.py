@@ -161,7 +161,7 @@ def test_cli_rejects_a_mesh_larger_than_the_machine(tmp_path, env):
            f"--workdir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
-    assert "ValueError: `config.mesh` asks for sweep x data = 1 x 4 = 4 devices, but only 1 are visible" in proc.stderr
+    assert "error: `config.mesh` asks for sweep x data = 1 x 4 = 4 devices, but only 1 are visible" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -317,7 +317,7 @@ def test_unknown_normalizer_options_are_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="takes no options"):
         train.check_config(cfg)
     cfg = tiny_config(norm="bogus")
-    with pytest.raises(ValueError, match="unknown normalizer 'bogus'"):
+    with pytest.raises(ValueError, match=r"`config\.model\.norm` must be one of \('none', 'layer'.*got 'bogus'"):
         train.check_config(cfg)
     cfg = rnn_adding.get_config()
     cfg.model.norm_defaults.layer = {"momentum": 0.9}  # a wrong default is caught alike
@@ -392,6 +392,132 @@ def test_sweep_members_order():
         {"seed": 3, "learning_rate": 1e-2}, {"seed": 4, "learning_rate": 1e-2}]
     cfg = tiny_config(seeds=(), lrs=())
     assert train.sweep_members(cfg) == [{"seed": 0, "learning_rate": cfg.optimizer.learning_rate}]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs validated before anything is written; verified checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _set(cfg, key, value):
+    *path, last = key.split(".")
+    for k in path:
+        cfg = cfg[k]
+    cfg[last] = value
+
+
+IMPOSSIBLE = [  # (key, value, what the error must say)
+    ("batch_size", 10_000, r"`config\.batch_size` must be at most the number of training examples \(\d+\)"),
+    ("model.hidden", (0,), r"`config\.model\.hidden` must be a tuple of ints >= 1"),
+    ("sweep.seed", (-1,), r"`config\.sweep\.seed` must be a tuple of ints in \[0, 2\*\*32\)"),
+    ("eval_every", 0, r"`config\.eval_every` must be an int >= 1"),
+    ("checkpoint_every", 0, r"`config\.checkpoint_every` must be an int >= 1"),
+    ("optimizer.learning_rate", -1e-3, r"`config\.optimizer\.learning_rate` must be a finite number > 0"),
+    ("optimizer.learning_rate", 0.0, r"`config\.optimizer\.learning_rate` must be a finite number > 0"),
+    ("sweep.learning_rate", (1e-3, 0.0), r"`config\.sweep\.learning_rate` must be a tuple of finite numbers > 0"),
+    ("optimizer.name", "lamb", r"`config\.optimizer\.name` must be one of \('adam', 'sgd', 'adamw'\)"),
+    ("model.norm", "lyer", r"`config\.model\.norm` must be one of \('none', 'layer'"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", IMPOSSIBLE, ids=[f"{k}={v}" for k, v, _ in IMPOSSIBLE])
+def test_impossible_config_values_are_rejected_before_anything_is_written(tmp_path, jax_defaults, key, value, message):
+    cfg = tiny_config()
+    if key == "sweep.learning_rate" or key == "optimizer.learning_rate":
+        cfg.sweep.learning_rate = ()  # the optimizer's own rate is the sweep's
+    _set(cfg, key, value)
+    workdir = tmp_path / "run"
+    with pytest.raises(train.ConfigError, match=message) as info:
+        train.fit(cfg, workdir, progress=False, task=tiny_task())
+    assert "\n" not in str(info.value)  # one line
+    assert not workdir.exists()  # nothing written, so the corrected command runs there
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.learning_rate=-1.0", "`config.optimizer.learning_rate` must be a finite number > 0"),
+    ("--config.model.norm=lyer", "`config.model.norm` must be one of"),
+])
+def test_cli_reports_an_impossible_config_in_one_line(tmp_path, subprocess_env, flag, message):
+    workdir = tmp_path / "run"
+    result = run(train_cmd(workdir, *TINY_FLAGS, "--config.sweep.learning_rate=()", flag), subprocess_env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-3000:]
+    assert not workdir.exists()
+
+
+def _trained_run(tmp_path, jax_defaults):
+    """A 20-step run with checkpoints at steps 10 and 20, and its final state."""
+    workdir = tmp_path / "run"
+    state, rows, _ = train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir, progress=False,
+                               task=tiny_task())
+    assert finalized_steps(workdir / "checkpoints") == [10, 20]
+    return workdir, member(state, 0), rows
+
+
+def _largest_array_file(step_dir):
+    files = [f for f in (step_dir / "default").rglob("*") if f.is_file() and f.parent.name == "d"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "other_arrays"])
+def test_corrupt_array_bytes_are_detected_and_the_previous_checkpoint_used(tmp_path, jax_defaults, damage):
+    workdir, final, rows = _trained_run(tmp_path, jax_defaults)
+    if damage == "flipped_bytes":  # whatever orbax makes of them, they are detected
+        data = _largest_array_file(workdir / "checkpoints" / "20")
+        raw = bytearray(data.read_bytes())
+        mid = len(raw) // 2
+        raw[mid:mid + 64] = bytes(b ^ 0x5A for b in raw[mid:mid + 64])  # flip 64 bytes in place
+        data.write_bytes(bytes(raw))
+    else:  # arrays that orbax reads without complaint, but not those saved at step 20
+        shutil.rmtree(workdir / "checkpoints" / "20" / "default")
+        shutil.copytree(workdir / "checkpoints" / "10" / "default", workdir / "checkpoints" / "20" / "default")
+    with pytest.warns(RuntimeWarning, match=r"corrupt checkpoint step 20: .*checkpoints/20"):
+        state, resumed_rows, _ = train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir,
+                                           progress=False, task=tiny_task())
+    # Resumed from step 10: exactly the uninterrupted run's state and metrics.
+    assert_trees_equal(member(state, 0), final)
+    assert resumed_rows == rows
+    assert finalized_steps(workdir / "checkpoints") == [10, 20]
+    assert (workdir / "corrupt_checkpoints" / "20").is_dir()  # set aside, not deleted
+
+    # Every checkpoint corrupt: an error naming them, and nothing overwritten.
+    for step in (10, 20):
+        data = _largest_array_file(workdir / "checkpoints" / str(step))
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning), pytest.raises(train.CheckpointError, match=r"no valid checkpoint.*step 20.*step 10"):
+        train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir, progress=False, task=tiny_task())
+    assert finalized_steps(workdir / "checkpoints") == [10, 20]
+
+
+@pytest.mark.parametrize("name", ["default/_METADATA", "_CHECKPOINT_METADATA"])
+def test_a_truncated_metadata_file_is_reported_by_name(tmp_path, jax_defaults, name):
+    workdir, final, rows = _trained_run(tmp_path, jax_defaults)
+    bad = workdir / "checkpoints" / "20" / name
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.warns(RuntimeWarning, match=f"corrupt checkpoint step 20: file {re.escape(str(bad))}: unreadable"):
+        state, resumed_rows, _ = train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir,
+                                           progress=False, task=tiny_task())
+    assert_trees_equal(member(state, 0), final)
+    assert resumed_rows == rows
+
+
+def test_checkpoints_keep_their_config(tmp_path, jax_defaults):
+    """Without config.json, the checkpoints' own record of the config refuses another one."""
+    workdir, _, _ = _trained_run(tmp_path, jax_defaults)
+    (workdir / "config.json").unlink()
+    other = tiny_config(lrs=(3e-4,), num_steps=20, checkpoint_every=10)
+    with pytest.raises(train.ConfigError, match=r"different config \(sweep\.learning_rate: \[0\.001\] -> \[0\.0003\]\) "
+                                                r"according to its checkpoint step 20"):
+        train.fit(other, workdir, progress=False, task=tiny_task())
+    assert not (workdir / "config.json").exists()  # nothing written under the new label
+    # The run's own config still resumes (and extends) it.
+    state, rows, _ = train.fit(tiny_config(num_steps=30, checkpoint_every=10), workdir, progress=False,
+                               task=tiny_task())
+    assert [r["step"] for r in rows] == [10, 20, 30]
 
 
 # --------------------------------------------------------------------------------------------

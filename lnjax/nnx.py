@@ -53,6 +53,8 @@ def _value(p):
 def _dense(x, w, bias):
     """`x @ w + bias` in `x`'s dtype; the bias is broadcast explicitly (no rank promotion)."""
     x = _checks.floating(x)
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"`x` has shape {x.shape}; its last axis must be in_features={w.shape[0]}.")
     y = jnp.dot(x, w.astype(x.dtype))
     return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
 

@@ -162,6 +162,8 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
       num_features: int or tuple, the feature shape (`x.shape[axis]` of `batch_norm`).
       dtype: dtype of the statistics; at least float32 is recommended.
     """
+    if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, (int, np.integer, tuple, list)):
+        raise TypeError(f"`num_features` must be an int or a tuple of ints, got {num_features!r}.")
     shape = (num_features,) if isinstance(num_features, (int, np.integer)) else tuple(num_features)
     for n in shape:
         _checks.positive_int(n, "num_features")

@@ -162,6 +162,8 @@ def test_constructor_checks():
         lnjax.nnx.WeightNormDense(3, 0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="features"):
         lnjax.linen.WeightNormDense(0)
+    with pytest.raises(ValueError, match="last axis must be in_features=3"):
+        lnjax.nnx.WeightNormDense(3, 2, rngs=nnx.Rngs(0))(jnp.ones((2, 5), jnp.float32))
 
 
 def test_shape_errors_come_from_the_pure_op():

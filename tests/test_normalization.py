@@ -1106,6 +1106,9 @@ def test_masked_values_reach_no_gradient_even_nan(implementation):
 def test_integer_running_statistics_are_rejected():
     with pytest.raises(TypeError, match="floating dtype"):
         batch_norm_state(8, jnp.int32)
+    for bad in (8.0, True, "8"):
+        with pytest.raises(TypeError, match="`num_features` must be an int"):
+            batch_norm_state(bad)
     state = BatchNormState(jnp.zeros(8, jnp.int32), jnp.ones(8, jnp.int32))
     with pytest.raises(TypeError, match="state.mean"):
         batch_norm(jnp.ones((4, 8), jnp.float32), None, None, state, training=True)

@@ -58,7 +58,8 @@ def real_scalar(value, name: str):
     broadcast) are a TypeError."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if not ok and hasattr(value, "shape") and hasattr(value, "dtype"):
-        ok = value.shape == () and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+        real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ok = value.shape == () and real
     if not ok:
         raise TypeError(f"`{name}` must be a real number (a Python or NumPy scalar, or a 0-d array), got {value!r}.")
     return value

@@ -10,20 +10,19 @@ For new code prefer `lnjax.nnx`, the same modules for Flax NNX.
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lnjax import _checks, normalization, norms, recurrent, relatives
+from lnjax import _checks, _modules, normalization, norms, recurrent, relatives
 
 __all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
            "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
-ones = jax.nn.initializers.ones
-zeros = jax.nn.initializers.zeros
+ones, zeros = _modules.ones, _modules.zeros
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -41,72 +40,7 @@ def _scale_bias(mdl: nn.Module, shape):
     return scale, bias
 
 
-def _dense(x, w, bias):
-    """`x @ w + bias` in `x`'s dtype; the bias is broadcast explicitly (no rank promotion)."""
-    x = _checks.floating(x)
-    y = jnp.dot(x, w.astype(x.dtype))
-    return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
-
-
 # --- normalization layers ---------------------------------------------------------------------
-
-
-class LayerNorm(nn.Module):
-    """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5); see `lnjax.layer_norm`.
-
-    `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias`, with `mu`, `sigma^2` the mean and biased
-    variance of each example over `axis`. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
-
-    Attributes:
-      axis: int or tuple of ints, the axes normalized over.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `x.shape[axis]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-    """
-
-    axis: Any = -1
-    eps: float = 1e-5
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-    fast_variance: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return normalization.layer_norm(x, scale, bias, axis=self.axis, eps=self.eps,
-                          fast_variance=self.fast_variance)
-
-
-class RMSNorm(nn.Module):
-    """RMS normalization (Zhang & Sennrich 2019); see `lnjax.rms_norm`.
-
-    `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`: layer norm without
-    re-centering. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
-
-    Attributes:
-      axis: int or tuple of ints, the axes normalized over.
-      eps: inside the square root; 1e-6 as in Flax.
-      use_scale: create `scale` (init 1), of shape `x.shape[axis]`.
-      use_bias: create `bias` (init 0); off by default as in the authors' code.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-    """
-
-    axis: Any = -1
-    eps: float = 1e-6
-    use_scale: bool = True
-    use_bias: bool = False
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return normalization.rms_norm(x, scale, bias, axis=self.axis, eps=self.eps)
 
 
 _MODE_ERROR = (
@@ -126,123 +60,45 @@ def _mode(mdl: nn.Module, use_running_average) -> bool:
     return not nn.merge_param("use_running_average", mdl.use_running_average, use_running_average)
 
 
-class BatchNorm(nn.Module):
-    """Batch normalization (Ioffe & Szegedy 2015) with running statistics; see `lnjax.batch_norm`.
+class _NormLayer(nn.Module):
+    SPEC: ClassVar[_modules.Spec]
 
-    Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the statistics over every
-    axis but `axis`, and `batch_stats` `mean`, `var` (init 0 and 1, float32) become
-    `momentum * running + (1 - momentum) * batch` (unbiased batch variance); as in Linen they are
-    not updated during `init`. Evaluation normalizes with `mean` and `var`.
-
-    Attributes:
-      use_running_average: the mode, given here or at call time (exactly once, as in Linen).
-      axis: int or tuple of ints, the feature axes kept; statistics reduce over all others.
-      momentum: weight of the old running value (Flax/Keras; PyTorch's `momentum=p` is `1 - p`).
-      eps: added to the variance inside the square root.
-      axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized;
-        not used during `init`, as in Linen.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `x.shape[axis]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-    """
-
-    use_running_average: bool | None = None
-    axis: Any = -1
-    momentum: float = 0.99
-    eps: float = 1e-5
-    axis_name: str | None = None
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-    fast_variance: bool = False
+    def __post_init__(self):
+        self.SPEC.check({k: getattr(self, k) for k, _ in self.SPEC.positional})
+        super().__post_init__()
 
     @nn.compact
-    def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
-        """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
-        are left out of the statistics."""
-        training = _mode(self, use_running_average)
-        shape = _feature_shape(x, self.axis)
+    def __call__(self, x, **call):
+        """`x` normalized; see the class docstring for what the call takes."""
+        spec = self.SPEC
+        shape = spec.param_shape(jnp.shape(x), self.axis)
+        scale, bias = _scale_bias(self, shape)
+        settings = {k: getattr(self, k) for k in [k for k, _ in spec.positional] + list(spec.options)}
+        if not spec.stateful:
+            return spec.apply(x, scale, bias, settings, **call)
+        training = _mode(self, call.pop("use_running_average", None))
         mean = self.variable("batch_stats", "mean", lambda: normalization.batch_norm_state(shape).mean)
         var = self.variable("batch_stats", "var", lambda: normalization.batch_norm_state(shape).var)
         init = self.is_initializing()
-        y, state = normalization.batch_norm(
-            x, *_scale_bias(self, shape), normalization.BatchNormState(mean.value, var.value),
-            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
-            axis_name=None if init else self.axis_name, mask=mask,
-            fast_variance=self.fast_variance,
-        )  # fmt: skip
+        if init:  # as Linen: statistics are not synchronized (nor updated) during `init`
+            settings["axis_name"] = None
+        y, state = spec.apply(x, scale, bias, settings, normalization.BatchNormState(mean.value, var.value),
+                              training=training, **call)  # fmt: skip
         if training and not init:
             mean.value, var.value = state
         return y
 
 
-class GroupNorm(nn.Module):
-    """Group normalization (Wu & He 2018, eq. 1-3); see `lnjax.group_norm`.
-
-    Per example, the channels are split into `num_groups` contiguous groups, each normalized over
-    its channels and all spatial axes, then `y = scale * x_hat + bias` per channel.
-    `x`: `[batch, *spatial, channels]` (channel axis `axis`); `y`: `x`'s shape and dtype.
-
-    Attributes:
-      num_groups: positive int dividing the number of channels; 32 as in the paper.
-      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-    """
-
-    num_groups: int = 32
-    axis: int = -1
-    eps: float = 1e-5
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-    fast_variance: bool = False
-
-    def __post_init__(self):
-        _checks.positive_int(self.num_groups, "num_groups")
-        super().__post_init__()
-
-    @nn.compact
-    def __call__(self, x):
-        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return normalization.group_norm(x, self.num_groups, scale, bias, axis=self.axis, eps=self.eps,
-                          fast_variance=self.fast_variance)
+def _norm_layer(spec: _modules.Spec):
+    """The linen class of `spec`: its attributes are the spec's options, same defaults."""
+    fields = {**({"use_running_average": None} if spec.stateful else {}), **spec.defaults(),
+              "param_dtype": jnp.float32}  # fmt: skip
+    namespace = {**fields, "__annotations__": {k: Any for k in fields}, "SPEC": spec, "__module__": __name__,
+                 "__doc__": spec.docstring("linen"), "__qualname__": spec.name}  # fmt: skip
+    return type(spec.name, (_NormLayer,), namespace)
 
 
-class InstanceNorm(nn.Module):
-    """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016); see `lnjax.instance_norm`.
-
-    Each example's channel is normalized over the spatial axes, then `y = scale * x_hat + bias`.
-    `x`: `[batch, *spatial, channels]`, at least one spatial axis; `y`: `x`'s shape and dtype.
-
-    Attributes:
-      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-    """
-
-    axis: int = -1
-    eps: float = 1e-5
-    use_scale: bool = True
-    use_bias: bool = True
-    scale_init: Initializer = ones
-    bias_init: Initializer = zeros
-    param_dtype: Any = jnp.float32
-    fast_variance: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        scale, bias = _scale_bias(self, _feature_shape(x, self.axis))
-        return normalization.instance_norm(x, scale, bias, axis=self.axis, eps=self.eps,
-                             fast_variance=self.fast_variance)
+LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm = (_norm_layer(spec) for spec in _modules.SPECS)
 
 
 class WeightNormDense(nn.Module):
@@ -278,7 +134,7 @@ class WeightNormDense(nn.Module):
         b = None
         if self.use_bias:
             b = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return _dense(x, normalization.weight_norm(v, g, eps=self.eps), b)
+        return _modules.dense(x, normalization.weight_norm(v, g, eps=self.eps), b)
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
@@ -361,16 +217,10 @@ class Bidirectional(nn.Module):
     forward: nn.Module
     backward: nn.Module
 
-    def __call__(self, xs, *, lengths=None, time_major=False, return_carry=False,
-                 precompute_inputs=None, unroll=1):  # fmt: skip
-        """Arguments as for `LSTM.__call__`; with `return_carry`, returns
-        `(outputs, (forward_carry, backward_carry))`."""
-        kw = dict(lengths=lengths, time_major=time_major, return_carry=True,
-                  precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
-        yf, cf = self.forward(xs, **kw)
-        yb, cb = self.backward(xs, reverse=True, **kw)
-        ys = jnp.concatenate([yf, yb], axis=-1)
-        return (ys, (cf, cb)) if return_carry else ys
+    def __call__(self, xs, **kwargs):
+        """`lengths`, `time_major`, `precompute_inputs`, `unroll` as for `LSTM.__call__`; with
+        `return_carry=True`, returns `(outputs, (forward_carry, backward_carry))`."""
+        return _modules.bidirectional(self.forward, self.backward, xs, **kwargs)
 
 
 class _BNLSTM(_CellModule):

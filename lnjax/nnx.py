@@ -6,20 +6,20 @@ running statistics in `__init__`, and its `__call__` calls the pure op; shapes, 
 are the pure op's (the output has the input's dtype, statistics are at least float32).
 """
 
+import inspect
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lnjax import _checks, normalization, norms, recurrent, relatives
+from lnjax import _checks, _modules, normalization, norms, recurrent, relatives
 
 __all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
            "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
-ones = jax.nn.initializers.ones
-zeros = jax.nn.initializers.zeros
+ones, zeros = _modules.ones, _modules.zeros
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -50,95 +50,7 @@ def _value(p):
     return None if p is None else p[...]
 
 
-def _dense(x, w, bias):
-    """`x @ w + bias` in `x`'s dtype; the bias is broadcast explicitly (no rank promotion)."""
-    x = _checks.floating(x)
-    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"`x` has shape {x.shape}; its last axis must be in_features={w.shape[0]}.")
-    y = jnp.dot(x, w.astype(x.dtype))
-    return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
-
-
 # --- normalization layers ---------------------------------------------------------------------
-
-
-class LayerNorm(nnx.Module):
-    """Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5); see `lnjax.layer_norm`.
-
-    `y = scale * (x - mu) / sqrt(sigma^2 + eps) + bias`, with `mu`, `sigma^2` the mean and biased
-    variance of each example over `axis`. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
-
-    Args:
-      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
-      axis: int or tuple of ints, the axes normalized over.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `num_features`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-      rngs: needed only by random initializers.
-    """
-
-    def __init__(
-        self,
-        num_features,
-        *,
-        axis=-1,
-        eps: float = 1e-5,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
-        param_dtype=jnp.float32,
-        fast_variance: bool = False,
-        rngs: nnx.Rngs | None = None,
-    ):
-        self.num_features = _feature_shape(num_features)
-        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
-        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
-
-    def __call__(self, x):
-        return normalization.layer_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
-                                        eps=self.eps, fast_variance=self.fast_variance)
-
-
-class RMSNorm(nnx.Module):
-    """RMS normalization (Zhang & Sennrich 2019); see `lnjax.rms_norm`.
-
-    `y = scale * x / sqrt(mean(x^2) + eps) + bias`, the mean over `axis`: layer norm without
-    re-centering. `x`: `[..., *features]`; `y`: `x`'s shape and dtype.
-
-    Args:
-      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
-      axis: int or tuple of ints, the axes normalized over.
-      eps: inside the square root; 1e-6 as in Flax.
-      use_scale: create `scale` (init 1), of shape `num_features`.
-      use_bias: create `bias` (init 0); off by default as in the authors' code.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      rngs: needed only by random initializers.
-    """
-
-    def __init__(
-        self,
-        num_features,
-        *,
-        axis=-1,
-        eps: float = 1e-6,
-        use_scale: bool = True,
-        use_bias: bool = False,
-        scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ):
-        self.num_features = _feature_shape(num_features)
-        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
-        self.axis, self.eps = axis, eps
-
-    def __call__(self, x):
-        return normalization.rms_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
-                                      eps=self.eps)
 
 
 _MODE_ERROR = (
@@ -166,157 +78,63 @@ class _Mode(nnx.Module):
             self.use_running_average = use_running_average
 
 
-class BatchNorm(_Mode):
-    """Batch normalization (Ioffe & Szegedy 2015) with running statistics; see `lnjax.batch_norm`.
+def _norm_layer(spec: _modules.Spec):
+    """The nnx class of `spec`: `Name(num_features, *positional, *, **options, rngs=None)`."""
+    defaults = spec.defaults()
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_ONLY), P("num_features", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(k, P.POSITIONAL_OR_KEYWORD, default=v) for k, v in spec.positional]
+    if spec.stateful:
+        params.append(P("use_running_average", P.KEYWORD_ONLY, default=False))
+    params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items() if k not in dict(spec.positional)]
+    params += [P("param_dtype", P.KEYWORD_ONLY, default=jnp.float32), P("rngs", P.KEYWORD_ONLY, default=None)]
+    signature = inspect.Signature(params)
 
-    Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the statistics over every
-    axis but `axis`, and the `nnx.BatchStat`s `mean`, `var` (init 0 and 1, float32) become
-    `momentum * running + (1 - momentum) * batch` (unbiased batch variance). Evaluation normalizes
-    with `mean` and `var`. `model.train()` / `model.eval()` switch the mode, as for `nnx.BatchNorm`.
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        del a["self"]
+        if spec.channels:
+            self.num_features = _checks.positive_int(a.pop("num_features"), "num_features")
+            shape = (self.num_features,)
+        else:
+            self.num_features = shape = _feature_shape(a.pop("num_features"))
+        spec.check(a, self.num_features if spec.channels else None)
+        rngs, dtype = a.pop("rngs"), a.pop("param_dtype")
+        self.scale = _param(a.pop("use_scale"), a.pop("scale_init"), shape, dtype, rngs)
+        self.bias = _param(a.pop("use_bias"), a.pop("bias_init"), shape, dtype, rngs)
+        if spec.stateful:
+            self.use_running_average = a.pop("use_running_average")
+            state = normalization.batch_norm_state(shape)
+            self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
+        for k, v in a.items():  # the options, as attributes of the same names
+            setattr(self, k, v)
 
-    Args:
-      num_features: `x.shape[axis]`: an int, or a tuple when `axis` is a tuple.
-      use_running_average: the mode when the call does not give one; False (training) as in
-        `nnx.BatchNorm`; None makes every call choose.
-      axis: int or tuple of ints, the feature axes kept; statistics reduce over all others.
-      momentum: weight of the old running value (Flax/Keras; PyTorch's `momentum=p` is `1 - p`).
-      eps: added to the variance inside the square root.
-      axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `num_features`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-      rngs: needed only by random initializers.
-    """
+    __init__.__signature__ = signature
+    names = [k for k, _ in spec.positional] + list(spec.options)
 
-    def __init__(
-        self,
-        num_features,
-        *,
-        use_running_average: bool | None = False,
-        axis=-1,
-        momentum: float = 0.99,
-        eps: float = 1e-5,
-        axis_name: str | None = None,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
-        param_dtype=jnp.float32,
-        fast_variance: bool = False,
-        rngs: nnx.Rngs | None = None,
-    ):
-        self.num_features = _feature_shape(num_features)
-        state = normalization.batch_norm_state(self.num_features)
-        self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
-        self.scale = _param(use_scale, scale_init, self.num_features, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, self.num_features, param_dtype, rngs)
-        self.use_running_average = use_running_average
-        self.axis, self.momentum, self.eps = axis, momentum, eps
-        self.axis_name, self.fast_variance = axis_name, fast_variance
-
-    def __call__(self, x, *, mask=None, use_running_average: bool | None = None):
-        """`mask`: optional boolean of `x`'s shape without `axis`; False positions (padding)
-        are left out of the statistics. `use_running_average` overrides the attribute."""
-        training = self._training(use_running_average)
-        y, state = normalization.batch_norm(
-            x, _value(self.scale), _value(self.bias),
-            normalization.BatchNormState(self.mean[...], self.var[...]),
-            training=training, axis=self.axis, momentum=self.momentum, eps=self.eps,
-            axis_name=self.axis_name, mask=mask, fast_variance=self.fast_variance,
-        )  # fmt: skip
+    def __call__(self, x, **call):
+        """`x` normalized; see the class docstring for what the call takes."""
+        scale, bias = _value(self.scale), _value(self.bias)
+        settings = {k: getattr(self, k) for k in names}
+        if not spec.stateful:
+            return spec.apply(x, scale, bias, settings, **call)
+        training = self._training(call.pop("use_running_average", None))
+        state = normalization.BatchNormState(self.mean[...], self.var[...])
+        y, state = spec.apply(x, scale, bias, settings, state, training=training, **call)
         if training:
             self.mean[...], self.var[...] = state
         return y
 
-
-class GroupNorm(nnx.Module):
-    """Group normalization (Wu & He 2018, eq. 1-3); see `lnjax.group_norm`.
-
-    Per example, the channels are split into `num_groups` contiguous groups, each normalized over
-    its channels and all spatial axes, then `y = scale * x_hat + bias` per channel.
-    `x`: `[batch, *spatial, channels]` (channel axis `axis`); `y`: `x`'s shape and dtype.
-
-    Args:
-      num_features: the number of channels.
-      num_groups: positive int dividing `num_features`; 32 as in the paper.
-      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-      rngs: needed only by random initializers.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        num_groups: int = 32,
-        *,
-        axis: int = -1,
-        eps: float = 1e-5,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
-        param_dtype=jnp.float32,
-        fast_variance: bool = False,
-        rngs: nnx.Rngs | None = None,
-    ):
-        self.num_features = _checks.positive_int(num_features, "num_features")
-        self.num_groups = _checks.positive_int(num_groups, "num_groups")
-        if num_features % num_groups:
-            raise ValueError(
-                f"`num_groups`={num_groups} does not divide `num_features`={num_features}."
-            )
-        shape = (self.num_features,)
-        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
-        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
-
-    def __call__(self, x):
-        return normalization.group_norm(x, self.num_groups, _value(self.scale), _value(self.bias),
-                          axis=self.axis, eps=self.eps, fast_variance=self.fast_variance)
+    namespace = {"__init__": __init__, "__call__": __call__, "__module__": __name__,
+                 "__doc__": spec.docstring("nnx"), "__qualname__": spec.name}  # fmt: skip
+    cls = type(spec.name, (_Mode,) if spec.stateful else (nnx.Module,), namespace)
+    cls.__signature__ = signature.replace(parameters=params[1:])
+    return cls
 
 
-class InstanceNorm(nnx.Module):
-    """Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016); see `lnjax.instance_norm`.
-
-    Each example's channel is normalized over the spatial axes, then `y = scale * x_hat + bias`.
-    `x`: `[batch, *spatial, channels]`, at least one spatial axis; `y`: `x`'s shape and dtype.
-
-    Args:
-      num_features: the number of channels.
-      axis: the channel axis (-1 for NHWC, 1 for NCHW); not 0, the batch axis.
-      eps: added to the variance inside the square root.
-      use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape `[channels]`.
-      scale_init, bias_init, param_dtype: their initializers and dtype.
-      fast_variance: one-pass `E[x^2] - E[x]^2` instead of the exact two-pass variance.
-      rngs: needed only by random initializers.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        axis: int = -1,
-        eps: float = 1e-5,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = ones,
-        bias_init: Initializer = zeros,
-        param_dtype=jnp.float32,
-        fast_variance: bool = False,
-        rngs: nnx.Rngs | None = None,
-    ):
-        self.num_features = _checks.positive_int(num_features, "num_features")
-        shape = (self.num_features,)
-        self.scale = _param(use_scale, scale_init, shape, param_dtype, rngs)
-        self.bias = _param(use_bias, bias_init, shape, param_dtype, rngs)
-        self.axis, self.eps, self.fast_variance = axis, eps, fast_variance
-
-    def __call__(self, x):
-        return normalization.instance_norm(x, _value(self.scale), _value(self.bias), axis=self.axis,
-                             eps=self.eps, fast_variance=self.fast_variance)
+LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm = (_norm_layer(spec) for spec in _modules.SPECS)
 
 
 class WeightNormDense(nnx.Module):
@@ -356,7 +174,7 @@ class WeightNormDense(nnx.Module):
 
     def __call__(self, x):
         w = normalization.weight_norm(self.v[...], self.g[...], eps=self.eps)
-        return _dense(x, w, _value(self.bias))
+        return _modules.dense(x, w, _value(self.bias))
 
 
 # --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
@@ -462,16 +280,10 @@ class Bidirectional(nnx.Module):
     def __init__(self, forward: nnx.Module, backward: nnx.Module):
         self.forward, self.backward = forward, backward
 
-    def __call__(self, xs, *, lengths=None, time_major=False, return_carry=False,
-                 precompute_inputs=None, unroll=1):  # fmt: skip
-        """Arguments as for `LSTM.__call__`; with `return_carry`, returns
-        `(outputs, (forward_carry, backward_carry))`."""
-        kw = dict(lengths=lengths, time_major=time_major, return_carry=True,
-                  precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
-        yf, cf = self.forward(xs, **kw)
-        yb, cb = self.backward(xs, reverse=True, **kw)
-        ys = jnp.concatenate([yf, yb], axis=-1)
-        return (ys, (cf, cb)) if return_carry else ys
+    def __call__(self, xs, **kwargs):
+        """`lengths`, `time_major`, `precompute_inputs`, `unroll` as for `LSTM.__call__`; with
+        `return_carry=True`, returns `(outputs, (forward_carry, backward_carry))`."""
+        return _modules.bidirectional(self.forward, self.backward, xs, **kwargs)
 
 
 class BNLSTM(_CellParams, _Mode):

@@ -384,3 +384,20 @@ def test_grad_equals_pure_grad(name):
     for got, ref in zip(from_module(grads), want):
         _equal(got, ref)
     _equal(gx, wx)
+
+
+@pytest.mark.parametrize("spec", lnjax._modules.SPECS, ids=lambda s: s.name)
+def test_frontends_take_their_options_and_defaults_from_the_pure_op(spec):
+    """Both frontends are built from one spec, and each option's default is the op's own."""
+    import dataclasses
+    import inspect
+
+    op_params = inspect.signature(spec.op).parameters
+    nnx_params = inspect.signature(getattr(lnjax.nnx, spec.name)).parameters
+    linen_fields = {f.name: f.default for f in dataclasses.fields(getattr(lnjax.linen, spec.name))
+                    if f.name not in ("parent", "name")}  # fmt: skip
+    for k in spec.options:
+        assert nnx_params[k].default == linen_fields[k] == op_params[k].default, k
+    only_nnx = {"num_features", "rngs", "use_running_average"}
+    assert set(linen_fields) - {"use_running_average"} == set(nnx_params) - only_nnx
+    assert nnx_params["use_bias"].default == linen_fields["use_bias"] == spec.use_bias

@@ -449,7 +449,8 @@ def _is_int(v) -> bool:
 
 
 def _is_positive_float(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v) and v > 0)
+    # inf is allowed: that member diverges and is frozen, as any diverging member (NaN is not > 0)
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(v > 0)
 
 
 def check_config(cfg, num_examples: int | None = None):
@@ -476,13 +477,13 @@ def check_config(cfg, num_examples: int | None = None):
         raise ConfigError(f"`config.batch_size` must be at most the number of training examples ({num_examples}), "
                           f"got {cfg.batch_size}.")
     need(cfg.optimizer.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}", cfg.optimizer.name)
-    need(_is_positive_float(cfg.optimizer.learning_rate), "optimizer.learning_rate", "a finite number > 0",
+    need(_is_positive_float(cfg.optimizer.learning_rate), "optimizer.learning_rate", "a number > 0",
          cfg.optimizer.learning_rate)
     clip = cfg.optimizer.grad_clip
     need(isinstance(clip, (int, float)) and not isinstance(clip, bool) and np.isfinite(clip) and clip >= 0,
          "optimizer.grad_clip", "a finite number >= 0 (0: no clipping)", clip)
     for lr in cfg.sweep.learning_rate:
-        need(_is_positive_float(lr), "sweep.learning_rate", "a tuple of finite numbers > 0", tuple(cfg.sweep.learning_rate))
+        need(_is_positive_float(lr), "sweep.learning_rate", "a tuple of numbers > 0", tuple(cfg.sweep.learning_rate))
     for seed in cfg.sweep.seed:
         need(_is_int(seed) and 0 <= seed < 2**32, "sweep.seed", "a tuple of ints in [0, 2**32)", tuple(cfg.sweep.seed))
     if "seed" in cfg.task:

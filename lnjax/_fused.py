@@ -88,19 +88,18 @@ def _row_tangent(tangent, x, dx, row_stats, params):
 
 
 def _normalize(x, axis, scale, bias, eps, barrier):
-    """`(y, mean, residual, rstd, inv_scale, var)`: `x` (a `[rows, H]` array) normalized over
-    `axis`, by the statistics core's corrected two-pass moments of `x * inv_scale` (see
-    `_stats.scaled_moments`; `mean`, `residual`, `rstd`, `var` are in those units)."""
-    mean, residual, var, _, inv = _stats.scaled_moments(x, (axis,))
-    rstd = _stats.inv_std(var, eps, inv)
-    m, r, rs, iv = (mean, residual, rstd, inv)
+    """`(y, mean, residual, rstd, var)`: `x` (a `[rows, H]` array) normalized over `axis`, by
+    the statistics core's corrected two-pass moments."""
+    mean, residual, var, _ = _stats.moments(x, (axis,))
+    rstd = _stats.inv_std(var, eps)
+    m, r, rs = (mean, residual, rstd)
     if barrier:
         # When the statistics are also used by the tangent, XLA materializes `x - mean` once
         # for both the variance and y (a full-size temporary); the barrier makes y recompute
         # it from x instead, fused with the output.
-        m, r, rs, iv = lax.optimization_barrier((m, r, rs, iv))
-    y = _stats.scale_shift(_stats.center(x, m, r, iv) * rs, scale, bias, (1,), 2)
-    return y.astype(x.dtype), mean, residual, rstd, inv, var
+        m, r, rs = lax.optimization_barrier((m, r, rs))
+    y = _stats.scale_shift(_stats.center(x, m, r) * rs, scale, bias, (1,), 2)
+    return y.astype(x.dtype), mean, residual, rstd, var
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,16 +111,15 @@ def _ln(x, scale, bias, eps):
     return _normalize(x, 1, scale, bias, eps, barrier=False)[0]
 
 
-def _ln_tangent(x, dx, mean, residual, rstd, inv, scale, dscale, dbias):
+def _ln_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     dtype = mean.dtype
-    xhat = _stats.center(x, mean, residual, inv) * rstd
+    xhat = _stats.center(x, mean, residual) * rstd
     d = dx.astype(dtype)
-    k = rstd * inv  # 1 / sigma of x itself (the statistics are of x * inv)
-    # k multiplies the [rows, 1] means before they broadcast, so that the transpose (the
+    # rstd multiplies the [rows, 1] means before they broadcast, so that the transpose (the
     # backward) needs only the row sums sum(g * scale) and sum(g * scale * xhat).
     d_mean = jnp.mean(d, axis=-1, keepdims=True)
     dxhat_mean = jnp.mean(d * xhat, axis=-1, keepdims=True)
-    t = k * d - k * d_mean - xhat * (k * dxhat_mean)
+    t = rstd * d - rstd * d_mean - xhat * (rstd * dxhat_mean)
     return _affine_tangent(t, xhat, scale, dscale, dbias).astype(x.dtype)
 
 
@@ -129,8 +127,8 @@ def _ln_tangent(x, dx, mean, residual, rstd, inv, scale, dscale, dbias):
 def _ln_jvp(eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    y, mean, residual, rstd, inv, _ = _normalize(x, 1, scale, bias, eps, barrier=True)
-    return y, _row_tangent(_ln_tangent, x, dx, (mean, residual, rstd, inv), (scale, dscale, dbias))
+    y, mean, residual, rstd, _ = _normalize(x, 1, scale, bias, eps, barrier=True)
+    return y, _row_tangent(_ln_tangent, x, dx, (mean, residual, rstd), (scale, dscale, dbias))
 
 
 def layer_norm_2d(x, scale=None, bias=None, eps=1e-5):
@@ -152,8 +150,8 @@ def layer_norm_2d(x, scale=None, bias=None, eps=1e-5):
 
 
 def _rms_forward(x, scale, bias, eps):
-    y, rstd, inv = _stats.rms_normalize(x, (1,), eps)
-    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype), rstd, inv
+    y, rstd = _stats.rms_normalize(x, (1,), eps)
+    return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype), rstd
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -161,12 +159,11 @@ def _rms(x, scale, bias, eps):
     return _rms_forward(x, scale, bias, eps)[0]
 
 
-def _rms_tangent(x, dx, rstd, inv, scale, dscale, dbias):
+def _rms_tangent(x, dx, rstd, scale, dscale, dbias):
     dtype = rstd.dtype
-    xhat = x.astype(dtype) * inv * rstd
+    xhat = x.astype(dtype) * rstd
     d = dx.astype(dtype)
-    k = rstd * inv  # 1 / rms of x itself (rstd is of x * inv)
-    t = k * d - xhat * (k * jnp.mean(d * xhat, axis=-1, keepdims=True))
+    t = rstd * d - xhat * (rstd * jnp.mean(d * xhat, axis=-1, keepdims=True))
     return _affine_tangent(t, xhat, scale, dscale, dbias).astype(x.dtype)
 
 
@@ -174,8 +171,8 @@ def _rms_tangent(x, dx, rstd, inv, scale, dscale, dbias):
 def _rms_jvp(eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    y, rstd, inv = _rms_forward(x, scale, bias, eps)
-    return y, _row_tangent(_rms_tangent, x, dx, (rstd, inv), (scale, dscale, dbias))
+    y, rstd = _rms_forward(x, scale, bias, eps)
+    return y, _row_tangent(_rms_tangent, x, dx, (rstd,), (scale, dscale, dbias))
 
 
 def rms_norm_2d(x, scale=None, bias=None, eps=1e-6):
@@ -187,41 +184,34 @@ def rms_norm_2d(x, scale=None, bias=None, eps=1e-6):
 # Batch normalization, training mode: the statistics are over the rows (axis 0).
 
 
-def _bn_outputs(y, mean, residual, inv, var):
-    """`(y, mean, var)`, the statistics `[C]` in the units of x (a variance too large for the
-    dtype is inf: it only feeds running averages)."""
-    return y, ((mean + residual) / inv)[0], (var / inv / inv)[0]
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _bn(x, scale, bias, eps):
-    y, mean, residual, _, inv, var = _normalize(x, 0, scale, bias, eps, barrier=False)
-    return _bn_outputs(y, mean, residual, inv, var)
+    y, mean, residual, _, var = _normalize(x, 0, scale, bias, eps, barrier=False)
+    return y, (mean + residual)[0], var[0]
 
 
-def _bn_tangent(x, dx, mean, residual, rstd, inv, scale, dscale, dbias):
+def _bn_tangent(x, dx, mean, residual, rstd, scale, dscale, dbias):
     dtype = mean.dtype
-    centred = _stats.center(x, mean, residual, inv)  # of x * inv
+    centred = _stats.center(x, mean, residual)
     xhat = centred * rstd
     d = dx.astype(dtype)
     dmean = jnp.mean(d, axis=0, keepdims=True)
-    # d(biased var) = 2 mean_N((x - mu) dx): the dmu term vanishes as sum(x - mu) = 0; half of
-    # it, in the units of x * inv.
-    half_dvar = jnp.mean(centred * d, axis=0, keepdims=True)
+    # d(biased var) = 2 mean_N((x - mu) dx): the dmu term vanishes as sum(x - mu) = 0.
+    dvar = 2 * jnp.mean(centred * d, axis=0, keepdims=True)
     # Per-channel factors multiply the [1, C] statistics before they broadcast, so that the
     # transpose (the backward) needs only the two column sums sum(g) and sum(g * xhat).
-    k = rstd * inv if scale is None else rstd * inv * _row(scale, dtype)
-    t = k * d - k * dmean - xhat * (k * rstd * half_dvar)
-    return _affine_tangent(t, xhat, None, dscale, dbias).astype(x.dtype), dmean[0], (2 * half_dvar / inv)[0]
+    k = rstd if scale is None else rstd * _row(scale, dtype)
+    t = k * d - k * dmean - xhat * (k * rstd * dvar / 2)
+    return _affine_tangent(t, xhat, None, dscale, dbias).astype(x.dtype), dmean[0], dvar[0]
 
 
 @_bn.defjvp
 def _bn_jvp(eps, primals, tangents):
     x, scale, bias = primals
     dx, dscale, dbias = tangents
-    y, mean, residual, rstd, inv, var = _normalize(x, 0, scale, bias, eps, barrier=True)
-    tangent = jax.checkpoint(_bn_tangent)(x, dx, mean, residual, rstd, inv, scale, dscale, dbias)
-    return _bn_outputs(y, mean, residual, inv, var), tangent
+    y, mean, residual, rstd, var = _normalize(x, 0, scale, bias, eps, barrier=True)
+    out = (y, (mean + residual)[0], var[0])
+    return out, jax.checkpoint(_bn_tangent)(x, dx, mean, residual, rstd, scale, dscale, dbias)
 
 
 def batch_norm_train_2d(x, scale=None, bias=None, eps=1e-5):

@@ -31,27 +31,9 @@ def scale_shift(y, scale, bias, ax, ndim):
     return y
 
 
-def inv_std(var, eps, inv_scale=None):
-    """`1 / sqrt(var + eps)`; with `inv_scale` (statistics of data scaled by it, see
-    `scaled_moments`), eps is scaled alike: `eps * inv_scale**2`."""
+def inv_std(var, eps):
     # eps is cast so that a NumPy/float64 eps never promotes float32 statistics.
-    eps = jnp.asarray(eps, var.dtype)
-    if inv_scale is not None:
-        eps = eps * inv_scale * inv_scale  # inf for tiny data with eps > 0: y -> 0, as it should
-    return lax.rsqrt(var + eps)
-
-
-def inverse_scale(amax):
-    """`1 / s`, `s` the power of two with `amax / s` in [0.5, 1) (1 for 0 or a non-finite
-    `amax`; the exponent clamped to the normal range).
-
-    Statistics of `x / s` cannot overflow (a sum of squares of 1e20 does in float32) or
-    underflow (nor of 1e-25), and a power of two scales exactly: in the normal range the
-    statistics, and every normalized output, are bit for bit those of `x` itself.
-    """
-    _, e = jnp.frexp(lax.stop_gradient(amax))
-    inv = jnp.ldexp(jnp.ones_like(amax), jnp.clip(-e, -126, 126))
-    return jnp.where(jnp.isfinite(amax) & (amax > 0), inv, jnp.ones_like(amax))
+    return lax.rsqrt(var + jnp.asarray(eps, var.dtype))
 
 
 def expand_mask(mask, x, ax, name="mask"):
@@ -89,13 +71,12 @@ def two_pass(xf, count, total, *, expand=None, keep=None):
     return mean, residual, var
 
 
-def scaled_moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
-    """(mean, residual, biased var, count, inv_scale) over `ax`, keepdims, in the statistics
-    dtype, of `x * inv_scale`, `inv_scale = inverse_scale(max |x|)` (per reduction).
+def moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
+    """(mean, residual, biased var, count) over `ax`, keepdims, in the statistics dtype.
 
     `mean + residual` is the mean (see `two_pass`; the residual is 0 with `fast_variance`).
-    With `axis_name`, sums, maxima and counts are reduced across that named axis too, so every
-    device sees the statistics of the global batch. The count is the number of entries
+    With `axis_name`, sums and counts are reduced across that named axis too, so every device
+    sees the statistics of the global batch. The count returned is the number of entries
     reduced (0 for an empty or all-masked reduction, whose mean and variance are then 0, not
     NaN: the divisions use at least 1).
     """
@@ -111,49 +92,32 @@ def scaled_moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
         s = jnp.sum(v, axis=ax, keepdims=True)
         return s if axis_name is None else lax.psum(s, axis_name)
 
-    # The scale is a constant of the data: no derivative (pmax has none).
-    amax = lax.stop_gradient(jnp.max(jnp.abs(xf if keep is None else keep(xf)), axis=ax, keepdims=True, initial=0))
     if axis_name is not None:
-        count, amax = lax.psum(count, axis_name), lax.pmax(amax, axis_name)
-    inv = inverse_scale(amax)
-    xf, n = xf * inv, jnp.maximum(count, 1)
+        count = lax.psum(count, axis_name)
+    n = jnp.maximum(count, 1)
     if not fast_variance:
-        return (*two_pass(xf, n, total, keep=keep), count, inv)
+        return (*two_pass(xf, n, total, keep=keep), count)
     xf = xf if keep is None else keep(xf)
     mean = total(xf) / n
     var = jnp.maximum(total(xf * xf) / n - mean * mean, 0)
-    return mean, jnp.zeros_like(mean), var, count, inv
+    return mean, jnp.zeros_like(mean), var, count
 
 
-def moments(x, ax, **options):
-    """(mean, residual, biased var, count) over `ax`, keepdims, in the statistics dtype: those
-    of `scaled_moments` in the units of `x` (a variance too large for the dtype is inf)."""
-    mean, residual, var, count, inv = scaled_moments(x, ax, **options)
-    return mean / inv, residual / inv, var / inv / inv, count
+def center(x, mean, residual):
+    """`(x - mean) - residual` in the statistics' dtype: `x` minus its mean (see `two_pass`)."""
+    return (x.astype(mean.dtype) - mean) - residual
 
 
-def center(x, mean, residual, inv_scale=None):
-    """`(x - mean) - residual` in the statistics' dtype: `x` minus its mean (see `two_pass`);
-    with `inv_scale`, of `x * inv_scale` (see `scaled_moments`)."""
-    xf = x.astype(mean.dtype)
-    return ((xf if inv_scale is None else xf * inv_scale) - mean) - residual
-
-
-def normalize(x, mean, residual, var, eps, inv_scale=None):
-    """`(x - mean - residual) / sqrt(var + eps)`, in the statistics' dtype; with `inv_scale`,
-    from statistics of `x * inv_scale` (`scaled_moments`)."""
-    return center(x, mean, residual, inv_scale) * inv_std(var, eps, inv_scale)
+def normalize(x, mean, residual, var, eps):
+    """`(x - mean - residual) / sqrt(var + eps)`, in the statistics' dtype."""
+    return center(x, mean, residual) * inv_std(var, eps)
 
 
 def rms_normalize(x, ax, eps):
-    """`(x / sqrt(mean(x^2) + eps), rstd, inv_scale)` over `ax`, in the statistics dtype, from
-    `x * inv_scale` (see `inverse_scale`), `rstd = 1 / sqrt(mean((x * inv_scale)^2) + eps *
-    inv_scale^2)`: the output is `x * inv_scale * rstd`."""
+    """`(x / sqrt(mean(x^2) + eps), 1 / sqrt(mean(x^2) + eps))` over `ax`, in the statistics dtype."""
     xf = x.astype(_checks.stats_dtype(x.dtype))
-    inv = inverse_scale(jnp.max(jnp.abs(xf), axis=ax, keepdims=True, initial=0))
-    xs = xf * inv
-    rstd = inv_std(jnp.mean(xs * xs, axis=ax, keepdims=True), eps, inv)
-    return xs * rstd, rstd, inv
+    rstd = inv_std(jnp.mean(xf * xf, axis=ax, keepdims=True), eps)
+    return xf * rstd, rstd
 
 
 def ema_update(state: BatchNormState, mean, var, count, momentum) -> BatchNormState:

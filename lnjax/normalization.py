@@ -125,8 +125,8 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     scale, bias = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
         return _fused.layer_norm_2d(x, scale, bias, float(eps))
-    mean, residual, var, _, inv = _stats.scaled_moments(x, ax, fast_variance=fast_variance)
-    y = _stats.normalize(x, mean, residual, var, eps, inv)
+    mean, residual, var, _ = _stats.moments(x, ax, fast_variance=fast_variance)
+    y = _stats.normalize(x, mean, residual, var, eps)
     return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
@@ -151,7 +151,7 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
     scale, bias = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps):
         return _fused.rms_norm_2d(x, scale, bias, float(eps))
-    y, _, _ = _stats.rms_normalize(x, ax, eps)
+    y, _ = _stats.rms_normalize(x, ax, eps)
     return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
@@ -228,17 +228,13 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
         return y, _stats.ema_update(state, mean, var, count, momentum)
-    if training:
-        mean, residual, var, count, inv = _stats.scaled_moments(x, red, mask=m, axis_name=axis_name,
-                                                                fast_variance=fast_variance)  # fmt: skip
-        new_state = _stats.ema_update(state, (mean + residual) / inv, var / inv / inv, count, momentum)
-    else:
-        mean, residual, var, new_state = _stats.batch_moments(x, red, state, training=False, momentum=momentum)
-        inv = None
+    mean, residual, var, new_state = _stats.batch_moments(
+        x, red, state, training=training, momentum=momentum, mask=m, axis_name=axis_name,
+        fast_variance=fast_variance,
+    )
 
     def normalized(x):
-        y = _stats.normalize(x, mean, residual, var, eps, inv)
-        return _stats.scale_shift(y, scale, bias, feat, x.ndim)
+        return _stats.scale_shift(_stats.normalize(x, mean, residual, var, eps), scale, bias, feat, x.ndim)
 
     if m is None:
         return normalized(x).astype(x.dtype), new_state
@@ -282,8 +278,8 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     scale, bias = _checks.param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
-    mean, residual, var, _, inv = _stats.scaled_moments(xg, red, fast_variance=fast_variance)
-    y = _stats.normalize(xg, mean, residual, var, eps, inv).reshape(x.shape)
+    mean, residual, var, _ = _stats.moments(xg, red, fast_variance=fast_variance)
+    y = _stats.normalize(xg, mean, residual, var, eps).reshape(x.shape)
     return _stats.scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)
 
 
@@ -334,8 +330,6 @@ def weight_norm(v, g, *, axis=-1, eps=1e-12):
         raise ValueError(f"`axis`={axis!r} keeps every axis of v (shape {v.shape}): no axis is left to take the "
                          "norm over (each weight would become g * sign(v)).")  # fmt: skip
     vf = v.astype(_checks.stats_dtype(v.dtype))
-    inv = _stats.inverse_scale(jnp.max(jnp.abs(vf), axis=red, keepdims=True, initial=0))  # no overflow in the sum
-    vs = vf * inv
-    w = vs * _stats.inv_std(jnp.sum(vs * vs, axis=red, keepdims=True), eps, inv)
-    w = w * _stats.broadcast_to_axes(g, keep, v.ndim, vf.dtype)
+    sq = jnp.sum(vf * vf, axis=red, keepdims=True)
+    w = vf * _stats.inv_std(sq, eps) * _stats.broadcast_to_axes(g, keep, v.ndim, vf.dtype)
     return w.astype(v.dtype)

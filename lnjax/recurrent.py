@@ -302,7 +302,8 @@ class GRUCell(_Cell):
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
-        for spec in {self.input_norm} if isinstance(self.input_norm, (str, Normalizer)) else set(self.input_norm or ()):
+        pair = isinstance(self.input_norm, tuple) and not isinstance(self.input_norm, Normalizer)
+        for spec in dict.fromkeys(self.input_norm if pair else (self.input_norm,)):  # each once
             _check_input_norm(self, spec, input_size)
         H = self.hidden_size
         (n2, n3), (n1, n4) = self._input_norm, self._recurrent_norm
@@ -488,14 +489,15 @@ def rnn(
     mask = _lengths_mask(lengths, T, batch_shape)
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
-    want = jax.eval_shape(lambda: cell.initial_carry(batch_shape, _carry_dtype(params, xs)))
+    default = functools.partial(cell.initial_carry, batch_shape, _carry_dtype(params, xs))
     if initial_carry is None:
-        initial_carry = cell.initial_carry(batch_shape, _carry_dtype(params, xs))
-    elif jax.tree.structure(initial_carry) != jax.tree.structure(want) or any(
-            jnp.shape(a) != b.shape for a, b in zip(jax.tree.leaves(initial_carry), jax.tree.leaves(want))):
+        initial_carry = default()
+    else:
+        want = jax.eval_shape(default)  # shapes only: nothing computed
         shapes = lambda t: jax.tree.map(lambda a: tuple(jnp.shape(a)), t)  # noqa: E731
-        raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
-                         f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
+        if jax.tree.structure(initial_carry) != jax.tree.structure(want) or shapes(initial_carry) != shapes(want):
+            raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
+                             f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)

@@ -1,7 +1,7 @@
 """The paper reproduction (the main job): trains every experiment's sweep and writes a
 self-contained report directory (report.md, PNG plots, the configs, the raw metrics).
 
-    python -m experiments            # full run, ~10 minutes on a 2-core CPU
+    python -m experiments            # full run (README.md gives its measured duration)
     python -m experiments --quick    # ~2.5 minute smoke version, compile-bound (the test suite runs it)
 
 Every run checkpoints; re-running the same command resumes where it stopped.
@@ -283,7 +283,9 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, g
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
+    # The docstring's whole first paragraph: its first line alone stops mid-sentence.
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=summary)
     parser.add_argument("--quick", action="store_true", help="~2.5 minute smoke version (compile-bound)")
     parser.add_argument("--out", default=None, help="report directory (default: report/ or report-quick/)")
     parser.add_argument("--fresh", action="store_true", help="delete the report directory first")

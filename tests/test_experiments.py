@@ -1032,3 +1032,12 @@ def test_xla_flags_are_appended_unless_the_user_set_them(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     xla_flags.add("--a=1", "--b=2")
     assert os.environ["XLA_FLAGS"] == "--a=1 --b=2"
+
+
+def test_reproduce_help_states_the_whole_summary(capsys):
+    from experiments import reproduce
+
+    with pytest.raises(SystemExit):
+        reproduce.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "writes a self-contained report directory (report.md, PNG plots, the configs, the raw metrics)." in text

@@ -15,6 +15,7 @@ import shutil
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from configs import convnet_digits, mlp_digits, rnn_adding, rnn_digits
 from experiments import graphs, invariances, train
@@ -31,12 +32,7 @@ def _runs(quick: bool):
     def add(section, name, label, module, **over):
         cfg = module.get_config()
         cfg.sweep.seed = seeds
-        for key, value in over.items():
-            node = cfg
-            *path, leaf = key.split(".")
-            for p in path:
-                node = node[p]
-            node[leaf] = value
+        cfg.update_from_flattened_dict(over)
         runs.append((section, name, label, cfg))
 
     # Quick mode shrinks models and sequences too: its cost is mostly compilation.
@@ -289,7 +285,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="~2.5 minute smoke version (compile-bound)")
     parser.add_argument("--out", default=None, help="report directory (default: report/ or report-quick/)")
     parser.add_argument("--fresh", action="store_true", help="delete the report directory first")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show absl's INFO logs (orbax's among them)")
     args = parser.parse_args(argv)
+    train.set_verbosity(args.verbose)
     out = pathlib.Path(args.out or ("report-quick" if args.quick else "report"))
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -297,9 +295,12 @@ def main(argv=None):
     start = time.time()
     inv = invariances.measure()
     results = []
-    for section, name, label, cfg in _runs(args.quick):
-        _, rows, _ = train.fit(cfg, out / "runs" / name)
-        results.append((section, name, label, rows))
+    runs = _runs(args.quick)
+    # One bar over the runs (run k of N, elapsed, ETA), each run's own bar nested below it.
+    with tqdm(runs, desc="reproduction", unit="run") as bar:
+        for section, name, label, cfg in bar:
+            _, rows, _ = train.fit(cfg, out / "runs" / name, desc=name)
+            results.append((section, name, label, rows))
     graph = graphs.compare(graphs.NORMS, seeds=(0, 1) if args.quick else (0, 1, 2),
                            steps=GRAPH_STEPS_QUICK if args.quick else GRAPH_STEPS)
     (out / "graphs.json").write_text(json.dumps(graph, indent=1))

@@ -6,8 +6,9 @@ has the same shapes, so the members are stacked on a leading axis and trained wi
 donated. A member whose loss or gradients become non-finite is frozen at its last finite
 state and marked diverged; the others are unaffected.
 
-Checkpoints (orbax) are written every `config.checkpoint_every` steps and on completion; the
-same command resumes from the latest one and, all randomness being derived from the step
+Checkpoints (orbax, with its save policies) are written every `config.checkpoint_every` steps,
+on completion, and when JAX's preemption service (multi-process runs) announces a preemption,
+after which the run stops. The same command resumes from the latest one and, all randomness being derived from the step
 counter, ends with exactly the parameters and metrics of an uninterrupted run. Each checkpoint
 records (in its orbax custom metadata) the config that produced it and the SHA-256 of every
 array: resuming under another config is refused even without config.json, and a corrupt or
@@ -51,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -503,16 +505,10 @@ def check_config(cfg, num_examples: int | None = None):
         raise ConfigError(str(e)) from None
 
 
-def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
 def _check_extension(old: dict, new: dict, workdir, source="config.json"):
     """A workdir's run may only be continued with more steps (nothing else decides its result).
     `source`: where `old` was read (named in the error)."""
-    a, b = _flat(old), _flat(new)
+    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if not changed or (changed == ["num_steps"] and b["num_steps"] >= a["num_steps"]):
         return  # training longer: resume from the last checkpoint and go on
@@ -649,11 +645,25 @@ def _set_aside(ckpt_dir: pathlib.Path, steps, primary: bool):
         multihost_utils.sync_global_devices("lnjax: corrupt checkpoints set aside")
 
 
-def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | None = None):
+def _loss_postfix(losses) -> str:
+    """The progress bar's note: the training loss of the last chunk (the mean over the members
+    still training, for a sweep)."""
+    live = losses[np.isfinite(losses)]
+    if not live.size:
+        return "every member diverged"
+    text = f"train loss {live.mean():.4g}"
+    if losses.size > 1:
+        text += f" (mean of {live.size} members" + (f"; {losses.size - live.size} diverged)" if live.size < losses.size else ")")
+    return text
+
+
+def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | None = None,
+        task: Task | None = None):
     """Trains the sweep `cfg` describes in `workdir`, resuming from its latest checkpoint.
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one line per member per
-    evaluation) and `workdir/checkpoints/`. Returns `(final_state, metrics_rows, members)`,
+    evaluation) and `workdir/checkpoints/`. `progress`: show a progress bar with the training
+    loss, labelled `desc` (default `config.name`); nested in an open bar, it goes when done. Returns `(final_state, metrics_rows, members)`,
     the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
     every process calls `fit` alike: process 0 writes the config and the metrics, all of them
     write (their shards of) the checkpoints and restore them.
@@ -663,6 +673,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     checkpoint restores as saved (see `restore_latest_valid`).
     """
     import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
     from tqdm.auto import tqdm
 
     # Everything is checked before the first file is written: the config (with the size of
@@ -695,7 +706,10 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     evaluate = make_evaluate(task, mesh)
 
     ckpt_dir = workdir / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    save_steps = [policies.FixedIntervalPolicy(cfg.checkpoint_every), policies.SpecificStepsPolicy((cfg.num_steps,)),
+                  policies.PreemptionCheckpointingPolicy()]  # the last one: JAX's preemption notice
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
+                                           save_decision_policy=policies.AnySavePolicy(save_steps))
     step = 0
     if ckpt_dir.is_dir():
         manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
@@ -722,7 +736,8 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
     if primary:
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=cfg.name, unit="step")
+    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=desc or cfg.name,
+               unit="step", leave=None)
     with open(metrics_path if primary else os.devnull, "a") as log:
         while step < cfg.num_steps:
             state, train_loss = chunk(state, x_tr, y_tr)
@@ -731,6 +746,8 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
             # A chunk is many steps, so nothing measurable is lost by waiting for it.
             jax.block_until_ready(state)
             step += cfg.steps_per_call
+            if progress:  # every process: fetching is collective
+                bar.set_postfix_str(_loss_postfix(fetch(train_loss, mesh)), refresh=False)
             bar.update(cfg.steps_per_call)
             if step % cfg.eval_every == 0 or step == cfg.num_steps:
                 ev, tl, div = fetch((evaluate(state, x_te, y_te), train_loss, state.diverged_at), mesh)
@@ -741,8 +758,11 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, task: Task | 
                     rows.append(row)
                     log.write(json.dumps(row) + "\n")
                 log.flush()
-            if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
+            if manager.should_save(step):
                 save(step, state)
+                if manager.reached_preemption(step):
+                    print(f"preempted: saved step {step}; the same command resumes there", file=sys.stderr)
+                    break
     bar.close()
     manager.close()
     return state, rows, members
@@ -789,11 +809,96 @@ def define_config_flag(flag_values=None, sys_argv=None):
                                            sys_argv=sys_argv)  # fmt: skip
 
 
+def set_verbosity(verbose: bool):
+    """Quiet by default (warnings and errors only): orbax logs dozens of INFO lines per
+    checkpoint, which bury the progress bar. `verbose`: absl's INFO logs."""
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+
+
+def config_keys(cfg, prefix="") -> list[tuple[str, str, Any]]:
+    """`(dotted key, type name, value)` of every leaf of the ConfigDict `cfg`, in order (an
+    unset placeholder has value None and the type it was declared with)."""
+    out = []
+    for k in cfg:
+        v = cfg[k]
+        if isinstance(v, ml_collections.ConfigDict):
+            out += config_keys(v, f"{prefix}{k}.")
+        else:
+            t = cfg.get_type(k)
+            out.append((f"{prefix}{k}", getattr(t, "__name__", str(t)), v))
+    return out
+
+
+_HELP = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+
+def _config_path(argv) -> str:
+    """The `--config` file named on the command line (configs/base.py if none)."""
+    paths = [a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+             for i, a in enumerate(argv) if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
+    if paths:
+        return paths[-1]  # as absl: the last one counts
+    return str(pathlib.Path(__file__).parents[1] / "configs" / "base.py")
+
+
+def _print_help(argv):
+    import runpy
+
+    from absl import app
+
+    app.usage(shorthelp=True, writeto_stdout=True)
+    path = _config_path(argv)
+    module = runpy.run_path(path.split(":", 1)[0])
+    cfg = module["get_config"]() if "get_config" in module else module["base_config"]()
+    rows = [(f"--config.{k}", t, repr(v)) for k, t, v in config_keys(cfg)]
+    width = max(len(r[0]) for r in rows)
+    print(f"\nconfig keys of {path} (set with --config.<key>=<value>; None: unset):")
+    for key, t, v in rows:
+        print(f"  {key:<{width}}  {t:<6} {v}")
+
+
+def parse_flags(argv):
+    """absl's flag parsing for the command line, made friendlier: `--help` also lists the config
+    keys (of `--config`, else configs/base.py) with their types and defaults; a bare `-v` is
+    `--verbosity=0` (INFO logs; absl's `-v` takes a level); an unknown key, a value that does
+    not parse or a config file that does not load is one `error: ...` line (exit status 2)."""
+    from absl import flags
+
+    argv = list(argv)
+    if any(a in _HELP for a in argv[1:]):
+        _print_help(argv)
+        sys.exit(0)
+    for i, a in enumerate(argv):
+        if a == "-v" and not (i + 1 < len(argv) and argv[i + 1].lstrip("-").isdigit()):
+            argv[i] = "--verbosity=0"
+    try:
+        rest = flags.FLAGS(argv)
+        cfg = flags.FLAGS.config
+        if cfg is not None and not isinstance(cfg, ml_collections.ConfigDict):
+            cfg.name  # ml_collections defers a failed load to the first access: raises it
+        return rest
+    except (KeyError, AttributeError) as e:  # ml_collections: a key the config does not have
+        while e.args and isinstance(e.args[0], KeyError):  # AttributeError(KeyError(...))
+            e = e.args[0]
+        key, *hint = str(e.args[0] if e.args else e).splitlines()
+        message = f"unknown config key {key.strip(chr(34))}" + "".join(f"; {h}" for h in hint)
+    except OSError as e:  # the config file does not load (missing, or raising)
+        message = f"--config={_config_path(argv)} does not load: {str(e).strip().splitlines()[-1].strip()}"
+    except flags.Error as e:
+        message = str(e)
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     from absl import flags
 
     del argv
     f = flags.FLAGS
+    if not f["verbosity"].present:
+        set_verbosity(False)
     init_distributed(f.coordinator_address, f.num_processes, f.process_id, auto=f.distributed)
     cfg = f.config
     try:
@@ -826,4 +931,4 @@ if __name__ == "__main__":
                       "Call jax.distributed.initialize() even without the settings above, letting JAX "
                       "auto-detect the cluster (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -5,11 +5,10 @@ Contents (float32 features, int32 labels unless stated otherwise):
 * `digits`: scikit-learn's 8x8 digits (bundled with scikit-learn, no download) with a fixed,
   stratified train/test split; optionally as pixel-by-pixel or row-by-row sequences, with an
   optional fixed pixel permutation (`pixel_permutation`) for the permuted variant.
-* `mnist_idx`: the standard MNIST IDX files from a local directory (plain or gzipped), validated;
-  `read_idx` / `write_idx` for the IDX format itself.
+* `mnist_idx`: the standard MNIST IDX files from a local directory (plain or gzipped), validated
+  (`read_idx`).
 * `adding_problem`, `copying_memory` (+ `copying_baseline`): the synthetic sequence tasks.
-* `char_corpus`, `batches`, `windows`: character-level language modelling on a local text file.
-* `batch_indices`, `stack_batches`: a deterministic, vectorisable epoch batcher.
+* `char_corpus`, `windows`: character-level language modelling on a local text file.
 
 Every function taking `rng_or_seed` accepts either an int seed (passed to
 `np.random.default_rng`) or a `np.random.Generator` (consumed in place).
@@ -22,7 +21,6 @@ import gzip
 import math
 import os
 import zlib
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -37,8 +35,6 @@ __all__ = [
     "CharCorpus",
     "Dataset",
     "adding_problem",
-    "batch_indices",
-    "batches",
     "char_corpus",
     "copying_baseline",
     "copying_memory",
@@ -46,9 +42,7 @@ __all__ = [
     "mnist_idx",
     "pixel_permutation",
     "read_idx",
-    "stack_batches",
     "windows",
-    "write_idx",
 ]
 
 
@@ -125,6 +119,9 @@ def pixel_permutation(num_pixels: int, seed: int = 0) -> np.ndarray:
     return _as_rng(seed, "seed").permutation(num_pixels)
 
 
+# Kept for now: scikit-learn's `train_test_split(stratify=y)` is the replacement, but it draws
+# another split (1437/360), and the committed report and README figures were measured on this one;
+# the switch goes with the next regeneration of the report.
 def _stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator):
     """Train/test index arrays, each class split in proportion `test_fraction`, both shuffled."""
     train, test = [], []
@@ -148,7 +145,7 @@ def digits(
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes) with a fixed split.
 
     Pixel values 0..16 are scaled to [0, 1]. The split is stratified by class and depends only on
-    `split_seed` and `test_fraction` (default: 1439 train / 358 test images).
+    `split_seed` and `test_fraction` (default: 1438 train / 359 test images).
 
     Args:
       split_seed: seed of the train/test split.
@@ -189,24 +186,8 @@ def digits(
 # IDX files (MNIST)
 # --------------------------------------------------------------------------------------------
 
-# IDX type code -> big-endian dtype, as in http://yann.lecun.com/exdb/mnist/
-_IDX_DTYPES: Mapping[int, np.dtype] = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_NAMES = {
-    0x08: "unsigned byte",
-    0x09: "signed byte",
-    0x0B: "int16",
-    0x0C: "int32",
-    0x0D: "float32",
-    0x0E: "float64",
-}
-
+# A hand-written reader because no library of the stack reads IDX (torchvision's would bring
+# torchvision), and the format is a 4-byte magic, the dimensions and the raw bytes.
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -215,112 +196,38 @@ MNIST_FILES = {
 }
 
 
-def _is_gz(path) -> bool:
-    return os.fspath(path).endswith(".gz")
+def read_idx(path, ndim: int) -> np.ndarray:
+    """The uint8 array of `ndim` dimensions in the IDX file `path` (MNIST's type, magic
+    `0x0000 08 ndim`), gzip-decompressed when `path` ends in ".gz".
 
-
-def write_idx(path, array) -> str:
-    """Writes `array` to `path` in IDX format (gzip-compressed when `path` ends in ".gz").
-
-    Supported dtypes: uint8 (type code 0x08, the MNIST one), int8, int16, int32, float32,
-    float64; 1 to 255 dimensions, each < 2**32. Returns `path` as a string.
-    """
+    Raises ValueError naming the file for anything else: not gzip, a bad magic number, another
+    dtype or number of dimensions, a truncated header or data, trailing bytes."""
     path = os.fspath(path)
-    array = np.asarray(array)
-    code = next(
-        (
-            c
-            for c, dt in _IDX_DTYPES.items()
-            if array.dtype.kind == dt.kind and array.dtype.itemsize == dt.itemsize
-        ),
-        None,
-    )
-    if code is None:
-        raise ValueError(
-            f"`array` has dtype {array.dtype}, which IDX cannot store; use one of uint8, int8, "
-            "int16, int32, float32, float64."
-        )
-    if not 1 <= array.ndim <= 255:
-        raise ValueError(f"`array` must have 1 to 255 dimensions, got shape {array.shape}.")
-    if any(d >= 2**32 for d in array.shape):
-        raise ValueError(f"`array` dimensions must be < 2**32, got shape {array.shape}.")
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    payload = header + np.ascontiguousarray(array, _IDX_DTYPES[code]).tobytes()
-    if _is_gz(path):
-        payload = gzip.compress(payload, mtime=0)
-    with open(path, "wb") as f:
-        f.write(payload)
-    return path
-
-
-def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         raw = f.read()
-    if _is_gz(path):
+    if path.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"IDX file {path!r}: not a valid gzip file ({e}).") from e
-    return raw
+            raise ValueError(f"IDX file {path!r}: not a valid gzip file ({e}).") from None
 
+    def bad(why):
+        return ValueError(f"IDX file {path!r}: {why}.")
 
-def _parse_idx(path: str, raw: bytes, *, dtype_code: int | None = None, ndim: int | None = None):
-    if len(raw) < 4:
-        raise ValueError(
-            f"IDX file {path!r}: truncated header ({len(raw)} bytes, need at least 4)."
-        )
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"IDX file {path!r}: bad magic number 0x{raw[:4].hex()} (the first two bytes must "
-            "be zero); is this an IDX file?"
-        )
-    code, nd = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise ValueError(f"IDX file {path!r}: unknown dtype code 0x{code:02X}.")
-    if dtype_code is not None and code != dtype_code:
-        raise ValueError(
-            f"IDX file {path!r}: dtype code 0x{code:02X} ({_IDX_NAMES[code]}), expected "
-            f"0x{dtype_code:02X} ({_IDX_NAMES[dtype_code]})."
-        )
-    if ndim is not None and nd != ndim:
-        raise ValueError(
-            f"IDX file {path!r}: {nd} dimension(s) in the header (magic 0x{raw[:4].hex()}), "
-            f"expected {ndim}."
-        )
-    if nd == 0:
-        raise ValueError(f"IDX file {path!r}: header declares 0 dimensions.")
-    header_len = 4 + 4 * nd
-    if len(raw) < header_len:
-        raise ValueError(
-            f"IDX file {path!r}: truncated header ({len(raw)} bytes, {nd} dimensions need "
-            f"{header_len})."
-        )
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=nd, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(raw) - header_len
-    if actual < expected:
-        raise ValueError(
-            f"IDX file {path!r}: truncated data: shape {shape} needs {expected} bytes, the file "
-            f"has {actual}."
-        )
-    if actual > expected:
-        raise ValueError(
-            f"IDX file {path!r}: {actual - expected} unexpected trailing bytes after the "
-            f"{expected} bytes of data for shape {shape}."
-        )
-    data = np.frombuffer(raw, dtype, count=math.prod(shape), offset=header_len).reshape(shape)
-    return data.astype(dtype.newbyteorder("="))
-
-
-def read_idx(path) -> np.ndarray:
-    """Reads an IDX file (gzip-decompressed when `path` ends in ".gz") into a native array.
-
-    Raises FileNotFoundError for a missing file and ValueError (naming the file) for a malformed
-    one: bad magic number, unknown dtype code, truncated header or data, trailing bytes.
-    """
-    path = os.fspath(path)
-    return _parse_idx(path, _read_bytes(path))
+    if len(raw) < 4 + 4 * ndim:
+        raise bad(f"truncated header ({len(raw)} bytes, {ndim} dimension(s) need {4 + 4 * ndim})")
+    if raw[:2] != b"\0\0":
+        raise bad(f"bad magic number 0x{raw[:4].hex()} (the first two bytes must be zero); is this an IDX file?")
+    if raw[2] != 0x08:
+        raise bad(f"dtype code 0x{raw[2]:02X}, expected 0x08 (unsigned byte)")
+    if raw[3] != ndim:
+        raise bad(f"{raw[3]} dimension(s) in the header (magic 0x{raw[:4].hex()}), expected {ndim}")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    size, have = math.prod(shape), len(raw) - 4 - 4 * ndim
+    if have != size:
+        what = "truncated data" if have < size else f"{have - size} unexpected trailing bytes"
+        raise bad(f"{what}: shape {shape} needs {size} bytes of data, the file has {have}")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def _find_mnist_file(directory: str, name: str) -> str:
@@ -358,8 +265,7 @@ def mnist_idx(directory, *, flatten: bool = True) -> Dataset:
     out = {}
     for split in ("train", "test"):
         img_path, lbl_path = paths[f"{split}_images"], paths[f"{split}_labels"]
-        images = _parse_idx(img_path, _read_bytes(img_path), dtype_code=0x08, ndim=3)
-        labels = _parse_idx(lbl_path, _read_bytes(lbl_path), dtype_code=0x08, ndim=1)
+        images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
         if labels.shape[0] != images.shape[0]:
             raise ValueError(
                 f"IDX file {lbl_path!r}: {labels.shape[0]} labels, but {img_path!r} has "
@@ -550,25 +456,6 @@ def _check_tokens(data, seq_len: int) -> np.ndarray:
     return data
 
 
-def batches(data, batch: int, seq_len: int, rng_or_seed) -> tuple[np.ndarray, np.ndarray]:
-    """One batch of random windows from a 1-D token array (for training).
-
-    Window starts are drawn uniformly from [0, len(data) - seq_len - 1] (with replacement).
-
-    Returns:
-      inputs: [batch, seq_len] `data[s : s + seq_len]` for each start s (dtype of `data`).
-      targets: [batch, seq_len] `data[s + 1 : s + seq_len + 1]`, the next characters.
-    """
-    batch = _positive_int("batch", batch)
-    seq_len = _positive_int("seq_len", seq_len)
-    data = _check_tokens(data, seq_len)
-    rng = _as_rng(rng_or_seed)
-    starts = rng.integers(0, data.size - seq_len, size=batch)
-    idx = starts[:, None] + np.arange(seq_len + 1)
-    chunk = data[idx]
-    return chunk[:, :-1], chunk[:, 1:]
-
-
 def windows(data, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """All non-overlapping windows of a 1-D token array, in order (for evaluation).
 
@@ -584,72 +471,3 @@ def windows(data, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     inputs = data[: n * seq_len].reshape(n, seq_len)
     targets = data[1 : n * seq_len + 1].reshape(n, seq_len)
     return inputs, targets
-
-
-# --------------------------------------------------------------------------------------------
-# Epoch batching
-# --------------------------------------------------------------------------------------------
-
-
-def batch_indices(
-    rng_or_seed,
-    n: int,
-    batch_size: int,
-    drop_remainder: bool = True,
-    *,
-    shuffle: bool = True,
-    return_mask: bool = False,
-):
-    """Example indices for one epoch over `n` examples, as a [num_batches, batch_size] array.
-
-    With `shuffle` the order is a fresh random permutation (from `rng_or_seed`; nothing is drawn
-    otherwise). With `drop_remainder` the last `n % batch_size` examples of that order are
-    dropped (num_batches = n // batch_size, each example at most once). Without it
-    num_batches = ceil(n / batch_size) and the last batch is completed by wrapping around to the
-    start of the order, so every example appears at least once; `return_mask` then tells real
-    entries (True) from the wrapped padding (False).
-
-    Returns:
-      int64 [num_batches, batch_size] indices, and with `return_mask` also a bool mask of the
-      same shape.
-    """
-    n = _positive_int("n", n)
-    batch_size = _positive_int("batch_size", batch_size)
-    order = _as_rng(rng_or_seed).permutation(n) if shuffle else np.arange(n)
-    if drop_remainder:
-        num_batches = n // batch_size
-        if num_batches == 0:
-            raise ValueError(
-                f"`batch_size`={batch_size} exceeds `n`={n} with `drop_remainder`=True: "
-                "the epoch would have no batches."
-            )
-        idx = order[: num_batches * batch_size]
-        mask = np.ones(idx.shape, bool)
-    else:
-        num_batches = -(-n // batch_size)
-        total = num_batches * batch_size
-        idx = order[np.arange(total) % n]
-        mask = np.arange(total) < n
-    idx = idx.reshape(num_batches, batch_size).astype(np.int64)
-    if return_mask:
-        return idx, mask.reshape(num_batches, batch_size)
-    return idx
-
-
-def stack_batches(
-    rng_or_seed, x, y, batch_size: int, *, shuffle: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch of (x, y) as stacked batches, ready for `jax.lax.scan` (remainder dropped).
-
-    Returns:
-      xb: [num_batches, batch_size, *x.shape[1:]], yb: [num_batches, batch_size, *y.shape[1:]]
-      with num_batches = len(x) // batch_size, gathered with `batch_indices`.
-    """
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"`x` and `y` must have the same leading dimension, got shapes {x.shape} and "
-            f"{y.shape}."
-        )
-    idx = batch_indices(rng_or_seed, x.shape[0], batch_size, shuffle=shuffle)
-    return x[idx], y[idx]

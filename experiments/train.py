@@ -8,8 +8,9 @@ state and marked diverged; the others are unaffected.
 
 Checkpoints (orbax, with its save policies) are written every `config.checkpoint_every` steps,
 on completion, and when JAX's preemption service (multi-process runs) announces a preemption,
-after which the run stops. The same command resumes from the latest one and, all randomness being derived from the step
-counter, ends with exactly the parameters and metrics of an uninterrupted run. Each checkpoint
+after which the run stops. The same command resumes from the latest one and, all randomness
+being derived from the step counter, ends with exactly the parameters and metrics of an
+uninterrupted run. Each checkpoint
 records (in its orbax custom metadata) the config that produced it and the SHA-256 of every
 array: resuming under another config is refused even without config.json, and a corrupt or
 unreadable latest checkpoint is reported (a RuntimeWarning naming the step and the file), set
@@ -652,9 +653,10 @@ def _loss_postfix(losses) -> str:
     if not live.size:
         return "every member diverged"
     text = f"train loss {live.mean():.4g}"
-    if losses.size > 1:
-        text += f" (mean of {live.size} members" + (f"; {losses.size - live.size} diverged)" if live.size < losses.size else ")")
-    return text
+    if losses.size == 1:
+        return text
+    diverged = losses.size - live.size
+    return f"{text} (mean of {live.size} members" + (f"; {diverged} diverged)" if diverged else ")")
 
 
 def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | None = None,
@@ -663,8 +665,8 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one line per member per
     evaluation) and `workdir/checkpoints/`. `progress`: show a progress bar with the training
-    loss, labelled `desc` (default `config.name`); nested in an open bar, it goes when done. Returns `(final_state, metrics_rows, members)`,
-    the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
+    loss, labelled `desc` (default `config.name`); nested in an open bar, it goes when done.
+    Returns `(final_state, metrics_rows, members)`, the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
     every process calls `fit` alike: process 0 writes the config and the metrics, all of them
     write (their shards of) the checkpoints and restore them.
 
@@ -746,9 +748,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
             # A chunk is many steps, so nothing measurable is lost by waiting for it.
             jax.block_until_ready(state)
             step += cfg.steps_per_call
-            if progress:  # every process: fetching is collective
-                bar.set_postfix_str(_loss_postfix(fetch(train_loss, mesh)), refresh=False)
-            bar.update(cfg.steps_per_call)
+            tl = None
             if step % cfg.eval_every == 0 or step == cfg.num_steps:
                 ev, tl, div = fetch((evaluate(state, x_te, y_te), train_loss, state.diverged_at), mesh)
                 for i, member in enumerate(members):
@@ -758,6 +758,10 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
                     rows.append(row)
                     log.write(json.dumps(row) + "\n")
                 log.flush()
+            if progress:  # on every process, as fetching is collective; one fetch per chunk
+                tl = fetch(train_loss, mesh) if tl is None else tl
+                bar.set_postfix_str(_loss_postfix(tl), refresh=False)
+            bar.update(cfg.steps_per_call)
             if manager.should_save(step):
                 save(step, state)
                 if manager.reached_preemption(step):
@@ -850,8 +854,9 @@ def _print_help(argv):
 
     app.usage(shorthelp=True, writeto_stdout=True)
     path = _config_path(argv)
-    module = runpy.run_path(path.split(":", 1)[0])
-    cfg = module["get_config"]() if "get_config" in module else module["base_config"]()
+    file, *arg = path.split(":", 1)  # ml_collections' `file.py:argument` form
+    module = runpy.run_path(file)
+    cfg = module["get_config"](*arg) if "get_config" in module else module["base_config"]()
     rows = [(f"--config.{k}", t, repr(v)) for k, t, v in config_keys(cfg)]
     width = max(len(r[0]) for r in rows)
     print(f"\nconfig keys of {path} (set with --config.<key>=<value>; None: unset):")

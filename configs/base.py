@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
             "batch": {"momentum": BATCH_MOMENTUM},
             "switchable": {"momentum": BATCH_MOMENTUM},
             "batch_layer": {"momentum": BATCH_MOMENTUM},
+            "graph_batch": {"momentum": BATCH_MOMENTUM},
+            "graph_learned": {"momentum": BATCH_MOMENTUM},
             "divisive": {"radius": 16},  # the MLP's window over its hidden units
         },
     })

@@ -9,6 +9,8 @@ Contents (float32 features, int32 labels unless stated otherwise):
   (`read_idx`).
 * `adding_problem`, `copying_memory` (+ `copying_baseline`): the synthetic sequence tasks.
 * `char_corpus`, `windows`: character-level language modelling on a local text file.
+* `colour_graphs`, `colour_graph_data`: the synthetic "denser colour" graph classification
+  task (`Graphs`: per-graph padded node features and edge lists).
 
 Every function taking `rng_or_seed` accepts either an int seed (passed to
 `np.random.default_rng`) or a `np.random.Generator` (consumed in place).
@@ -34,8 +36,11 @@ __all__ = [
     "MNIST_FILES",
     "CharCorpus",
     "Dataset",
+    "Graphs",
     "adding_problem",
     "char_corpus",
+    "colour_graph_data",
+    "colour_graphs",
     "copying_baseline",
     "copying_memory",
     "digits",
@@ -94,9 +99,10 @@ class Dataset(NamedTuple):
     """A fixed train/test split of a classification dataset.
 
     Attributes:
-      x_train: float32 [N_train, ...] features (shape depends on the loader and its options).
+      x_train: float32 [N_train, ...] features (shape depends on the loader and its options),
+        or a tree of such arrays with one leading row per example (`Graphs`).
       y_train: int32 [N_train] labels in [0, num_classes).
-      x_test: float32 [N_test, ...] features.
+      x_test: float32 [N_test, ...] features (or a tree, as `x_train`).
       y_test: int32 [N_test] labels in [0, num_classes).
       num_classes: number of classes.
     """
@@ -471,3 +477,121 @@ def windows(data, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     inputs = data[: n * seq_len].reshape(n, seq_len)
     targets = data[1 : n * seq_len + 1].reshape(n, seq_len)
     return inputs, targets
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs: the "denser colour" task (Chen et al. 2020's graph normalizations need graphs)
+# --------------------------------------------------------------------------------------------
+#
+# Every graph has an even number `n` of nodes, uniform in `[min_nodes, max_nodes]`; exactly
+# `n / 2` are red and `n / 2` blue, at random positions. Edges are Erdos-Renyi, each of the
+# `n (n - 1) / 2` pairs independently with probability `p`, drawn per graph uniformly from
+# `edge_prob`. With `RR` and `BB` the numbers of red-red and blue-blue edges, the label is
+#
+#     label = 1 if RR > BB, 0 if RR < BB        (graphs with RR == BB are redrawn).
+#
+# Node features are `[is_red, is_blue, noise_1, ..., noise_k]` with i.i.d. N(0, 1) noise, so
+# they do not reveal the label: every graph has the same multiset of colours (a model that
+# ignores the edges is at chance), and swapping the colours flips the label without changing
+# the graph (a model that ignores the colours is at chance). Message passing solves it: the sum
+# over red nodes of their number of red neighbours is `2 RR`. Classes are exactly balanced
+# (each graph gets a target label in a balanced random order; a graph drawn with the other
+# label has its colours swapped, which keeps the distribution of graphs).
+
+
+class Graphs(NamedTuple):
+    """Graphs padded to a common size, one row per graph (a tree of arrays, so that the
+    training loop shards and gathers them as it does any features).
+
+    Attributes:
+      nodes: float32 `[num_graphs, max_nodes, F]`, zero beyond a graph's `num_nodes`.
+      num_nodes: int32 `[num_graphs]`.
+      edges: int32 `[num_graphs, 2, max_edges]`, local (sender, receiver) node indices, both
+        directions of every undirected edge; -1 for padding.
+    """
+
+    nodes: np.ndarray
+    num_nodes: np.ndarray
+    edges: np.ndarray
+
+
+def _colour_graph(rng, n, p_range):
+    """One graph: colours (1 = red) and an upper-triangular edge list with RR != BB."""
+    colour = rng.permutation(np.repeat(np.array([1, 0], np.int8), n // 2))
+    iu, ju = np.triu_indices(n, k=1)
+    while True:
+        p = rng.uniform(*p_range)
+        keep = rng.random(iu.size) < p
+        s, r = iu[keep], ju[keep]
+        rr = int(np.sum((colour[s] == 1) & (colour[r] == 1)))
+        bb = int(np.sum((colour[s] == 0) & (colour[r] == 0)))
+        if rr != bb:
+            return colour, s, r, int(rr > bb)
+
+
+def colour_graphs(num_graphs, *, seed=0, min_nodes=8, max_nodes=20, edge_prob=(0.15, 0.35),
+                  noise_features=2) -> tuple[Graphs, np.ndarray]:  # fmt: skip
+    """The "denser colour" graphs (above): label 1 iff red-red edges > blue-blue.
+
+    Args:
+      num_graphs: number of graphs; labels are balanced (exactly, for an even number).
+      seed: int seed (or a sequence of ints) of `np.random.default_rng`.
+      min_nodes, max_nodes: node counts are the even numbers in `[min_nodes, max_nodes]`, uniform.
+      edge_prob: `(low, high)`, the range of the per-graph edge probability.
+      noise_features: number of N(0, 1) node features besides the two colour indicators.
+
+    Returns:
+      `(graphs, labels)`: `Graphs` padded to `max_nodes` (rounded down to even) nodes and to
+      the largest number of directed edges drawn, and the int32 labels `[num_graphs]`.
+    """
+    if isinstance(num_graphs, bool) or not isinstance(num_graphs, int) or num_graphs < 1:
+        raise ValueError(f"`num_graphs` must be a positive int, got {num_graphs!r}.")
+    sizes = [n for n in range(min_nodes, max_nodes + 1) if n % 2 == 0 and n >= 2]
+    if not sizes:
+        raise ValueError(
+            f"[min_nodes, max_nodes] = [{min_nodes}, {max_nodes}] holds no even size >= 2."
+        )
+    lo, hi = edge_prob
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(
+            f"`edge_prob` must be (low, high) with 0 < low <= high <= 1, got {edge_prob!r}."
+        )
+    nf = noise_features
+    if isinstance(nf, bool) or not isinstance(nf, int) or nf < 0:
+        raise ValueError(f"`noise_features` must be an int >= 0, got {noise_features!r}.")
+
+    rng = np.random.default_rng(seed)
+    targets = rng.permutation(np.arange(num_graphs) % 2)
+    n_max = sizes[-1]
+    feats = 2 + noise_features
+    graphs = []
+    for t in targets:
+        n = int(rng.choice(sizes))
+        colour, s, r, label = _colour_graph(rng, n, (lo, hi))
+        if label != t:  # swapping the colours swaps RR and BB
+            colour = 1 - colour
+        x = np.zeros((n, feats), np.float32)
+        x[:, 0] = colour
+        x[:, 1] = 1 - colour
+        x[:, 2:] = rng.standard_normal((n, noise_features))
+        e = np.stack([np.concatenate([s, r]), np.concatenate([r, s])]).astype(np.int32)
+        graphs.append((x, e))
+    e_max = max(1, max(e.shape[1] for _, e in graphs))
+    nodes = np.zeros((num_graphs, n_max, feats), np.float32)
+    edges = np.full((num_graphs, 2, e_max), -1, np.int32)
+    num_nodes = np.zeros((num_graphs,), np.int32)
+    for i, (x, e) in enumerate(graphs):
+        nodes[i, : len(x)] = x
+        edges[i, :, : e.shape[1]] = e
+        num_nodes[i] = len(x)
+    return Graphs(nodes, num_nodes, edges), targets.astype(np.int32)
+
+
+def colour_graph_data(seed=0, *, num_train=2000, num_test=1000, **kwargs) -> Dataset:
+    """Train and test "denser colour" graphs (`colour_graphs` options) from independent streams
+    of `seed`, padded alike (so that batches of either have the same shapes); 2 classes."""
+    (g_train, y_train), (g_test, y_test) = (colour_graphs(n, seed=(seed, k), **kwargs)
+                                            for k, n in enumerate((num_train, num_test)))
+    e_max = max(g_train.edges.shape[2], g_test.edges.shape[2])
+    pad = lambda g: g._replace(edges=np.pad(g.edges, ((0, 0), (0, 0), (0, e_max - g.edges.shape[2])), constant_values=-1))
+    return Dataset(pad(g_train), y_train, pad(g_test), y_test, 2)

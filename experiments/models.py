@@ -1,5 +1,6 @@
-"""The paper's models as pure functions over lnjax ops: an MLP (§6.6), a small ConvNet (§6.7)
-and a recurrent sequence model (§6.2/§6.5 analogues).
+"""The paper's models as pure functions over lnjax ops: an MLP (§6.6), a small ConvNet (§6.7),
+a recurrent sequence model (§6.2/§6.5 analogues) and a message-passing graph classifier (for
+the graph normalizations of Chen et al. 2020).
 
 A `Model` is a pair of pure functions:
   init(key) -> (params, state)             state: running statistics (empty if none)
@@ -276,5 +277,94 @@ def sequence_model(input_size, num_outputs, hidden_size, cell="lstm", norm="laye
         if readout == "all":
             return ys @ w + b[None, None], state
         return h @ w + b[None], state
+
+    return Model(init, apply)
+
+
+class GraphBatch(NamedTuple):
+    """`G` graphs flattened into one graph of fixed shapes (`graph_batch`).
+
+    nodes `[N, F]`; edges `[2, E]` int32 (senders, receivers); segment_ids `[N]` int32, the
+    graph of each node (the `jax.ops.segment_sum` convention), `G` for padding nodes, one
+    extra *dummy segment*, so that graph-wise statistics (`num_segments = G + 1`) of a real
+    graph never see padding; node_mask `[N]` bool, False for padding nodes (left out of batch
+    statistics and of the readout); graph_mask `[G]` bool, False for unused graph slots (no
+    node: readout 0). Padding edges point from the last node, always a padding node, to
+    itself, so messages and neighbourhoods of real nodes never see padding.
+    """
+
+    nodes: jax.Array
+    edges: jax.Array
+    segment_ids: jax.Array
+    node_mask: jax.Array
+    graph_mask: jax.Array
+
+
+def graph_batch(graphs) -> GraphBatch:
+    """The `GraphBatch` of every graph of `graphs` (`experiments.data.Graphs` of `G` graphs,
+    padded to `n_max` nodes and `e_max` edges), by reshapes and `where`s only (jit-friendly):
+    graph `g` owns node slots `[g n_max, (g + 1) n_max)` and edge slots `[g e_max, (g + 1)
+    e_max)`, unused ones padding, and one final padding node receives the padding edges."""
+    x, num_nodes, e = (jnp.asarray(a) for a in graphs)
+    g, n_max, nf = x.shape
+    total = g * n_max + 1
+    real = jnp.arange(n_max)[None, :] < num_nodes[:, None]
+    nodes = jnp.where(real[..., None], x, 0).reshape(g * n_max, nf)
+    nodes = jnp.concatenate([nodes, jnp.zeros((1, nf), nodes.dtype)])
+    seg = jnp.where(real, jnp.arange(g, dtype=jnp.int32)[:, None], g).reshape(-1)
+    seg = jnp.concatenate([seg, jnp.full((1,), g, jnp.int32)]).astype(jnp.int32)
+    offset = (jnp.arange(g, dtype=jnp.int32) * n_max)[:, None, None]
+    e = jnp.where(e >= 0, e + offset, total - 1).astype(jnp.int32)
+    edges = jnp.transpose(e, (1, 0, 2)).reshape(2, -1)
+    return GraphBatch(nodes, edges, seg, seg < g, jnp.ones((g,), bool))
+
+
+def gin(sizes, num_classes=2, norm="graph", *, readout="mean", norm_args=None):
+    """A GIN-style graph classifier: per layer `i`
+
+        h <- relu(norm(MLP_i(h + sum_{j -> i} h_j))),   MLP_i = Dense -> relu -> Dense,
+
+    then a per-graph mean (or sum) readout over real nodes and a linear head to `num_classes`
+    logits. `sizes`: node feature width first, then each layer's width. `norm`, `norm_args`: the
+    normalizer (module docstring), one of the graph normalizations (`graph_node`,
+    `graph_adjacency`, `graph`, `graph_batch`, `graph_learned`) or any other; it gets the
+    batch's edges, segments and node mask (each takes what it needs: `lnjax.norms.run`).
+
+    `apply(params, state, graphs, *, training, axis_name=None)` takes `Graphs` of `G` graphs
+    (or a `GraphBatch` of `G` graph slots) and returns logits `[G, num_classes]`.
+    """
+    nrm = normalizer(norm, norm_args)
+    if readout not in ("mean", "sum"):
+        raise ValueError(f'`readout` must be "mean" or "sum", got {readout!r}.')
+
+    def init(key):
+        keys = jax.random.split(key, 2 * len(sizes) - 1)
+        params, state = {"layers": []}, []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layer = {"mlp1": _dense(keys[2 * i], n_in, n_out), "mlp2": _dense(keys[2 * i + 1], n_out, n_out)}
+            layer["norm"], s = _norm_init(nrm, n_out)
+            params["layers"].append(layer)
+            state.append(s)
+        params["head"] = _dense(keys[-1], sizes[-1], num_classes)
+        return params, state
+
+    def apply(params, state, graphs, *, training, axis_name=None):
+        batch = graphs if isinstance(graphs, GraphBatch) else graph_batch(graphs)
+        g, n = batch.graph_mask.shape[0], batch.nodes.shape[0]
+        send, recv = batch.edges
+        context = {"edges": batch.edges, "segment_ids": batch.segment_ids, "num_segments": g + 1,
+                   "node_mask": batch.node_mask, "mask": batch.node_mask, "axis_name": axis_name}  # fmt: skip
+        h, new_state = batch.nodes, []
+        for p, s in zip(params["layers"], state):
+            a = h + jax.ops.segment_sum(h[send], recv, num_segments=n)
+            z = jax.nn.relu(a @ p["mlp1"]["w"] + p["mlp1"]["b"]) @ p["mlp2"]["w"] + p["mlp2"]["b"]
+            z, s = norms.run(nrm, p["norm"], z, s, training=training, **context)
+            new_state.append(s)
+            h = jax.nn.relu(z)
+        mask = batch.node_mask.astype(h.dtype)[:, None]
+        pooled = jax.ops.segment_sum(h * mask, batch.segment_ids, num_segments=g + 1)[:g]
+        if readout == "mean":
+            pooled = pooled / jnp.maximum(jax.ops.segment_sum(mask, batch.segment_ids, num_segments=g + 1)[:g], 1)
+        return pooled @ params["head"]["w"] + params["head"]["b"], new_state
 
     return Model(init, apply)

@@ -34,6 +34,7 @@ the global mesh; process 0 writes config.json and metrics.jsonl, and every proce
 in the (single) orbax checkpoint and in restoring it.
 
 Run a config:  python -m experiments.train --config=configs/mlp_digits.py --workdir=runs/mlp
+Its curves:    python -m experiments.curves runs/mlp   (or: tensorboard --logdir runs/mlp)
 """
 
 import dataclasses
@@ -113,6 +114,9 @@ def build_task(cfg) -> Task:
         xte, yte = data_lib.copying_memory(cfg.task.seed + 1, cfg.task.test_size, cfg.task.length)
         ds = data_lib.Dataset(xtr, ytr, xte, yte, data_lib.COPY_VOCAB_SIZE)
         loss_fn, n_out = classification_loss, ds.num_classes
+    elif name == "colour_graphs":
+        ds = data_lib.colour_graph_data(cfg.task.seed, num_train=cfg.task.train_size, num_test=cfg.task.test_size)
+        loss_fn, n_out = classification_loss, ds.num_classes
     elif name == "char_lm":
         corpus = data_lib.char_corpus(cfg.task.path, cfg.task.length)
         xtr, ytr = data_lib.windows(corpus.train, cfg.task.length)
@@ -121,17 +125,26 @@ def build_task(cfg) -> Task:
         loss_fn, n_out = classification_loss, ds.num_classes
     else:
         raise ValueError(
-            "`task.name` must be digits, digits_rows, digits_pixels, mnist, adding, copying or "
-            f"char_lm, got {name!r}."
+            "`task.name` must be digits, digits_rows, digits_pixels, mnist, adding, copying, "
+            f"char_lm or colour_graphs, got {name!r}."
         )
 
     tokens = name in ("copying", "char_lm")  # int tokens in, one prediction per step out
-    if cfg.model.kind == "rnn":
-        input_size = ds.num_classes if tokens else ds.x_train.shape[-1]
+    if isinstance(ds.x_train, data_lib.Graphs):
+        if cfg.model.kind != "gin":
+            raise ValueError(f"`task.name`={name!r} needs `model.kind`='gin', got {cfg.model.kind!r}.")
+        input_size = in_channels = ds.x_train.nodes.shape[-1]  # node features
+        max_steps = None
     else:
-        input_size = int(np.prod(ds.x_train.shape[1:]))  # the MLP's flattened input
-    model = build_model(cfg, input_size=input_size, num_outputs=n_out, in_channels=ds.x_train.shape[-1],
-                        max_steps=ds.x_train.shape[1], tokens=tokens)  # fmt: skip
+        if cfg.model.kind == "gin":
+            raise ValueError(f"`model.kind`='gin' needs `task.name`='colour_graphs', got {name!r}.")
+        if cfg.model.kind == "rnn":
+            input_size = ds.num_classes if tokens else ds.x_train.shape[-1]
+        else:
+            input_size = int(np.prod(ds.x_train.shape[1:]))  # the MLP's flattened input
+        in_channels, max_steps = ds.x_train.shape[-1], ds.x_train.shape[1]
+    model = build_model(cfg, input_size=input_size, num_outputs=n_out, in_channels=in_channels,
+                        max_steps=max_steps, tokens=tokens)  # fmt: skip
     return Task(model, loss_fn, ds)
 
 
@@ -154,7 +167,7 @@ def norm_options(model_cfg) -> dict:
 def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, tokens=False) -> models.Model:
     """The model `cfg.model` describes, for inputs of `input_size` features (flattened for the
     MLP; the vocabulary size with `tokens`), `in_channels` channels (ConvNet) and sequences of
-    at most `max_steps` steps (RNN). Its normalizers get `norm_options(cfg.model)`.
+    at most `max_steps` steps (RNN); for the GIN, `input_size` node features. Its normalizers get `norm_options(cfg.model)`.
 
     Raises ValueError for an unknown `model.kind`, `model.norm` or `model.cell`, and for an
     option the normalizer does not take (naming `config.model.norm_args`)."""
@@ -174,10 +187,13 @@ def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, 
                 input_norm=m.get("input_norm"), max_steps=max_steps, forget_bias=m.get("forget_bias"),
                 tokens=tokens, readout="all" if tokens else "last",
             )
+        if m.kind == "gin":
+            return models.gin((input_size, *m.hidden), num_outputs, norm=m.norm, readout=m.readout,
+                              norm_args=options)  # fmt: skip
     except TypeError as e:  # an option the normalizer does not take
         raise ValueError(f"config.model: {e} (the normalizer's options: the entries of "
                          f"`config.model.norm_args` that are set, over `config.model.norm_defaults.{key}`)") from None
-    raise ValueError(f"`model.kind` must be mlp, convnet or rnn, got {m.kind!r}.")
+    raise ValueError(f"`model.kind` must be mlp, convnet, rnn or gin, got {m.kind!r}.")
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -274,17 +290,21 @@ def single_device_mesh() -> Mesh:
     return jax.make_mesh((1, 1), (SWEEP, DATA), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
 
 
-def put_on_mesh(x, mesh: Mesh, spec: P, *, pad_to=1) -> jax.Array:
-    """A global array from the host array `x` (the same on every process), laid out as `spec`.
+def put_on_mesh(tree, mesh: Mesh, spec: P, *, pad_to=1):
+    """Global arrays from the host arrays of `tree` (the same on every process), laid out as `spec`.
 
     Each process supplies only the shards of its own devices (`make_array_from_callback`), so
     with `spec=P("data")` a process materializes just its slice of the examples. The leading
     axis is zero-padded to a multiple of `pad_to` (an even split); padding is never sampled.
     """
-    x = np.asarray(x)
-    if x.shape[0] % pad_to:
-        x = np.concatenate([x, np.zeros((pad_to - x.shape[0] % pad_to, *x.shape[1:]), x.dtype)])
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+    def put(x):
+        x = np.asarray(x)
+        if x.shape[0] % pad_to:
+            x = np.concatenate([x, np.zeros((pad_to - x.shape[0] % pad_to, *x.shape[1:]), x.dtype)])
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 @functools.lru_cache
@@ -328,19 +348,24 @@ def _batch_indices(key, step, n, batch_size):
     return jax.lax.dynamic_slice(perm, ((step % per_epoch) * batch_size,), (batch_size,))
 
 
-def _local_batch(shard, idx):
-    """This device's part of the global batch `x[idx]`, inside `shard_map` over "data".
+def _local_batch(shards, idx):
+    """This device's part of the global batch `x[idx]` of every array of `shards`, inside
+    `shard_map` over "data".
 
     The examples are split into contiguous slices along "data" (`shard` is this device's).
     Every device contributes the rows of the global batch it holds, zeros elsewhere, and a
     reduce-scatter sums the contributions (each row has one owner, so the sum is exact) and
     hands device k the k-th block of `len(idx) / data` rows.
     """
-    rows = idx - lax.axis_index(DATA) * shard.shape[0]
-    held = (rows >= 0) & (rows < shard.shape[0])
-    part = shard[jnp.clip(rows, 0, shard.shape[0] - 1)]
-    part = jnp.where(held.reshape(-1, *(1,) * (shard.ndim - 1)), part, jnp.zeros((), shard.dtype))
-    return lax.psum_scatter(part, DATA, scatter_dimension=0, tiled=True)
+
+    def local(shard):
+        rows = idx - lax.axis_index(DATA) * shard.shape[0]
+        held = (rows >= 0) & (rows < shard.shape[0])
+        part = shard[jnp.clip(rows, 0, shard.shape[0] - 1)]
+        part = jnp.where(held.reshape(-1, *(1,) * (shard.ndim - 1)), part, jnp.zeros((), shard.dtype))
+        return lax.psum_scatter(part, DATA, scatter_dimension=0, tiled=True)
+
+    return jax.tree.map(local, shards)
 
 
 def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: int = 1, *, mesh: Mesh | None = None):
@@ -357,7 +382,7 @@ def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: i
     while loop ~10x slower than unrolled (measured on the ConvNet config), so ConvNets unroll.
     """
     mesh = mesh or single_device_mesh()
-    num_examples = task.data.x_train.shape[0]  # the slices may hold padding beyond it
+    num_examples = task.data.y_train.shape[0]  # the slices may hold padding beyond it
 
     def loss(params, model_state, x, y):
         out, new_state = task.model.apply(params, model_state, x, training=True, axis_name=DATA)
@@ -415,18 +440,33 @@ def make_evaluate(task: Task, mesh: Mesh | None = None):
     return jax.jit(sharded)
 
 
-def _read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
-    """Metrics already written, up to a step; a torn last line (kill -9) is dropped."""
+def read_metrics(path, up_to_step: int | None = None) -> list[dict]:
+    """The rows of a `metrics.jsonl` (up to a step, if given); a torn last line (kill -9) is dropped."""
     rows = []
+    path = pathlib.Path(path)
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row["step"] <= up_to_step:
+            if up_to_step is None or row["step"] <= up_to_step:
                 rows.append(row)
     return rows
+
+
+def member_name(member: dict) -> str:
+    """A sweep member (or a metrics row) as `lr=0.001,seed=0`."""
+    return f"lr={member['learning_rate']:g},seed={member['seed']}"
+
+
+def _tensorboard_writers(logdir: pathlib.Path, members, step: int):
+    """One tensorboardX writer per member, in `logdir/<index>_<member_name>`. Resuming at `step`,
+    TensorBoard drops what an interrupted run logged after it (`purge_step`)."""
+    from tensorboardX import SummaryWriter
+
+    return [SummaryWriter(str(logdir / f"{i:03d}_{member_name(m)}"), purge_step=step + 1 if step else None)
+            for i, m in enumerate(members)]
 
 
 def _write_atomic(path: pathlib.Path, text: str):
@@ -664,7 +704,8 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
     """Trains the sweep `cfg` describes in `workdir`, resuming from its latest checkpoint.
 
     Writes `workdir/config.json`, `workdir/metrics.jsonl` (one line per member per
-    evaluation) and `workdir/checkpoints/`. `progress`: show a progress bar with the training
+    evaluation), the same metrics for TensorBoard in `workdir/tensorboard/<member>/` and
+    `workdir/checkpoints/`. `progress`: show a progress bar with the training
     loss, labelled `desc` (default `config.name`); nested in an open bar, it goes when done.
     Returns `(final_state, metrics_rows, members)`, the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
     every process calls `fit` alike: process 0 writes the config and the metrics, all of them
@@ -685,7 +726,7 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
         task = task or build_task(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_config(cfg, num_examples=task.data.x_train.shape[0])
+    check_config(cfg, num_examples=task.data.y_train.shape[0])
     members = sweep_members(cfg)
     try:
         mesh = make_mesh(cfg, len(members))
@@ -734,9 +775,11 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
         manager.wait_until_finished()
 
     metrics_path = workdir / "metrics.jsonl"
-    rows = _read_metrics(metrics_path, step)
+    rows = read_metrics(metrics_path, step)
+    writers = []
     if primary:
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        writers = _tensorboard_writers(workdir / "tensorboard", members, step)
 
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=desc or cfg.name,
                unit="step", leave=None)
@@ -757,7 +800,13 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
                            "diverged_at": int(div[i])}
                     rows.append(row)
                     log.write(json.dumps(row) + "\n")
+                    if writers and row["diverged_at"] < 0:  # a frozen member's curves end where it diverged
+                        for key, value in row.items():
+                            if key.startswith(("train_", "test_")):  # as train/loss, test/error, ...
+                                writers[i].add_scalar(key.replace("_", "/", 1), value, global_step=step)
                 log.flush()
+                for w in writers:
+                    w.flush()
             if progress:  # on every process, as fetching is collective; one fetch per chunk
                 tl = fetch(train_loss, mesh) if tl is None else tl
                 bar.set_postfix_str(_loss_postfix(tl), refresh=False)
@@ -769,6 +818,8 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
                     break
     bar.close()
     manager.close()
+    for w in writers:
+        w.close()
     return state, rows, members
 
 

@@ -12,6 +12,7 @@ a second run of the same program loads its executable instead of compiling it ag
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -28,8 +29,8 @@ import numpy as np
 import pytest
 
 import lnjax
-from configs import base, char_lm, convnet_digits, mlp_digits, rnn_adding, rnn_copying, rnn_digits
-from experiments import graphs, invariances, models, train
+from configs import base, char_lm, convnet_digits, gin_graphs, mlp_digits, rnn_adding, rnn_copying, rnn_digits
+from experiments import invariances, models, train
 from lnjax import norms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -161,9 +162,8 @@ def restore(ckpt_dir, step):
         return jax.tree.map(np.asarray, manager.restore(step, args=ocp.args.StandardRestore()))
 
 
-def train_cmd(workdir, *overrides):
-    return [sys.executable, "-m", "experiments.train", "--config=configs/mlp_digits.py", *overrides,
-            f"--workdir={workdir}"]
+def train_cmd(workdir, *overrides, config="configs/mlp_digits.py"):
+    return [sys.executable, "-m", "experiments.train", f"--config={config}", *overrides, f"--workdir={workdir}"]
 
 
 TINY_FLAGS = ("--config.model.hidden=(16,)", "--config.batch_size=8", "--config.sweep.seed=(0,1)")
@@ -252,7 +252,7 @@ def test_loss_postfix():
     assert train._loss_postfix(np.array([np.nan])) == "every member diverged"
 
 
-@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, rnn_digits, char_lm])
+@pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, rnn_digits, char_lm, gin_graphs])
 def test_shipped_configs_are_valid(module):
     cfg = module.get_config()
     train.check_config(cfg)
@@ -548,6 +548,61 @@ def test_checkpoints_keep_their_config(tmp_path, jax_defaults):
 
 
 # --------------------------------------------------------------------------------------------
+# Viewing a run: TensorBoard events and the curves command
+# --------------------------------------------------------------------------------------------
+
+
+def _tensorboard_scalars(run_dir):
+    """{tag: [(step, value)]} as TensorBoard's own event reader sees `run_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_every_member_once_per_step_after_a_resume(tmp_path, jax_defaults):
+    workdir = tmp_path / "run"
+    cfg = tiny_config(seeds=(0, 1), num_steps=30, checkpoint_every=10)
+    train.fit(cfg, workdir, progress=False, task=tiny_task())
+    # An interruption after step 30 was logged but before it was saved: the run resumes at 20
+    # and logs step 30 again, which TensorBoard must show once.
+    shutil.rmtree(workdir / "checkpoints" / "30")
+    _, rows, members = train.fit(cfg, workdir, progress=False, task=tiny_task())
+    assert len(list((workdir / "tensorboard").glob("*/events.out.tfevents.*"))) == 4  # two runs x two members
+    runs = sorted(p.name for p in (workdir / "tensorboard").iterdir())
+    assert runs == ["000_lr=0.001,seed=0", "001_lr=0.001,seed=1"]
+    for i, name in enumerate(runs):
+        seen = _tensorboard_scalars(workdir / "tensorboard" / name)
+        mine = [r for r in rows if r["member"] == i]
+        assert sorted(seen) == ["test/error", "test/loss", "train/loss"]
+        for tag, events in seen.items():
+            key = tag.replace("/", "_")
+            assert [s for s, _ in events] == [r["step"] for r in mine] == [10, 20, 30]
+            np.testing.assert_allclose([v for _, v in events], [r[key] for r in mine], rtol=1e-6)
+
+
+def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, jax_defaults, capsys):
+    from experiments import curves
+
+    workdir = tmp_path / "sweep"
+    train.fit(tiny_config(seeds=(0, 1), lrs=(1e-3, 1e38), num_steps=20), workdir, progress=False,
+              task=tiny_task())
+    rows = train.read_metrics(workdir / "metrics.jsonl")
+    assert curves.metric_keys(rows) == ["train_loss", "test_error", "test_loss"]
+    assert {r["member"] for r in rows if r["diverged_at"] >= 0} == {2, 3}  # the lr=1e38 members
+    assert curves.main([str(workdir), "--log"]) == 0
+    data = (workdir / "curves.png").read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    assert capsys.readouterr().out.strip() == str(workdir / "curves.png")
+    for argv, message in (([str(workdir), "--metrics=test_los"], "no metric 'test_los'; the runs have train_loss"),
+                          ([str(tmp_path)], "holds no metrics.jsonl")):
+        with pytest.raises(SystemExit) as e:
+            curves.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
 # Sweeps
 # --------------------------------------------------------------------------------------------
 
@@ -696,13 +751,21 @@ def _metric_steps(path):
     return steps
 
 
+# The graph experiment with running statistics (graph_batch), shrunk as TINY_FLAGS shrink the MLP.
+TINY_GRAPH_FLAGS = ("--config.model.norm=graph_batch", "--config.model.hidden=(16,16)", "--config.batch_size=16",
+                    "--config.task.train_size=200", "--config.task.test_size=100", "--config.sweep.seed=(0,1)")
+
+
 @pytest.mark.slow
-def test_kill_and_resume_gives_identical_results(tmp_path, subprocess_env):
+@pytest.mark.parametrize("config, tiny", [("configs/mlp_digits.py", TINY_FLAGS),
+                                          ("configs/gin_graphs.py", TINY_GRAPH_FLAGS)], ids=["mlp", "graphs"])
+def test_kill_and_resume_gives_identical_results(tmp_path, subprocess_env, config, tiny):
     """`kill -9` mid-run, then the same command: the final checkpoint and metrics.jsonl are
     exactly those of an uninterrupted run."""
     num_steps = 200
-    flags = (*TINY_FLAGS, f"--config.num_steps={num_steps}", "--config.steps_per_call=10",
+    flags = (*tiny, f"--config.num_steps={num_steps}", "--config.steps_per_call=10",
              "--config.eval_every=10", "--config.checkpoint_every=20")
+    train_cmd = functools.partial(globals()["train_cmd"], config=config)
     ref_dir, dir_ = tmp_path / "uninterrupted", tmp_path / "interrupted"
     ref = run(train_cmd(ref_dir, *flags, "-v"), subprocess_env)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -1031,8 +1094,6 @@ def test_quick_reproduction_end_to_end(tmp_path):
 
     findings = json.loads((out / "findings.json").read_text())
     assert len(findings) == 8 and all(f in report for f in findings)
-    graph = json.loads((out / "graphs.json").read_text())
-    assert sorted(graph) == sorted(graphs.NORMS) and all(len(r["test_acc"]) == 2 for r in graph.values())
     assert "Table 1: 18 of 18 cells agree with the paper." in findings
 
     runs = reproduce._runs(quick=True)

@@ -1,0 +1,122 @@
+"""Training curves of runs and sweeps: every member's metrics against the training step.
+
+    python -m experiments.curves WORKDIR [WORKDIR ...] [--out curves.png] [--metrics test_loss,...] [--log]
+
+draws one panel per metric (by default every `train_*` and `test_*` column of the runs'
+`metrics.jsonl`) with one line per member, labelled with the run's directory name and the
+member's seed and learning rate; a diverged member's line ends in a cross at its last
+evaluation before it diverged, and its label gives the step. The same metrics are also in `WORKDIR/tensorboard/` (`tensorboard --logdir WORKDIR`).
+"""
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+from experiments import train
+
+
+def metric_keys(rows) -> list[str]:
+    """The metric columns of `rows`, training ones first."""
+    keys = {k for r in rows for k in r if k.startswith(("train_", "test_"))}
+    return sorted(keys, key=lambda k: (not k.startswith("train_"), k))
+
+
+def _figure(num_panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(num_panels, 2)
+    rows = -(-num_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[num_panels:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat)
+
+
+def _finish(plt, fig, ax_list, path, log):
+    for ax in ax_list:
+        ax.set_xlabel("training step")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_members(path, runs, keys=None, log=False):
+    """Draws every member of every run. `runs`: `[(name, metrics rows)]`; `keys`: the metrics
+    (default: `metric_keys` of all rows). Writes the figure to `path`."""
+    keys = list(keys or metric_keys([r for _, rows in runs for r in rows]))
+    plt, fig, axes = _figure(len(keys))
+    for ax, key in zip(axes, keys):
+        for name, rows in runs:
+            for i in sorted({r["member"] for r in rows}):
+                mine = sorted((r for r in rows if r["member"] == i), key=lambda r: r["step"])
+                label, diverged = f"{name} {train.member_name(mine[0])}", mine[-1]["diverged_at"]
+                if diverged >= 0:  # a frozen member's later rows repeat its last finite state
+                    mine = [r for r in mine if r["step"] <= diverged]
+                    label += f" (diverged at step {diverged})"
+                steps, values = [r["step"] for r in mine], [r[key] for r in mine]
+                (line,) = ax.plot(steps, values, label=label)
+                if diverged >= 0:
+                    ax.plot(steps[-1:], values[-1:], "x", color=line.get_color(), markersize=9)
+        ax.set_ylabel(key)
+        ax.legend(fontsize="small")
+    _finish(plt, fig, axes, path, log)
+
+
+def plot_means(path, series, key, ylabel, title, log=False):
+    """Draws one line per sweep: the mean over its non-diverged members, in a min-max band.
+    `series`: `[(label, metrics rows)]`."""
+    plt, fig, (ax,) = _figure(1)
+    for label, rows in series:
+        by_step = {}
+        for r in rows:
+            if r["diverged_at"] < 0:
+                by_step.setdefault(r["step"], []).append(r[key])
+        steps = sorted(by_step)
+        vals = [np.array(by_step[s]) for s in steps]
+        ax.plot(steps, [v.mean() for v in vals], label=label)
+        ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], alpha=0.2)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    _finish(plt, fig, [ax], path, log)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", type=pathlib.Path, metavar="WORKDIR",
+                        help="a run's directory (holding metrics.jsonl)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="the image to write (default: WORKDIR/curves.png for one run, else ./curves.png)")
+    parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all of them)")
+    parser.add_argument("--log", action="store_true", help="logarithmic y axes")
+    args = parser.parse_args(argv)
+    runs = []
+    for workdir in args.workdirs:
+        path = workdir / "metrics.jsonl"
+        if not path.is_file():
+            parser.error(f"{workdir} holds no metrics.jsonl (is it a run's --workdir?)")
+        rows = train.read_metrics(path)
+        if not rows:
+            parser.error(f"{path} holds no evaluation yet")
+        runs.append((workdir.absolute().name, rows))
+    available = metric_keys([r for _, rows in runs for r in rows])
+    keys = args.metrics.split(",") if args.metrics else available
+    unknown = [k for k in keys if k not in available]
+    if unknown:
+        parser.error(f"--metrics: no metric {', '.join(map(repr, unknown))}; the runs have {', '.join(available)}")
+    out = args.out or (args.workdirs[0] / "curves.png" if len(args.workdirs) == 1 else pathlib.Path("curves.png"))
+    plot_members(out, runs, keys, log=args.log)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -223,7 +223,7 @@ def test_sharded_sweep_and_data_parallel_match_one_device(tmp_path, env):
     """4 members x batch 16 with batch norm, trained on 8 CPU devices as a 1x1 mesh (one
     device), 1x8 (data-parallel) and the automatic 4x2 (sweep-sharded and data-parallel): the
     same parameters, optimizer states, BN running statistics and metrics, to float rounding.
-    (The 1438 digits don't split evenly over 8 devices: the padding path is exercised too.)"""
+    (The 1437 digits don't split evenly over 8 devices: the padding path is exercised too.)"""
     script = tmp_path / "eight.py"
     script.write_text(EIGHT_DEVICE_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
     eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -37,6 +37,7 @@ Run a config:  python -m experiments.train --config=configs/mlp_digits.py --work
 Its curves:    python -m experiments.curves runs/mlp   (or: tensorboard --logdir runs/mlp)
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -776,14 +777,14 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
 
     metrics_path = workdir / "metrics.jsonl"
     rows = read_metrics(metrics_path, step)
-    writers = []
     if primary:
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        writers = _tensorboard_writers(workdir / "tensorboard", members, step)
 
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=desc or cfg.name,
                unit="step", leave=None)
-    with open(metrics_path if primary else os.devnull, "a") as log:
+    with open(metrics_path if primary else os.devnull, "a") as log, contextlib.ExitStack() as closing:
+        tensorboard = _tensorboard_writers(workdir / "tensorboard", members, step) if primary else []
+        writers = [closing.enter_context(w) for w in tensorboard]
         while step < cfg.num_steps:
             state, train_loss = chunk(state, x_tr, y_tr)
             # One chunk at a time: with a chunk queued behind a running one (async dispatch),
@@ -818,8 +819,6 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
                     break
     bar.close()
     manager.close()
-    for w in writers:
-        w.close()
     return state, rows, members
 
 

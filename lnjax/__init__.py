@@ -1,7 +1,8 @@
 """lnjax: layer normalization and its relatives, and normalized RNNs, in JAX.
 
 Pure functions live at the top level (`lnjax.layer_norm`, ...), normalizers as values in
-`lnjax.norms`; Flax wrappers in `lnjax.nnx` and `lnjax.linen`.
+`lnjax.norms`; Flax wrappers in `lnjax.nnx` and `lnjax.linen` (imported, with flax, on first
+use).
 """
 
 from lnjax.normalization import (
@@ -48,6 +49,17 @@ from lnjax.relatives import (
     switchable_norm_state,
 )
 
-from lnjax import linen, nnx  # noqa: E402  (Flax wrappers; import after the pure ops)
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The Flax frontends load flax on first use, so that `import lnjax` costs jax alone.
+    if name in ("nnx", "linen"):
+        import importlib
+
+        return importlib.import_module(f"lnjax.{name}")
+    raise AttributeError(f"module 'lnjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "linen", "nnx"])

@@ -74,17 +74,29 @@ def _concrete(value, name):
         return None
 
 
+def _poisoned(value, ok):
+    """A traced out-of-range `value` cannot raise under `jit`: it becomes NaN instead, so that
+    every output it reaches is NaN rather than silently wrong."""
+    return jnp.where(ok, value, jnp.nan)
+
+
 def nonnegative(value, name: str):
-    """Raises ValueError if a concrete `value` is negative; traced values pass (checked by the user)."""
+    """`value` after checking it is >= 0: a concrete one raises ValueError, a traced one is
+    returned NaN where it is not (`_poisoned`)."""
     v = _concrete(value, name)
-    if v is not None and not v >= 0:  # also rejects NaN
+    if v is None:
+        return _poisoned(value, value >= 0)
+    if not v >= 0:  # also rejects NaN
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
     return value
 
 
 def in_unit_interval(value, name: str):
+    """`value` after checking it is in [0, 1], as `nonnegative` does."""
     v = _concrete(value, name)
-    if v is not None and not 0.0 <= v <= 1.0:
+    if v is None:
+        return _poisoned(value, (value >= 0) & (value <= 1))
+    if not 0.0 <= v <= 1.0:
         raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
     return value
 
@@ -123,12 +135,12 @@ def param(p, expected: tuple[int, ...], name: str, hint: str = ""):
 
 
 def param_check(x, ax, scale, bias, eps):
-    """Returns `(scale, bias)`, each None or a floating array of shape `x.shape[ax]`; `eps >= 0`."""
+    """Returns `(scale, bias, eps)`: each of `scale`, `bias` None or a floating array of shape
+    `x.shape[ax]`, and `eps` checked by `nonnegative`."""
     pshape = tuple(x.shape[a] for a in ax)
     hint = f" (x.shape[axis] for x of shape {x.shape} and axis {ax})"
     scale, bias = param(scale, pshape, "scale", hint), param(bias, pshape, "bias", hint)
-    nonnegative(eps, "eps")
-    return scale, bias
+    return scale, bias, nonnegative(eps, "eps")
 
 
 def channel_axis(axis, ndim: int, *, batch_first: bool = False) -> int:

@@ -122,7 +122,7 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _checks.param_check(x, ax, scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
         return _fused.layer_norm_2d(x, scale, bias, float(eps))
     mean, residual, var, _ = _stats.moments(x, ax, fast_variance=fast_variance)
@@ -148,7 +148,7 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _checks.param_check(x, ax, scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps):
         return _fused.rms_norm_2d(x, scale, bias, float(eps))
     y, _ = _stats.rms_normalize(x, ax, eps)
@@ -217,8 +217,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
             "axis to compute statistics over, or an `axis_name` when the batch is vmapped."
         )
     _checks.training_flag(training)
-    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
-    _checks.in_unit_interval(momentum, "momentum")
+    scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
     m = _stats.expand_mask(mask, x, red)
     if not training:
@@ -275,7 +275,7 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
             f"`num_groups`={num_groups} does not divide the {channels} channels of x "
             f"(shape {x.shape}, channel axis {c})."
         )
-    scale, bias = _checks.param_check(x, (c,), scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
     mean, residual, var, _ = _stats.moments(xg, red, fast_variance=fast_variance)
@@ -324,7 +324,7 @@ def weight_norm(v, g, *, axis=-1, eps=1e-12):
     keep = _checks.axes(axis, v.ndim)
     g = _checks.shape(g, tuple(v.shape[a] for a in keep), "g", f" (v.shape[axis] for v of shape {v.shape})")
     _checks.floating(g, "g")
-    _checks.nonnegative(eps, "eps")
+    eps = _checks.nonnegative(eps, "eps")
     red = tuple(a for a in range(v.ndim) if a not in keep)
     if not red:
         raise ValueError(f"`axis`={axis!r} keeps every axis of v (shape {v.shape}): no axis is left to take the "

@@ -400,7 +400,7 @@ def _lengths_mask(lengths, num_steps, batch_shape):
     try:
         lo, hi = int(jnp.min(lengths, initial=0)), int(jnp.max(lengths, initial=0))
     except jax.errors.ConcretizationTypeError:
-        lo, hi = 0, 0  # traced: documented to be clipped to [0, T]
+        lo, hi = 0, 0  # traced: `rnn` makes the outputs of an out-of-range sequence NaN
     if lo < 0 or hi > num_steps:
         raise ValueError(
             f"`lengths` must lie in [0, {num_steps}] (the number of time steps), got values in "
@@ -487,6 +487,7 @@ def rnn(
     xs = _to_time_major(xs, time_major)
     T, batch_shape = xs.shape[0], xs.shape[1:-1]
     mask = _lengths_mask(lengths, T, batch_shape)
+    raw_lengths = lengths
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     default = functools.partial(cell.initial_carry, batch_shape, _carry_dtype(params, xs))
@@ -514,6 +515,20 @@ def rnn(
         carry, ys = _masked_scan(lambda c, x: step(params, c, x), initial_carry, xs, mask, unroll)
     if reverse:
         ys = _reverse_within(ys, lengths)
+    if isinstance(raw_lengths, jax.core.Tracer):
+        # Out-of-range traced lengths cannot raise under `jit`: their sequences' outputs and
+        # carries become NaN instead of silently those of a clipped length.
+        # (Per-sequence leaves only: a masked cell's outputs may hold batch statistics too.)
+        bad = (raw_lengths < 0) | (raw_lengths > T)
+
+        def poison(a, lead):
+            if not jnp.issubdtype(a.dtype, jnp.floating) or a.shape[:len(lead) + bad.ndim] != lead + bad.shape:
+                return a
+            where = bad.reshape((1,) * len(lead) + bad.shape + (1,) * (a.ndim - bad.ndim - len(lead)))
+            return jnp.where(where, jnp.asarray(jnp.nan, a.dtype), a)
+
+        ys = jax.tree.map(lambda a: poison(a, (T,)), ys)
+        carry = jax.tree.map(lambda a: poison(a, ()), carry)
     return _from_time_major(ys, time_major), carry
 
 

@@ -107,8 +107,8 @@ def switchable_norm(x, scale, bias, control: SwitchableControl, state: BatchNorm
     x = _checks.spatial(_checks.floating(x))
     c = _checks.channel_axis(axis, x.ndim, batch_first=True)
     _checks.training_flag(training)
-    scale, bias = _checks.param_check(x, (c,), scale, bias, eps)
-    _checks.in_unit_interval(momentum, "momentum")
+    scale, bias, eps = _checks.param_check(x, (c,), scale, bias, eps)
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     if not isinstance(control, SwitchableControl):
         raise TypeError(
             "`control` must be a SwitchableControl (see `switchable_control`), got "
@@ -195,8 +195,8 @@ def batch_layer_norm(
     if 0 in feat:
         raise ValueError(f"`axis`={axis!r} includes the batch axis 0; expected feature axes.")
     _checks.training_flag(training)
-    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
-    _checks.in_unit_interval(momentum, "momentum")
+    scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, x.shape[1:], x.shape, what="x.shape[1:]")
     m = x.shape[0] if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     d = math.prod(x.shape[a] for a in feat)
@@ -313,12 +313,12 @@ def divisive_norm(
     """
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
-    scale, bias = _checks.param_check(x, ax, scale, bias, 0.0)
+    scale, bias, _ = _checks.param_check(x, ax, scale, bias, 0.0)
     if suppression_radius is ...:
         suppression_radius = radius
     r_a = _radii(radius, ax, "radius")
     r_b = _radii(suppression_radius, ax, "suppression_radius")
-    _checks.nonnegative(sigma, "sigma")
+    sigma = _checks.nonnegative(sigma, "sigma")
     if edges not in ("mean", "zero"):
         raise ValueError(f'`edges` must be "mean" or "zero", got {edges!r}.')
     if not isinstance(summation, bool):
@@ -480,7 +480,7 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
       Array of `x`'s shape and dtype.
     """
     x = _nodes(x)
-    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, (1,), scale, bias, eps)
     n = x.shape[0]
     edges = _check_edges(edges, n)
     xf = x.astype(_checks.stats_dtype(x.dtype))
@@ -525,7 +525,7 @@ def graph_norm(x, scale=None, bias=None, *, segment_ids, num_segments, eps=1e-5,
       Array of `x`'s shape and dtype.
     """
     x = _nodes(x)
-    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, (1,), scale, bias, eps)
     ids, g = _check_segments(segment_ids, x.shape[0], num_segments, indices_are_sorted)
     xf = x.astype(_checks.stats_dtype(x.dtype))
     stats = _segment_moments(xf, ids, g, None, sorted_ids=indices_are_sorted, over_features=False)
@@ -624,7 +624,7 @@ def graph_learned_norm(
     kinds = _check_kinds(kinds)
     _check_weighting(weighting)
     _checks.training_flag(training)
-    scale, bias = _checks.param_check(x, (1,), scale, bias, eps)
+    scale, bias, eps = _checks.param_check(x, (1,), scale, bias, eps)
     nf = x.shape[1]
     weights = _checks.shape(weights, (len(kinds), nf), "weights",
                             f" (one row per kind of {kinds}, one column per feature)")  # fmt: skip
@@ -709,8 +709,8 @@ def domain_agnostic_batch_norm(
     mshape = tuple(x.shape[a] for a in red)
     mask = jnp.broadcast_to(source_mask.reshape((-1,) + (1,) * (len(red) - 1)), mshape)
     _checks.training_flag(training)
-    scale, bias = _checks.param_check(x, feat, scale, bias, eps)
-    _checks.in_unit_interval(momentum, "momentum")
+    scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
+    momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
     # Not `batch_norm(mask=...)`: the target examples are data here, normalized *and*
     # differentiated with the source statistics (batch_norm keeps masked padding out of every
@@ -789,7 +789,7 @@ def proxy_norm(
     hint = f" (y.shape[axis] for y of shape {y.shape} and axis {c})"
     params = [_checks.param(p, pshape, n, hint) for n, p in (("scale", scale), ("bias", bias),
               ("proxy_scale", proxy_scale), ("proxy_bias", proxy_bias))]  # fmt: skip
-    _checks.nonnegative(eps, "eps")
+    eps = _checks.nonnegative(eps, "eps")
 
     dtype = _checks.stats_dtype(y.dtype)
     gamma, beta, g_t, b_t = (

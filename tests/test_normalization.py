@@ -927,12 +927,35 @@ def test_errors_are_raised_under_jit_too():
 
 
 def test_traced_eps_and_momentum_are_accepted():
-    """Range checks only apply to concrete values; traced hyper-parameters pass through."""
+    """Traced hyper-parameters in range compute what concrete ones do."""
     x, _, _ = make_inputs(SHAPE, -1, jnp.float32, seed=34)
     y = jax.jit(lambda x, eps: lnjax.layer_norm(x, eps=eps))(x, jnp.float32(1e-5))
     assert_close(y, ref_layer_norm(x), 1e-5)
     _, st = jax.jit(lambda x, m: _bn(x, momentum=m))(x, jnp.float32(0.5))
     assert_close(st.mean, 0.5 * f64(x).mean((0, 1)), 1e-5)
+
+
+@pytest.mark.parametrize("op", [op for op in ALL_X_OPS if op != "moments"])
+def test_traced_eps_out_of_range_makes_the_output_nan(op):
+    """Under jit a traced `eps` < 0 cannot raise (eagerly it is a ValueError): every output
+    it reaches is NaN, never a finite wrong value."""
+    x, _, _ = make_inputs(SHAPE, -1, jnp.float32, seed=35)
+    f = ALL_X_OPS[op]
+    for bad in (-1e-5, float("nan")):
+        out = jax.jit(lambda x, eps: f(x, eps=eps))(x, jnp.float32(bad))
+        y = out[0] if isinstance(out, tuple) else out
+        assert np.all(np.isnan(y)), (op, bad)
+    ok = jax.jit(lambda x, eps: f(x, eps=eps))(x, jnp.float32(1e-5))
+    assert np.all(np.isfinite(jax.tree.leaves(ok)[0]))
+
+
+def test_traced_momentum_out_of_range_makes_the_running_statistics_nan():
+    x, _, _ = make_inputs(SHAPE, -1, jnp.float32, seed=36)
+    y_ref, _ = _bn(x, momentum=0.9)
+    for bad in (-0.1, 1.5, float("nan")):
+        y, st = jax.jit(lambda x, m: _bn(x, momentum=m))(x, jnp.float32(bad))
+        assert np.all(np.isnan(st.mean)) and np.all(np.isnan(st.var)), bad
+        assert_close(y, y_ref, 1e-6)  # the training output does not use the momentum
 
 
 # ----------------------------------------------------------------------------------------

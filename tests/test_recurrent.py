@@ -1045,6 +1045,25 @@ def test_one_feature_sequence_task_trains_with_recurrent_only_normalization():
     assert paper > 2 * recurrent_only, (paper, recurrent_only)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_traced_lengths_out_of_range_make_exactly_those_sequences_nan(reverse):
+    """Eagerly, lengths outside [0, T] are a ValueError; traced under jit they cannot raise, so
+    those sequences' outputs and carries are NaN (not those of a clipped length), and the
+    other sequences are unchanged."""
+    cell = make_cell("lstm")
+    p = random_params(cell, 3)
+    xs = rand(33, (4, 5, F))
+    run = jax.jit(lambda L: rnn(cell, p, xs, lengths=L, reverse=reverse))
+    ys, carry = run(jnp.asarray([5, 6, -1, 2], jnp.int32))
+    ref_ys, ref_carry = rnn(cell, p, xs, lengths=jnp.asarray([5, 5, 0, 2], jnp.int32), reverse=reverse)
+    for got, want in ((ys, ref_ys), *zip(carry, ref_carry)):
+        got, want = np.asarray(got), np.asarray(want)
+        assert np.all(np.isnan(got[1:3]))
+        np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], **TIGHT)
+    in_range = run(jnp.asarray([5, 0, 3, 2], jnp.int32))
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(in_range))
+
+
 def test_bad_inputs_raise_clear_errors():
     cell = make_cell("lstm")
     p = random_params(cell, 0, dtype=jnp.float32)

@@ -312,9 +312,9 @@ def graph_batch(graphs) -> GraphBatch:
     nodes = jnp.where(real[..., None], x, 0).reshape(g * n_max, nf)
     nodes = jnp.concatenate([nodes, jnp.zeros((1, nf), nodes.dtype)])
     seg = jnp.where(real, jnp.arange(g, dtype=jnp.int32)[:, None], g).reshape(-1)
-    seg = jnp.concatenate([seg, jnp.full((1,), g, jnp.int32)]).astype(jnp.int32)
+    seg = jnp.concatenate([seg, jnp.full((1,), g, jnp.int32)])
     offset = (jnp.arange(g, dtype=jnp.int32) * n_max)[:, None, None]
-    e = jnp.where(e >= 0, e + offset, total - 1).astype(jnp.int32)
+    e = jnp.where(e >= 0, e + offset, total - 1)
     edges = jnp.transpose(e, (1, 0, 2)).reshape(2, -1)
     return GraphBatch(nodes, edges, seg, seg < g, jnp.ones((g,), bool))
 

@@ -389,25 +389,27 @@ def _zero_padding(xs, mask):
 
 
 def _lengths_mask(lengths, num_steps, batch_shape):
-    """Checks `lengths` and returns the `[T, *batch]` mask of valid steps (or None)."""
+    """Checks `lengths`; returns the `[T, *batch]` mask of valid steps and, for traced
+    `lengths` (which cannot raise), the bool `[*batch]` of those outside [0, T] (else None).
+    Both are None without `lengths`."""
     if lengths is None:
-        return None
+        return None, None
     lengths = jnp.asarray(lengths) if not hasattr(lengths, "dtype") else lengths
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"`lengths` must be an integer array, got dtype {lengths.dtype}.")
     _checks.shape(lengths, batch_shape, "lengths", " (the batch shape of the inputs)")
     lengths = lengths.astype(jnp.int32)
+    t = jnp.arange(num_steps, dtype=lengths.dtype).reshape((num_steps,) + (1,) * len(batch_shape))
     try:
         lo, hi = int(jnp.min(lengths, initial=0)), int(jnp.max(lengths, initial=0))
     except jax.errors.ConcretizationTypeError:
-        lo, hi = 0, 0  # traced: `rnn` makes the outputs of an out-of-range sequence NaN
+        return t < lengths[None], (lengths < 0) | (lengths > num_steps)
     if lo < 0 or hi > num_steps:
         raise ValueError(
             f"`lengths` must lie in [0, {num_steps}] (the number of time steps), got values in "
             f"[{lo}, {hi}]."
         )
-    t = jnp.arange(num_steps, dtype=lengths.dtype).reshape((num_steps,) + (1,) * len(batch_shape))
-    return t < lengths[None]
+    return t < lengths[None], None
 
 
 def _reverse_within(xs, lengths):
@@ -486,8 +488,7 @@ def rnn(
         raise ValueError(f"`xs` must be [*batch, time, features], got shape {xs.shape}.")
     xs = _to_time_major(xs, time_major)
     T, batch_shape = xs.shape[0], xs.shape[1:-1]
-    mask = _lengths_mask(lengths, T, batch_shape)
-    raw_lengths = lengths
+    mask, out_of_range = _lengths_mask(lengths, T, batch_shape)
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     default = functools.partial(cell.initial_carry, batch_shape, _carry_dtype(params, xs))
@@ -515,20 +516,17 @@ def rnn(
         carry, ys = _masked_scan(lambda c, x: step(params, c, x), initial_carry, xs, mask, unroll)
     if reverse:
         ys = _reverse_within(ys, lengths)
-    if isinstance(raw_lengths, jax.core.Tracer):
-        # Out-of-range traced lengths cannot raise under `jit`: their sequences' outputs and
-        # carries become NaN instead of silently those of a clipped length.
-        # (Per-sequence leaves only: a masked cell's outputs may hold batch statistics too.)
-        bad = (raw_lengths < 0) | (raw_lengths > T)
-
+    if out_of_range is not None:
+        # Their sequences' outputs and carries become NaN, not silently those of a clipped
+        # length; per-sequence leaves only (a masked cell's outputs hold batch statistics too).
         def poison(a, lead):
-            if not jnp.issubdtype(a.dtype, jnp.floating) or a.shape[:len(lead) + bad.ndim] != lead + bad.shape:
+            if not jnp.issubdtype(a.dtype, jnp.floating) or a.shape[lead:lead + out_of_range.ndim] != out_of_range.shape:
                 return a
-            where = bad.reshape((1,) * len(lead) + bad.shape + (1,) * (a.ndim - bad.ndim - len(lead)))
-            return jnp.where(where, jnp.asarray(jnp.nan, a.dtype), a)
+            return jnp.where(out_of_range.reshape(out_of_range.shape + (1,) * (a.ndim - lead - out_of_range.ndim)),
+                             jnp.nan, a)  # fmt: skip
 
-        ys = jax.tree.map(lambda a: poison(a, (T,)), ys)
-        carry = jax.tree.map(lambda a: poison(a, ()), carry)
+        ys = jax.tree.map(lambda a: poison(a, 1), ys)
+        carry = jax.tree.map(lambda a: poison(a, 0), carry)
     return _from_time_major(ys, time_major), carry
 
 
@@ -721,7 +719,7 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
                                   time_major=time_major, unroll=unroll)  # fmt: skip
     if training:
         # Steps no sequence reached (on any shard) keep their old statistics.
-        mask = _lengths_mask(lengths, T, batch_shape)
+        mask, _ = _lengths_mask(lengths, T, batch_shape)
         active = jnp.ones((T,), bool) if mask is None else jnp.any(mask.reshape(T, -1), axis=1)
         if axis_name is not None:
             active = lax.pmax(active.astype(jnp.int32), axis_name) > 0

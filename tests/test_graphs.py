@@ -141,14 +141,17 @@ def test_graph_batch_layout(data, jax_defaults):
     assert seg[-1] == 3 and not mask[-1]
     np.testing.assert_array_equal(b.nodes[:graphs.num_nodes[4]], graphs.nodes[4, :graphs.num_nodes[4]])
     assert not np.any(np.asarray(b.nodes)[~mask])
+    # Slot g's edges: the graph's own, shifted to its node slots, then padding edges from the
+    # last node to itself.
     edges = np.asarray(b.edges)
-    real = edges[0] != 3 * n_max
-    # Padding edges: the last node to itself; real ones stay inside their graph.
-    assert np.all(edges[:, ~real] == 3 * n_max)
-    # The empty graph's edges (its num_nodes set to 0) point into its padding slots: unused.
-    assert real.sum() == sum(_edges(graphs, i).shape[1] for i in idx)
-    assert np.all(seg[edges[0, real]] == seg[edges[1, real]])
-    assert not mask[edges[:, real]].any(axis=0)[-_edges(graphs, 9).shape[1]:].any()
+    for g, i in enumerate(idx):
+        own, cols = _edges(graphs, i), edges[:, g * e_max:(g + 1) * e_max]
+        np.testing.assert_array_equal(cols[:, :own.shape[1]], own + g * n_max)
+        assert np.all(cols[:, own.shape[1]:] == 3 * n_max)
+    # The emptied graph's edges only join padding nodes; every other edge stays in its graph.
+    assert not mask[edges[:, 2 * e_max:]].any()
+    inside = mask[edges[0]]
+    np.testing.assert_array_equal(seg[edges[0, inside]], seg[edges[1, inside]])
     np.testing.assert_array_equal(b.graph_mask, [True, True, True])
 
 

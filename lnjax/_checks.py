@@ -121,11 +121,11 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
-def training_flag(training):
-    """Raises TypeError unless `training` is a Python bool (it selects the program, statically)."""
-    if not isinstance(training, bool):
-        raise TypeError(f"`training` must be a Python bool, got {training!r}.")
-    return training
+def python_bool(value, name: str = "training"):
+    """Raises TypeError unless `value` is a Python bool (it selects the program, statically)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a Python bool, got {value!r}.")
+    return value
 
 
 def param(p, expected: tuple[int, ...], name: str, hint: str = ""):

@@ -8,6 +8,7 @@ frontends cannot drift (tests/test_modules.py checks that they agree).
 
 import dataclasses
 import inspect
+import math
 import textwrap
 from collections.abc import Callable
 
@@ -39,20 +40,34 @@ def bidirectional(forward, backward, xs, *, return_carry=False, **kw):
     return (ys, (cf, cb)) if return_carry else ys
 
 
+# The modules' options that are not op arguments, and Flax's defaults for them: a module option
+# that is an op argument (under Flax's name, `OP_NAMES`) takes the op's default instead.
+MODULE_DEFAULTS = {
+    "num_groups": 32, "group_size": None, "dtype": None, "param_dtype": jnp.float32,
+    "use_bias": True, "use_scale": True, "bias_init": zeros, "scale_init": ones,
+    "feature_axes": -1, "reduction_axes": None,
+}  # fmt: skip
+# Flax's names of the ops' arguments.
+OP_NAMES = {"epsilon": "eps", "use_fast_variance": "fast_variance"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One normalization layer.
+    """One normalization layer, under Flax's argument names.
 
     Attributes:
-      name: the class name in both frontends.
-      op: the pure op, called `op(x, *positional, scale, bias, [state], **options, **call)`.
+      name: the class name in both frontends (Flax's).
+      op: the pure op, called `op(x, *args, scale, bias, [state], **op_options, **call)`.
       doc: what the layer computes (its docstring's first part).
-      options: names of the op's keyword arguments that are the layer's options.
-      positional: `(name, default)` of arguments the layer takes after `num_features` and
-        passes to the op before `scale` (GroupNorm's `num_groups`).
-      call: the op's keyword arguments given at call time (BatchNorm's `mask`).
-      channels: parameters of shape `[channels]` (an int `num_features`, the channel axis
-        `axis`), else of shape `x.shape[axis]` (an int or a tuple).
+      options: the layer's options in Flax's order (lnjax's own last). Each is an op argument
+        (renamed by `OP_NAMES` and `renames`), with the op's default, or a `MODULE_DEFAULTS` one.
+      renames: module option -> op argument, beyond `OP_NAMES`.
+      axes: the option naming the axes of `scale` and `bias` (Flax's `feature_axes`); they are
+        broadcast to the op's `axis` when that differs (LayerNorm's `reduction_axes`).
+      positional: options that follow `num_features` positionally in nnx (GroupNorm's).
+      args: `args(settings, channels=None, ndim=None)`, the op's positional arguments before
+        `scale` (GroupNorm's `num_groups`) for `channels` features; it checks the settings, as
+        far as `channels` and the input's `ndim` are known.
       use_bias: the default of `use_bias` (off for RMS norm, as in its authors' code).
       stateful: running statistics `mean`, `var` (`BatchNormState`), switched by
         `use_running_average`.
@@ -62,60 +77,90 @@ class Spec:
     op: Callable
     doc: str
     options: tuple[str, ...]
-    positional: tuple[tuple[str, object], ...] = ()
-    call: tuple[str, ...] = ()
-    channels: bool = False
+    renames: dict = dataclasses.field(default_factory=dict)
+    axes: str = "feature_axes"
+    positional: tuple[str, ...] = ()
+    args: Callable | None = None
     use_bias: bool = True
     stateful: bool = False
 
+    def op_name(self, option: str) -> str | None:
+        """The op argument `option` sets, or None for a module-only option."""
+        name = self.renames.get(option, OP_NAMES.get(option, option))
+        p = inspect.signature(self.op).parameters.get(name)
+        return name if p is not None and p.default is not inspect.Parameter.empty else None
+
     def defaults(self) -> dict:
-        """`{option: default}`: the positional ones, then the op's options, then the params'."""
+        """`{option: default}` in the layer's order."""
         params = inspect.signature(self.op).parameters
-        return {**dict(self.positional), **{k: params[k].default for k in self.options},
-                "use_scale": True, "use_bias": self.use_bias, "scale_init": ones, "bias_init": zeros}
+        out = {}
+        for k in self.options:
+            name = self.op_name(k)
+            out[k] = params[name].default if name else MODULE_DEFAULTS[k]
+        return {**out, "use_bias": self.use_bias} if "use_bias" in out else out
 
-    def check(self, settings: dict, channels: int | None = None):
-        """Checks the positional arguments (GroupNorm's `num_groups` divides the channels)."""
-        if "num_groups" in settings:
-            g = _checks.positive_int(settings["num_groups"], "num_groups")
-            if channels is not None and channels % g:
-                raise ValueError(f"`num_groups`={g} does not divide `num_features`={channels}.")
+    def param_shape(self, shape, settings) -> tuple[int, ...]:
+        """The shape of `scale` and `bias` for inputs of `shape`: `shape` at the `axes` option."""
+        return tuple(shape[a] for a in _checks.axes(settings[self.axes], len(shape), self.axes))
 
-    def param_shape(self, shape, axis) -> tuple[int, ...]:
-        """The shape of `scale` and `bias` for inputs of `shape`."""
-        if self.channels:
-            return (shape[_checks.channel_axis(axis, len(shape), batch_first=True)],)
-        return tuple(shape[a] for a in _checks.axes(axis, len(shape)))
+    def _fit(self, p, shape, settings):
+        """`p` (of the `axes` option's shape, or its size) shaped as the op takes it: at the
+        op's `axis`, broadcast over the axes there that are not feature axes."""
+        if p is None:
+            return None
+        ndim = len(shape)
+        axis = next(k for k in self.options if self.op_name(k) == "axis")
+        feat = _checks.axes(settings[self.axes], ndim, self.axes)
+        red = _checks.axes(settings[axis], ndim, axis)
+        if not set(feat) <= set(red):
+            raise ValueError(f"`{self.axes}`={settings[self.axes]!r} must be among `{axis}`="
+                             f"{settings[axis]!r}: lnjax's scale and bias act on the normalized axes.")
+        fshape = tuple(shape[a] for a in feat)
+        if p.size != math.prod(fshape):
+            return p  # the op's shape check reports it
+        p = jnp.reshape(p, [shape[a] if a in feat else 1 for a in red])
+        return jnp.broadcast_to(p, [shape[a] for a in red])
 
     def apply(self, x, scale, bias, settings: dict, state=None, **call):
-        """The op on `x` with the layer's `settings` (its options and positional arguments)."""
-        args = [settings[k] for k, _ in self.positional]
-        kw = {k: settings[k] for k in self.options}
-        if self.stateful:
-            return self.op(x, *args, scale, bias, state, **kw, **call)
-        return self.op(x, *args, scale, bias, **kw, **call)
+        """The op on `x` with the layer's `settings`; the output in `settings["dtype"]`, else
+        `x`'s dtype."""
+        shape = jnp.shape(x)
+        args = ()
+        if self.args:
+            args = self.args(settings, math.prod(self.param_shape(shape, settings)), len(shape))
+        kw = {self.op_name(k): settings[k] for k in self.options if self.op_name(k)}
+        scale, bias = self._fit(scale, shape, settings), self._fit(bias, shape, settings)
+        out = self.op(x, *args, scale, bias, *((state,) if self.stateful else ()), **kw, **call)
+        y, rest = (out[0], out[1:]) if self.stateful else (out, ())
+        if settings["dtype"] is not None:
+            y = y.astype(settings["dtype"])
+        return (y, *rest) if rest else y
 
     def docstring(self, frontend: str) -> str:
-        options = ", ".join(f"`{k}`" for k, _ in self.positional) or ""
-        ops = ", ".join(f"`{k}`" for k in self.options)
-        shape = "`[channels]`" if self.channels else "`x.shape[axis]`"
+        renamed = [f"`{k}` (`{self.op_name(k)}`)" if self.op_name(k) != k else f"`{k}`"
+                   for k in self.options if self.op_name(k)]
         lines = [
             self.doc, "",
-            "Options (the same names and defaults as the pure op, where the defaults live):",
-            f"  {options + ', ' if options else ''}{ops}: see `lnjax.{self.op.__name__}`.",
-            f"  use_scale, use_bias: create `scale` (init 1) and `bias` (init 0), of shape {shape}"
-            f" (`use_bias` defaults to {self.use_bias}).",
-            "  scale_init, bias_init, param_dtype: their initializers and dtype.",
+            "Options: Flax's names, positions and defaults, except where lnjax's numerical "
+            "contract differs (README, \"Coming from Flax\"); each default lives in the op or in "
+            "`MODULE_DEFAULTS`.",
+            f"  {', '.join(renamed)}: see `lnjax.{self.op.__name__}`.",
+            f"  {self.axes}: the axes of `scale` (init 1) and `bias` (init 0); `use_bias` defaults "
+            f"to {self.use_bias}.",
+            "  use_scale, use_bias, scale_init, bias_init, param_dtype: the parameters.",
+            "  dtype: of the output (None: `x`'s dtype); statistics are at least float32.",
         ]
+        if "group_size" in self.options:
+            lines.append("  num_groups, group_size: exactly one is given (not None).")
         if self.stateful:
             lines.append("  use_running_average: the mode when the call gives none (None: every call "
                          "chooses); running statistics `mean`, `var`, init 0 and 1, "
                          + ("`nnx.BatchStat`s." if frontend == "nnx" else "in `batch_stats`, not updated "
-                            "during `init`."))
+                            "during `init`.") + " The call is `(x, use_running_average=None, *, mask=None)`.")
         if frontend == "nnx":
-            lines.insert(3, "  num_features: the number of channels" if self.channels else
-                         "  num_features: `x.shape[axis]`, an int or a tuple when `axis` is a tuple.")
+            lines.insert(3, "  num_features: the size of `scale` and `bias` (an int, or a tuple).")
             lines.append("  rngs: needed only by random initializers.")
+
         def wrap(line):
             indent = " " * (4 if line.startswith("  ") else 0)
             return textwrap.fill(line, 96, subsequent_indent=indent).replace("\n", "\n    ")
@@ -123,29 +168,54 @@ class Spec:
         return "\n    ".join(wrap(line) if line else line for line in lines)
 
 
+def _groups(settings, channels: int | None = None, ndim: int | None = None) -> tuple:
+    """GroupNorm's `(num_groups,)` for `channels`, from `num_groups` or `group_size` (as Flax:
+    exactly one is given), checking them; with `ndim`, also `reduction_axes` for that rank."""
+    g, size = settings["num_groups"], settings["group_size"]
+    if (g is None) == (size is None):
+        raise ValueError(f"Exactly one of `num_groups`={g!r} and `group_size`={size!r} must be given "
+                         "(the other None).")  # fmt: skip
+    red = settings["reduction_axes"]
+    if red is not None and ndim is not None and _checks.axes(red, ndim, "reduction_axes") != tuple(range(1, ndim)):
+        raise ValueError(f"`reduction_axes`={red!r}: lnjax's GroupNorm reduces over every axis but the "
+                         f"first (the batch), {tuple(range(1, ndim))} here; use None, or jax.vmap.")
+    name, n = ("num_groups", g) if g is not None else ("group_size", size)
+    n = _checks.positive_int(n, name)
+    if channels is None:
+        return (None,)
+    if channels % n:
+        raise ValueError(f"`{name}`={n} does not divide the {channels} channels.")
+    return (n if g is not None else channels // n,)
+
+
+_PARAMS = ("dtype", "param_dtype", "use_bias", "use_scale", "bias_init", "scale_init")
 SPECS = (
     Spec("LayerNorm", normalization.layer_norm,
          "Layer normalization (Ba, Kiros & Hinton 2016, eq. 3-5): `y = scale * (x - mu) / "
-         "sqrt(sigma^2 + eps) + bias`, the statistics of each example over `axis`.",
-         ("axis", "eps", "fast_variance", "implementation")),
+         "sqrt(sigma^2 + eps) + bias`, the statistics of each example over `reduction_axes`.",
+         ("epsilon", *_PARAMS, "reduction_axes", "feature_axes", "use_fast_variance", "implementation"),
+         renames={"reduction_axes": "axis"}),
     Spec("RMSNorm", normalization.rms_norm,
          "RMS normalization (Zhang & Sennrich 2019): `y = scale * x / sqrt(mean(x^2) + eps) + "
-         "bias`, the mean over `axis`: layer norm without re-centering.",
-         ("axis", "eps", "implementation"), use_bias=False),
+         "bias`, the mean over `reduction_axes`: layer norm without re-centering.",
+         ("epsilon", *_PARAMS, "reduction_axes", "feature_axes", "implementation"),
+         renames={"reduction_axes": "axis"}, use_bias=False),
     Spec("BatchNorm", normalization.batch_norm,
          "Batch normalization (Ioffe & Szegedy 2015) with running statistics: training "
          "normalizes with the batch statistics over every axis but `axis` and updates the "
-         "running averages (unbiased variance); evaluation uses them. The call takes `mask` "
-         "(padding left out of the statistics) and `use_running_average`.",
-         ("axis", "momentum", "eps", "axis_name", "fast_variance", "implementation"),
-         call=("mask",), stateful=True),
+         "running averages (unbiased variance unless `unbiased_running_var=False`, Flax's); "
+         "evaluation uses them. `mask` leaves padding out of the statistics.",
+         ("axis", "momentum", "epsilon", *_PARAMS, "axis_name", "use_fast_variance",
+          "unbiased_running_var", "implementation"), axes="axis", stateful=True),
     Spec("GroupNorm", normalization.group_norm,
          "Group normalization (Wu & He 2018, eq. 1-3): per example, `num_groups` contiguous "
          "groups of channels, each over its channels and all spatial axes; `x` "
          "`[batch, *spatial, channels]`.",
-         ("axis", "eps", "fast_variance"), positional=(("num_groups", 32),), channels=True),
+         ("num_groups", "group_size", "epsilon", *_PARAMS, "reduction_axes", "use_fast_variance",
+          "feature_axes"), renames={"feature_axes": "axis"}, positional=("num_groups", "group_size"),
+         args=_groups),
     Spec("InstanceNorm", normalization.instance_norm,
          "Instance normalization (Ulyanov, Vedaldi & Lempitsky 2016): each example's channel "
          "over the spatial axes; `x` `[batch, *spatial, channels]`.",
-         ("axis", "eps", "fast_variance"), channels=True),
+         ("epsilon", *_PARAMS, "feature_axes", "use_fast_variance"), renames={"feature_axes": "axis"}),
 )  # fmt: skip

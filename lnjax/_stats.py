@@ -120,9 +120,10 @@ def rms_normalize(x, ax, eps):
     return xf * rstd, rstd
 
 
-def ema_update(state: BatchNormState, mean, var, count, momentum) -> BatchNormState:
+def ema_update(state: BatchNormState, mean, var, count, momentum, unbiased=True) -> BatchNormState:
     """The running averages after one batch: `momentum * running + (1 - momentum) * batch`,
-    with the unbiased `n / (n - 1) * var` (Ioffe & Szegedy 2015, Alg. 2).
+    with the unbiased `n / (n - 1) * var` (Ioffe & Szegedy 2015, Alg. 2), or `var` itself if not
+    `unbiased` (Flax's convention).
 
     `mean`, `var` and `count` hold one value per feature, in any shape with the state's size
     (`count` may be a scalar); no gradient flows into the state. A feature that saw no data
@@ -130,16 +131,16 @@ def ema_update(state: BatchNormState, mean, var, count, momentum) -> BatchNormSt
     """
     flat = lambda s: lax.stop_gradient(s.reshape(state.mean.shape))  # noqa: E731
     n = flat(jnp.broadcast_to(count, mean.shape))
-    unbiased = flat(var) * (n / jnp.maximum(n - 1, 1))
+    new_var = flat(var) * (n / jnp.maximum(n - 1, 1)) if unbiased else flat(var)
 
     def ema(old, new):
         updated = (momentum * old + (1 - momentum) * new.astype(old.dtype)).astype(old.dtype)
         return jnp.where(n > 0, updated, old)
 
-    return BatchNormState(ema(state.mean, flat(mean)), ema(state.var, unbiased))
+    return BatchNormState(ema(state.mean, flat(mean)), ema(state.var, new_var))
 
 
-def batch_moments(x, red, state: BatchNormState, *, training, momentum, **options):
+def batch_moments(x, red, state: BatchNormState, *, training, momentum, unbiased=True, **options):
     """`(mean, residual, var, new_state)` for batch normalization over the axes `red`.
 
     Training: the batch moments (`moments(x, red, **options)`) and the updated running averages.
@@ -147,7 +148,7 @@ def batch_moments(x, red, state: BatchNormState, *, training, momentum, **option
     """
     if training:
         mean, residual, var, count = moments(x, red, **options)
-        return mean, residual, var, ema_update(state, mean + residual, var, count, momentum)
+        return mean, residual, var, ema_update(state, mean + residual, var, count, momentum, unbiased)
     feat = tuple(a for a in range(x.ndim) if a not in red)
     dtype = _checks.stats_dtype(x.dtype)
     mean = broadcast_to_axes(state.mean, feat, x.ndim, dtype)

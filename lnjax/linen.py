@@ -64,19 +64,18 @@ class _NormLayer(nn.Module):
     SPEC: ClassVar[_modules.Spec]
 
     def __post_init__(self):
-        self.SPEC.check({k: getattr(self, k) for k, _ in self.SPEC.positional})
+        if self.SPEC.args:  # GroupNorm's num_groups / group_size, as far as known without x
+            self.SPEC.args({k: getattr(self, k) for k in self.SPEC.options})
         super().__post_init__()
 
-    @nn.compact
-    def __call__(self, x, **call):
-        """`x` normalized; see the class docstring for what the call takes."""
+    def _normalize(self, x, use_running_average=None, **call):
         spec = self.SPEC
-        shape = spec.param_shape(jnp.shape(x), self.axis)
+        settings = {k: getattr(self, k) for k in spec.options}
+        shape = spec.param_shape(jnp.shape(x), settings)
         scale, bias = _scale_bias(self, shape)
-        settings = {k: getattr(self, k) for k in [k for k, _ in spec.positional] + list(spec.options)}
         if not spec.stateful:
-            return spec.apply(x, scale, bias, settings, **call)
-        training = _mode(self, call.pop("use_running_average", None))
+            return spec.apply(x, scale, bias, settings)
+        training = _mode(self, use_running_average)
         mean = self.variable("batch_stats", "mean", lambda: normalization.batch_norm_state(shape).mean)
         var = self.variable("batch_stats", "var", lambda: normalization.batch_norm_state(shape).var)
         init = self.is_initializing()
@@ -89,13 +88,28 @@ class _NormLayer(nn.Module):
         return y
 
 
+class _Norm(_NormLayer):
+    @nn.compact
+    def __call__(self, x):
+        """`x` normalized, in `dtype` (None: `x`'s dtype)."""
+        return self._normalize(x)
+
+
+class _BatchNorm(_NormLayer):
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """`x` normalized, in `dtype` (None: `x`'s dtype); `use_running_average` here or as the
+        attribute (exactly once); `mask` (`x.shape` without `axis`) leaves False positions out
+        of the statistics."""
+        return self._normalize(x, use_running_average, mask=mask)
+
+
 def _norm_layer(spec: _modules.Spec):
-    """The linen class of `spec`: its attributes are the spec's options, same defaults."""
-    fields = {**({"use_running_average": None} if spec.stateful else {}), **spec.defaults(),
-              "param_dtype": jnp.float32}  # fmt: skip
+    """The linen class of `spec`: its attributes are the spec's options, same defaults and order."""
+    fields = {**({"use_running_average": None} if spec.stateful else {}), **spec.defaults()}
     namespace = {**fields, "__annotations__": {k: Any for k in fields}, "SPEC": spec, "__module__": __name__,
                  "__doc__": spec.docstring("linen"), "__qualname__": spec.name}  # fmt: skip
-    return type(spec.name, (_NormLayer,), namespace)
+    return type(spec.name, (_BatchNorm if spec.stateful else _Norm,), namespace)
 
 
 LayerNorm, RMSNorm, BatchNorm, GroupNorm, InstanceNorm = (_norm_layer(spec) for spec in _modules.SPECS)

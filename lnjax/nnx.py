@@ -7,6 +7,7 @@ are the pure op's (the output has the input's dtype, statistics are at least flo
 """
 
 import inspect
+import math
 from collections.abc import Callable
 
 import jax
@@ -78,58 +79,72 @@ class _Mode(nnx.Module):
             self.use_running_average = use_running_average
 
 
-def _norm_layer(spec: _modules.Spec):
-    """The nnx class of `spec`: `Name(num_features, *positional, *, **options, rngs=None)`."""
-    defaults = spec.defaults()
-    P = inspect.Parameter
-    params = [P("self", P.POSITIONAL_ONLY), P("num_features", P.POSITIONAL_OR_KEYWORD)]
-    params += [P(k, P.POSITIONAL_OR_KEYWORD, default=v) for k, v in spec.positional]
-    if spec.stateful:
-        params.append(P("use_running_average", P.KEYWORD_ONLY, default=False))
-    params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items() if k not in dict(spec.positional)]
-    params += [P("param_dtype", P.KEYWORD_ONLY, default=jnp.float32), P("rngs", P.KEYWORD_ONLY, default=None)]
-    signature = inspect.Signature(params)
+class _NormLayer(nnx.Module):
+    SPEC: _modules.Spec
 
-    def __init__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        a = dict(bound.arguments)
-        del a["self"]
-        if spec.channels:
-            self.num_features = _checks.positive_int(a.pop("num_features"), "num_features")
-            shape = (self.num_features,)
-        else:
-            self.num_features = shape = _feature_shape(a.pop("num_features"))
-        spec.check(a, self.num_features if spec.channels else None)
-        rngs, dtype = a.pop("rngs"), a.pop("param_dtype")
-        self.scale = _param(a.pop("use_scale"), a.pop("scale_init"), shape, dtype, rngs)
-        self.bias = _param(a.pop("use_bias"), a.pop("bias_init"), shape, dtype, rngs)
-        if spec.stateful:
-            self.use_running_average = a.pop("use_running_average")
-            state = normalization.batch_norm_state(shape)
-            self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
-        for k, v in a.items():  # the options, as attributes of the same names
-            setattr(self, k, v)
-
-    __init__.__signature__ = signature
-    names = [k for k, _ in spec.positional] + list(spec.options)
-
-    def __call__(self, x, **call):
-        """`x` normalized; see the class docstring for what the call takes."""
+    def _normalize(self, x, use_running_average=None, **call):
+        spec = self.SPEC
         scale, bias = _value(self.scale), _value(self.bias)
-        settings = {k: getattr(self, k) for k in names}
+        settings = {k: getattr(self, k) for k in spec.options}
         if not spec.stateful:
-            return spec.apply(x, scale, bias, settings, **call)
-        training = self._training(call.pop("use_running_average", None))
+            return spec.apply(x, scale, bias, settings)
+        training = self._training(use_running_average)
         state = normalization.BatchNormState(self.mean[...], self.var[...])
         y, state = spec.apply(x, scale, bias, settings, state, training=training, **call)
         if training:
             self.mean[...], self.var[...] = state
         return y
 
-    namespace = {"__init__": __init__, "__call__": __call__, "__module__": __name__,
+
+class _Norm(_NormLayer):
+    def __call__(self, x):
+        """`x` normalized, in `dtype` (None: `x`'s dtype)."""
+        return self._normalize(x)
+
+
+class _BatchNorm(_NormLayer, _Mode):
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """`x` normalized, in `dtype` (None: `x`'s dtype); `use_running_average` overrides the
+        attribute; `mask` (`x.shape` without `axis`) leaves False positions out of the statistics."""
+        return self._normalize(x, use_running_average, mask=mask)
+
+
+def _norm_layer(spec: _modules.Spec):
+    """The nnx class of `spec`: `Name(num_features, *positional, *, **options, rngs=None)`."""
+    defaults = spec.defaults()
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_ONLY), P("num_features", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(k, P.POSITIONAL_OR_KEYWORD, default=defaults[k]) for k in spec.positional]
+    if spec.stateful:
+        params.append(P("use_running_average", P.KEYWORD_ONLY, default=False))
+    params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in defaults.items() if k not in spec.positional]
+    params.append(P("rngs", P.KEYWORD_ONLY, default=None))
+    signature = inspect.Signature(params)
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"lnjax.nnx.{spec.name}{cls.__signature__}: {e}.") from None
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        del a["self"]
+        rngs = a.pop("rngs")
+        self.num_features = shape = _feature_shape(a.pop("num_features"))
+        if spec.args:
+            spec.args(a, math.prod(shape))
+        for k, v in a.items():  # the options, as attributes of the same names
+            setattr(self, k, v)
+        self.scale = _param(self.use_scale, self.scale_init, shape, self.param_dtype, rngs)
+        self.bias = _param(self.use_bias, self.bias_init, shape, self.param_dtype, rngs)
+        if spec.stateful:
+            state = normalization.batch_norm_state(shape)
+            self.mean, self.var = nnx.BatchStat(state.mean), nnx.BatchStat(state.var)
+
+    __init__.__signature__ = signature
+    namespace = {"__init__": __init__, "SPEC": spec, "__module__": __name__,
                  "__doc__": spec.docstring("nnx"), "__qualname__": spec.name}  # fmt: skip
-    cls = type(spec.name, (_Mode,) if spec.stateful else (nnx.Module,), namespace)
+    cls = type(spec.name, (_BatchNorm if spec.stateful else _Norm,), namespace)
     cls.__signature__ = signature.replace(parameters=params[1:])
     return cls
 

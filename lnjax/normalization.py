@@ -173,14 +173,16 @@ def batch_norm_state(num_features, dtype=jnp.float32) -> BatchNormState:
 
 
 def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1, momentum=0.99, eps=1e-5,
-               axis_name=None, mask=None, fast_variance=False, implementation=None):  # fmt: skip
+               axis_name=None, mask=None, fast_variance=False, unbiased_running_var=True,
+               implementation=None):  # fmt: skip
     """Batch normalization (Ioffe & Szegedy 2015) with running statistics in `state`.
 
     Training: `y = scale * (x - mu_B) / sqrt(sigma_B^2 + eps) + bias` with the batch mean and
     biased variance over every axis except `axis`; the running averages become
     `momentum * running + (1 - momentum) * batch`, using the unbiased `m / (m - 1) * sigma_B^2`
-    for the variance. Inference (`training=False`) normalizes with the running averages and
-    returns `state` unchanged.
+    for the variance (as PyTorch; `unbiased_running_var=False` keeps `sigma_B^2`, as Flax).
+    Inference (`training=False`) normalizes with the running averages and returns `state`
+    unchanged.
 
     `momentum` follows Flax/Keras (the weight of the old value): PyTorch's `momentum=p`
     corresponds to `momentum=1 - p` here.
@@ -200,6 +202,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         still normalized with them, and their values (even NaN) reach no gradient. A batch
         with no data (empty, or all masked) leaves the running averages unchanged.
       fast_variance: one-pass variance (see `moments`).
+      unbiased_running_var: the running variance averages the unbiased batch variance (True)
+        or the biased one (False).
       implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
         of the formula) or "fused" (closed-form derivative; see the module docstring).
         Training mode only (inference is elementwise), over every axis but the last, without
@@ -216,7 +220,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
             f"`axis`={axis!r} keeps every axis of x (shape {x.shape}); batch_norm needs a batch "
             "axis to compute statistics over, or an `axis_name` when the batch is vmapped."
         )
-    _checks.training_flag(training)
+    _checks.python_bool(training)
+    _checks.python_bool(unbiased_running_var, "unbiased_running_var")
     scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
     momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
@@ -227,10 +232,10 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
                     fast_variance=not fast_variance):
         y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
-        return y, _stats.ema_update(state, mean, var, count, momentum)
+        return y, _stats.ema_update(state, mean, var, count, momentum, unbiased_running_var)
     mean, residual, var, new_state = _stats.batch_moments(
-        x, red, state, training=training, momentum=momentum, mask=m, axis_name=axis_name,
-        fast_variance=fast_variance,
+        x, red, state, training=training, momentum=momentum, unbiased=unbiased_running_var, mask=m,
+        axis_name=axis_name, fast_variance=fast_variance,
     )
 
     def normalized(x):

@@ -700,7 +700,7 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
     Returns:
       `(ys, final_carry, new_state)`.
     """
-    _checks.training_flag(training)
+    _checks.python_bool(training)
     xs = _checks.floating(xs, "xs")
     if xs.ndim < 3 and axis_name is None:
         raise ValueError(f"`xs` must have a batch axis for batch statistics, got shape {xs.shape}.")

@@ -106,7 +106,7 @@ def switchable_norm(x, scale, bias, control: SwitchableControl, state: BatchNorm
     """
     x = _checks.spatial(_checks.floating(x))
     c = _checks.channel_axis(axis, x.ndim, batch_first=True)
-    _checks.training_flag(training)
+    _checks.python_bool(training)
     scale, bias, eps = _checks.param_check(x, (c,), scale, bias, eps)
     momentum = _checks.in_unit_interval(momentum, "momentum")
     if not isinstance(control, SwitchableControl):
@@ -194,7 +194,7 @@ def batch_layer_norm(
     feat = _checks.axes(axis, x.ndim)
     if 0 in feat:
         raise ValueError(f"`axis`={axis!r} includes the batch axis 0; expected feature axes.")
-    _checks.training_flag(training)
+    _checks.python_bool(training)
     scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
     momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, x.shape[1:], x.shape, what="x.shape[1:]")
@@ -623,7 +623,7 @@ def graph_learned_norm(
     x = _nodes(x)
     kinds = _check_kinds(kinds)
     _check_weighting(weighting)
-    _checks.training_flag(training)
+    _checks.python_bool(training)
     scale, bias, eps = _checks.param_check(x, (1,), scale, bias, eps)
     nf = x.shape[1]
     weights = _checks.shape(weights, (len(kinds), nf), "weights",
@@ -708,7 +708,7 @@ def domain_agnostic_batch_norm(
     red = tuple(a for a in range(x.ndim) if a not in feat)
     mshape = tuple(x.shape[a] for a in red)
     mask = jnp.broadcast_to(source_mask.reshape((-1,) + (1,) * (len(red) - 1)), mshape)
-    _checks.training_flag(training)
+    _checks.python_bool(training)
     scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
     momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)

@@ -50,18 +50,22 @@ PURE = {
     "InstanceNorm": lnjax.instance_norm,
 }
 
-# (module name, x shape, keyword arguments shared by nnx, linen and the pure op, num_features)
+# (module name, x shape, the modules' keyword arguments, the pure op's, num_features)
 CASES = [
-    ("LayerNorm", (4, 3, 8), dict(), 8),
-    ("LayerNorm", (4, 3, 8), dict(axis=(-2, -1)), (3, 8)),
-    ("LayerNorm", (4, 3, 8), dict(axis=1, eps=1e-3, fast_variance=True), 3),
-    ("RMSNorm", (4, 3, 8), dict(), 8),
-    ("RMSNorm", (4, 3, 8), dict(axis=(1, 2), use_bias=True), (3, 8)),
-    ("GroupNorm", (2, 4, 4, 6), dict(num_groups=3), 6),
-    ("GroupNorm", (2, 6, 4, 4), dict(num_groups=2, axis=1), 6),
-    ("InstanceNorm", (2, 4, 4, 6), dict(), 6),
-    ("InstanceNorm", (2, 6, 4, 4), dict(axis=1, eps=0.1), 6),
-]
+    ("LayerNorm", (4, 3, 8), dict(), dict(), 8),
+    ("LayerNorm", (4, 3, 8), dict(reduction_axes=(-2, -1), feature_axes=(-2, -1)), dict(axis=(-2, -1)), (3, 8)),
+    ("LayerNorm", (4, 3, 8), dict(reduction_axes=(-2, -1)), dict(axis=(-2, -1)), 8),  # Flax's per-channel
+    ("LayerNorm", (4, 3, 8), dict(reduction_axes=1, feature_axes=1, epsilon=1e-3, use_fast_variance=True),
+     dict(axis=1, eps=1e-3, fast_variance=True), 3),
+    ("RMSNorm", (4, 3, 8), dict(), dict(), 8),
+    ("RMSNorm", (4, 3, 8), dict(reduction_axes=(1, 2), feature_axes=(1, 2), use_bias=True), dict(axis=(1, 2)),
+     (3, 8)),
+    ("GroupNorm", (2, 4, 4, 6), dict(num_groups=3), dict(num_groups=3), 6),
+    ("GroupNorm", (2, 4, 4, 6), dict(num_groups=None, group_size=2), dict(num_groups=3), 6),
+    ("GroupNorm", (2, 6, 4, 4), dict(num_groups=2, feature_axes=1), dict(num_groups=2, axis=1), 6),
+    ("InstanceNorm", (2, 4, 4, 6), dict(), dict(), 6),
+    ("InstanceNorm", (2, 6, 4, 4), dict(feature_axes=1, epsilon=0.1), dict(axis=1, eps=0.1), 6),
+]  # fmt: skip
 
 
 def _params(shape, dtype, use_bias=True, seed=1):
@@ -79,19 +83,24 @@ def _modules(name, nf, kw, params, param_dtype):
     return getattr(lnjax.nnx, name)(nf, **kw, **inits), getattr(lnjax.linen, name)(**kw)
 
 
-def _pure_kw(kw):
-    return {k: v for k, v in kw.items() if k != "use_bias"}
+def _over(p, x, axis):
+    """A parameter of the feature axes broadcast to `x.shape[axis]`, as the pure op takes it."""
+    return None if p is None else jnp.broadcast_to(p, [x.shape[a] for a in np.atleast_1d(axis)])
 
 
 @pytest.mark.parametrize("param_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name,shape,kw,nf", CASES)
-def test_module_equals_pure_op(name, shape, kw, nf, dtype, param_dtype):
+@pytest.mark.parametrize("name,shape,kw,pure_kw,nf", CASES)
+def test_module_equals_pure_op(name, shape, kw, pure_kw, nf, dtype, param_dtype):
     x = _rand(shape, dtype, loc=0.5)
     pshape = (nf,) if isinstance(nf, int) else nf
     params = _params(pshape, param_dtype, use_bias=kw.get("use_bias", name != "RMSNorm"))
     m, lm = _modules(name, nf, kw, params, param_dtype)
-    want = PURE[name](x, params["scale"], params.get("bias"), **_pure_kw(kw))
+    scale, bias = params["scale"], params.get("bias")
+    if name in ("LayerNorm", "RMSNorm"):
+        axis = pure_kw.get("axis", -1)
+        scale, bias = _over(scale, x, axis), _over(bias, x, axis)
+    want = PURE[name](x, scale, bias, **pure_kw)
     assert want.dtype == dtype
     _equal(m(x), want)
     _equal(lm.apply({"params": params}, x), want)
@@ -100,6 +109,11 @@ def test_module_equals_pure_op(name, shape, kw, nf, dtype, param_dtype):
     assert jax.tree.map(lambda a: (a.shape, a.dtype), got) == {
         "params": {k: (v.shape, v.dtype) for k, v in params.items()}
     }
+    # `dtype` is the output's; the statistics are the same
+    for out in (jnp.float32, jnp.bfloat16):
+        _equal(getattr(lnjax.nnx, name)(nf, **kw, param_dtype=param_dtype, dtype=out,
+                                        **{f"{k}_init": _const(v) for k, v in params.items()})(x),
+               want.astype(out))  # fmt: skip
 
 
 @pytest.mark.parametrize("use_scale,use_bias", [(False, True), (True, False), (False, False)])
@@ -142,7 +156,7 @@ def test_init_values_and_names():
     assert lnjax.nnx.LayerNorm(6, scale_init=normal, rngs=nnx.Rngs(0)).scale[...].shape == (6,)
     with pytest.raises(TypeError, match="rngs=nnx.Rngs"):
         lnjax.nnx.LayerNorm(6, scale_init=normal)
-    m = lnjax.nnx.LayerNorm((3, 4), axis=(1, 2), param_dtype=jnp.bfloat16)
+    m = lnjax.nnx.LayerNorm((3, 4), reduction_axes=(1, 2), feature_axes=(1, 2), param_dtype=jnp.bfloat16)
     assert m.scale[...].shape == (3, 4) and m.scale[...].dtype == jnp.bfloat16
 
 
@@ -193,9 +207,10 @@ def test_batch_norm_training_and_eval(shape, axis, nf, mshape, dtype, masked):
     pshape = (nf,) if isinstance(nf, int) else nf
     params = _params(pshape, jnp.float32)
     kw = dict(axis=axis, momentum=0.9, eps=1e-3)
-    m = lnjax.nnx.BatchNorm(nf, **kw, scale_init=_const(params["scale"]),
+    mkw = dict(axis=axis, momentum=0.9, epsilon=1e-3)
+    m = lnjax.nnx.BatchNorm(nf, **mkw, scale_init=_const(params["scale"]),
                             bias_init=_const(params["bias"]))  # fmt: skip
-    lm = lnjax.linen.BatchNorm(**kw)
+    lm = lnjax.linen.BatchNorm(**mkw)
     variables = {"params": params, "batch_stats": dict(lnjax.batch_norm_state(pshape)._asdict())}
     state = lnjax.batch_norm_state(pshape)
     for step in range(3):  # training: outputs and running statistics, step by step
@@ -219,7 +234,7 @@ def test_batch_norm_training_and_eval(shape, axis, nf, mshape, dtype, masked):
     m.eval()
     _equal(m(x), want)
     _equal(lm.apply(variables, x, use_running_average=True), want)
-    _equal(lnjax.linen.BatchNorm(use_running_average=True, **kw).apply(variables, x), want)
+    _equal(lnjax.linen.BatchNorm(use_running_average=True, **mkw).apply(variables, x), want)
     _equal(m.mean[...], state.mean)
     _equal(m.var[...], state.var)
 
@@ -233,6 +248,7 @@ def test_nnx_batch_norm_modes():
     evaluate, _ = lnjax.batch_norm(x, None, None, state, training=False)
     # the call argument overrides the attribute, and evaluation leaves the statistics alone
     _equal(m(x, use_running_average=True), evaluate)
+    _equal(m(x, True), evaluate)  # positionally, as Flax's
     _equal(m.mean[...], state.mean)
     m.eval()
     assert m.use_running_average is True
@@ -271,6 +287,8 @@ def test_linen_batch_norm_modes():
         def __call__(self, x, train: bool):
             return lnjax.linen.BatchNorm(use_running_average=not train)(x)
 
+    _equal(lnjax.linen.BatchNorm().apply(variables, x, True), lnjax.batch_norm(
+        x, None, None, lnjax.batch_norm_state(5), training=False)[0])  # positionally, as Flax's
     net_vars = Net().init(jax.random.key(0), x, train=True)
     y, upd = Net().apply(net_vars, x, train=True, mutable=["batch_stats"])
     want, state = lnjax.batch_norm(x, None, None, lnjax.batch_norm_state(5), training=True)
@@ -387,17 +405,31 @@ def test_grad_equals_pure_grad(name):
 
 
 @pytest.mark.parametrize("spec", lnjax._modules.SPECS, ids=lambda s: s.name)
-def test_frontends_take_their_options_and_defaults_from_the_pure_op(spec):
-    """Both frontends are built from one spec, and each option's default is the op's own."""
+def test_frontends_take_their_options_and_defaults_from_one_place(spec):
+    """Both frontends are built from one spec: the same options, in the same order, with each
+    default the op's own (under Flax's name) or the one in `MODULE_DEFAULTS`."""
     import dataclasses
     import inspect
 
     op_params = inspect.signature(spec.op).parameters
-    nnx_params = inspect.signature(getattr(lnjax.nnx, spec.name)).parameters
+    nnx_params = dict(inspect.signature(getattr(lnjax.nnx, spec.name)).parameters)
     linen_fields = {f.name: f.default for f in dataclasses.fields(getattr(lnjax.linen, spec.name))
                     if f.name not in ("parent", "name")}  # fmt: skip
     for k in spec.options:
-        assert nnx_params[k].default == linen_fields[k] == op_params[k].default, k
-    only_nnx = {"num_features", "rngs", "use_running_average"}
-    assert set(linen_fields) - {"use_running_average"} == set(nnx_params) - only_nnx
-    assert nnx_params["use_bias"].default == linen_fields["use_bias"] == spec.use_bias
+        op = spec.op_name(k)
+        want = op_params[op].default if op else lnjax._modules.MODULE_DEFAULTS[k]
+        if k == "use_bias":
+            want = spec.use_bias
+        assert nnx_params[k].default == linen_fields[k] == want, k
+    mode = ["use_running_average"] if spec.stateful else []
+    assert list(linen_fields) == mode + list(spec.options)
+    assert list(nnx_params) == ["num_features", *spec.positional, *mode,
+                                *(k for k in spec.options if k not in spec.positional), "rngs"]
+    # every op argument but the ones the layer computes is an option
+    given = {spec.op_name(k) for k in spec.options} | {"x", "scale", "bias", "state", "training", "mask"}
+    assert set(op_params) - given <= {"num_groups"}, set(op_params) - given
+
+
+def test_unknown_argument_names_the_signature():
+    with pytest.raises(TypeError, match=r"lnjax.nnx.LayerNorm\(num_features.*reduction_axes.*'axis'"):
+        lnjax.nnx.LayerNorm(8, axis=1)

@@ -173,7 +173,8 @@ def _in(x, s, b, axis=-1, eps=1e-5, fast_variance=False):
 jln = jax.jit(lnjax.layer_norm, static_argnames=_static)
 jgn = jax.jit(lnjax.group_norm, static_argnames=("num_groups",) + _static)
 jin = jax.jit(lnjax.instance_norm, static_argnames=_static)
-jbn = jax.jit(batch_norm, static_argnames=("training", "momentum", "axis_name") + _static)
+jbn = jax.jit(batch_norm, static_argnames=("training", "momentum", "axis_name", "unbiased_running_var", "implementation")
+              + _static)
 
 OPS = {
     "layer_norm": (_ln, lambda x, s, b, axis=-1, eps=1e-5: ref_layer_norm(x, s, b, axis, eps)),
@@ -559,15 +560,18 @@ def test_batch_norm_training_statistics(axis):
     assert_close(new.var, var * m / (m - 1), 1e-12)
 
 
+@pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("state_dtype", [jnp.float64, jnp.float32], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 3)], ids=["NC", "NHWC"])
-def test_batch_norm_running_averages_first_three_steps(shape, state_dtype):
-    """new = momentum * old + (1 - momentum) * batch; var uses m / (m - 1) * biased var.
+def test_batch_norm_running_averages_first_three_steps(shape, state_dtype, unbiased):
+    """new = momentum * old + (1 - momentum) * batch; var uses m / (m - 1) * biased var (the
+    biased var itself with `unbiased_running_var=False`, Flax's convention).
 
     Starting from mean 0 and var 1 (not debiased as if they started at 0)."""
     rng = np.random.default_rng(18)
     momentum = 0.9
     m = int(np.prod(shape[:-1]))
+    correction = m / (m - 1) if unbiased else 1.0
     state = batch_norm_state(3, state_dtype)
     assert np.all(f64(state.mean) == 0) and np.all(f64(state.var) == 1)
     hand_mean, hand_var = np.zeros(3), np.ones(3)
@@ -576,15 +580,21 @@ def test_batch_norm_running_averages_first_three_steps(shape, state_dtype):
         red = tuple(range(len(shape) - 1))
         bm, bv = x.mean(red), x.var(red)
         hand_mean = momentum * hand_mean + (1 - momentum) * bm
-        hand_var = momentum * hand_var + (1 - momentum) * bv * m / (m - 1)
-        _, state = jbn(x, None, None, state, training=True, momentum=momentum)
+        hand_var = momentum * hand_var + (1 - momentum) * bv * correction
+        for implementation in ("xla", None):  # the fused path updates the state on its own
+            _, new = jbn(x, None, None, state, training=True, momentum=momentum,
+                         unbiased_running_var=unbiased, implementation=implementation)  # fmt: skip
+            assert_close(new.var, hand_var, 1e-12 if state_dtype == jnp.float64 else 1e-6)
+        state = new
         assert state.mean.dtype == state_dtype and state.var.dtype == state_dtype
         rtol = 1e-12 if state_dtype == jnp.float64 else 1e-6
         assert_close(state.mean, hand_mean, rtol)
         assert_close(state.var, hand_var, rtol)
         if step == 0:  # spelled out: 0.1 * batch mean; 0.9 + 0.1 * unbiased variance
             assert_close(state.mean, 0.1 * bm, rtol)
-            assert_close(state.var, 0.9 + 0.1 * bv * m / (m - 1), rtol)
+            assert_close(state.var, 0.9 + 0.1 * bv * correction, rtol)
+    with pytest.raises(TypeError, match="`unbiased_running_var` must be a Python bool"):
+        jbn(x, None, None, state, training=True, unbiased_running_var=1)
 
 
 def test_batch_norm_momentum_one_keeps_state_values():

@@ -1,4 +1,5 @@
-"""The normalization layers of both Flax frontends, each written down once.
+"""What the two Flax frontends share, written down once: the normalization layers' specs and
+the RNN layers' call.
 
 A `Spec` names the pure op a layer wraps and the op's options it exposes; their defaults are
 read from the op's signature, so a default lives only in the op. `lnjax.nnx` and `lnjax.linen`
@@ -14,8 +15,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax.linen.recurrent import flip_sequences
 
-from lnjax import _checks, normalization
+from lnjax import _checks, normalization, recurrent
 
 ones = jax.nn.initializers.ones
 zeros = jax.nn.initializers.zeros
@@ -31,13 +33,18 @@ def dense(x, w, bias):
     return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
 
 
-def bidirectional(forward, backward, xs, *, return_carry=False, **kw):
-    """The `Bidirectional` layers of both frontends: `forward` and `backward` (reversed within
-    each sequence's length) over `xs`, outputs concatenated."""
-    yf, cf = forward(xs, return_carry=True, **kw)
-    yb, cb = backward(xs, reverse=True, return_carry=True, **kw)
-    ys = jnp.concatenate([yf, yb], axis=-1)
-    return (ys, (cf, cb)) if return_carry else ys
+def flax_rnn(layer, cell, params, inputs, *, initial_carry, seq_lengths, **call):
+    """`lnjax.rnn` under `flax.nnx.RNN`'s conventions, for the `RNN` layers of both frontends:
+    the call's `return_carry`, `time_major`, `reverse`, `keep_order` (the `layer`'s attributes
+    where None); outputs, or `(carry, outputs)`."""
+    o = {k: getattr(layer, k) if v is None else v for k, v in call.items()}
+    ys, carry = recurrent.rnn(cell, params, inputs, lengths=seq_lengths, initial_carry=initial_carry,
+                              reverse=o["reverse"], time_major=o["time_major"], unroll=layer.unroll,
+                              precompute_inputs=layer.precompute_inputs)  # fmt: skip
+    if o["reverse"] and not o["keep_order"]:  # Flax's order: as computed, reversed within each length
+        lengths = None if seq_lengths is None else jnp.asarray(seq_lengths, int)  # flax's arange's dtype
+        ys = flip_sequences(ys, lengths, num_batch_dims=ys.ndim - 2, time_major=o["time_major"])
+    return (carry, ys) if o["return_carry"] else ys
 
 
 # The modules' options that are not op arguments, and Flax's defaults for them: a module option

@@ -18,8 +18,8 @@ from flax import linen as nn
 
 from lnjax import _checks, _modules, normalization, norms, recurrent, relatives
 
-__all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
-           "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
+__all__ = ["BNLSTM", "RNN", "BatchNorm", "GRUCell", "GroupNorm", "InstanceNorm", "LSTMCell", "LayerNorm", "Norm",
+           "ProxyNorm", "RMSNorm", "SimpleCell", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
 ones, zeros = _modules.ones, _modules.zeros
@@ -151,9 +151,7 @@ class WeightNormDense(nn.Module):
         return _modules.dense(x, normalization.weight_norm(v, g, eps=self.eps), b)
 
 
-# --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
-
-
+# --- recurrent modules (shells over the cells of lnjax.recurrent) -------------------------
 
 
 def _pure_params(mdl: nn.Module, init: Callable[[], dict], first: str | None = None) -> dict:
@@ -170,13 +168,15 @@ def _pure_params(mdl: nn.Module, init: Callable[[], dict], first: str | None = N
     return {name: mdl.param(name, lambda _, v=value: v) for name, value in init().items()}
 
 
-def _cell_fields(cell_cls, **extra) -> dict:
-    """A class namespace whose attributes are the fields of the pure cell `cell_cls` (same names,
-    types and defaults), then `extra`: the module's options live in the cell alone."""
+def _cell_fields(cell_cls, rename=(), **extra) -> dict:
+    """A class namespace whose attributes are the fields of the pure cell `cell_cls` (same types
+    and defaults; names renamed by `rename`), then `extra`: the module's options live in the
+    cell alone."""
+    rename = dict(rename)
     fields = sorted((f for f in dataclasses.fields(cell_cls) if f.init), key=lambda f: f.kw_only)
-    ns = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    ns["__annotations__"] = {**{f.name: f.type for f in fields}, **{k: Any for k in extra}}
-    return {**ns, **extra, "CELL": cell_cls}
+    ns = {rename.get(f.name, f.name): f.default for f in fields if f.default is not dataclasses.MISSING}
+    ns["__annotations__"] = {**{rename.get(f.name, f.name): f.type for f in fields}, **{k: Any for k in extra}}
+    return {**ns, **extra, "CELL": cell_cls, "RENAME": rename}
 
 
 class _CellModule(nn.Module):
@@ -187,78 +187,111 @@ class _CellModule(nn.Module):
     @property
     def cell(self):
         """The pure cell: a single step is `module.cell(variables["params"], carry, x_t)`."""
-        return self.CELL(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.CELL) if f.init})
+        fields = (f.name for f in dataclasses.fields(self.CELL) if f.init)
+        return self.CELL(**{f: getattr(self, self.RENAME.get(f, f)) for f in fields})
+
+    def _params(self, in_features):
+        return _pure_params(self, lambda: self.cell.init(self.make_rng("params"), in_features, self.param_dtype),
+                            "w_x")  # fmt: skip
 
 
-class _RNN(_CellModule):
+class _Cell(_CellModule, nn.RNNCellBase):
     @nn.compact
-    def __call__(self, xs, *, lengths=None, initial_carry=None, reverse=False, time_major=False,
-                 return_carry=False, precompute_inputs=None, unroll=1):  # fmt: skip
-        """Runs the cell over `xs` with `lnjax.rnn` (see it for the arguments).
+    def __call__(self, carry, inputs):
+        """One step: `(carry, y_t)` for `inputs` `[*batch, in_features]`."""
+        return self.cell(self._params(jnp.shape(inputs)[-1]), carry, inputs)
 
-        `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
-        outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
-        """
-        params = _pure_params(self, lambda: self.cell.init(self.make_rng("params"), jnp.shape(xs)[-1],
-                                                           self.param_dtype), "w_x")  # fmt: skip
-        ys, carry = recurrent.rnn(self.cell, params, xs, lengths=lengths, initial_carry=initial_carry,
-                        reverse=reverse, time_major=time_major,
-                        precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
-        return (ys, carry) if return_carry else ys
+    @nn.nowrap
+    def initialize_carry(self, rng, input_shape):
+        """Zeros for inputs `[*batch, in_features]` (`rng` is unused: the carry is constant)."""
+        return self.cell.initial_carry(tuple(input_shape[:-1]), self.param_dtype)
 
-
-_RNN_DOC = """ layer over a sequence: `lnjax.{}` run by `lnjax.rnn`. Its attributes are the cell's
-    fields (the meaning and defaults of every option there), and `param_dtype`; `params` are
-    exactly `cell.init`'s tree."""
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-def _rnn_module(name, cell_cls, what):
-    ns = _cell_fields(cell_cls, param_dtype=jnp.float32)
-    return type(name, (_RNN,), {**ns, "__module__": __name__, "__doc__": what + _RNN_DOC.format(cell_cls.__name__)})
+_CELL_DOC = """ cell: `lnjax.{}` as a Flax RNN cell (`nn.RNNCellBase`): one step is
+    `(carry, y_t) = cell(carry, x_t)`, so it runs in `nn.RNN` and `nn.Bidirectional`, and in
+    `lnjax.linen.RNN`, which runs it with `lnjax.rnn`. Its attributes are the cell's fields
+    (their meaning and defaults there), with `hidden_size` named `features` as in Flax, and
+    `param_dtype` (also the dtype of `initialize_carry`'s carry); `params` are exactly
+    `cell.init`'s tree."""
 
 
-LSTM = _rnn_module("LSTM", recurrent.LSTMCell, "LN-LSTM")
-GRU = _rnn_module("GRU", recurrent.GRUCell, "LN-GRU")
-SimpleRNN = _rnn_module("SimpleRNN", recurrent.RNNCell, "LN tanh-RNN")
+def _cell(name, cell_cls, what):
+    ns = _cell_fields(cell_cls, {"hidden_size": "features"}, param_dtype=jnp.float32)
+    return type(name, (_Cell,), {**ns, "__module__": __name__, "__doc__": what + _CELL_DOC.format(cell_cls.__name__)})
 
 
-class Bidirectional(nn.Module):
-    """Runs `forward` and `backward` (`LSTM`, `GRU` or `SimpleRNN` modules, or any with their
-    call signature) over the same inputs, the backward one reversed within each sequence's
-    length, and concatenates their outputs, as `lnjax.bidirectional_rnn` does.
-    Outputs `[*batch, T, H_forward + H_backward]`."""
+LSTMCell = _cell("LSTMCell", recurrent.LSTMCell, "LN-LSTM")
+GRUCell = _cell("GRUCell", recurrent.GRUCell, "LN-GRU")
+SimpleCell = _cell("SimpleCell", recurrent.RNNCell, "LN tanh-RNN")
 
-    forward: nn.Module
-    backward: nn.Module
 
-    def __call__(self, xs, **kwargs):
-        """`lengths`, `time_major`, `precompute_inputs`, `unroll` as for `LSTM.__call__`; with
-        `return_carry=True`, returns `(outputs, (forward_carry, backward_carry))`."""
-        return _modules.bidirectional(self.forward, self.backward, xs, **kwargs)
+class RNN(nn.Module):
+    """A layer over sequences: an lnjax cell run by `lnjax.rnn` (`jax.lax.scan`, with the
+    input projections of all steps hoisted out of the loop where that is faster), under the
+    attributes and conventions of `nn.RNN`, so it takes its place, also in `nn.Bidirectional`.
+
+    `inputs` `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`) give the
+    outputs `[*batch, T, features]`, or `(carry, outputs)` if `return_carry`. `seq_lengths`
+    `[*batch]`: steps past a sequence's length leave its carry as it is and output zeros.
+    `reverse` runs each sequence backwards within its length; its outputs come in the order
+    computed unless `keep_order`. Every call argument left None takes the attribute. The
+    parameters are the cell's (`params/cell/...`).
+
+    Attributes:
+      cell: `lnjax.linen.LSTMCell`, `GRUCell` or `SimpleCell` (other cells: `nn.RNN`).
+      time_major, return_carry, reverse, keep_order, unroll: as in `nn.RNN`.
+      precompute_inputs: see `lnjax.rnn` (None: the faster form for the backend).
+    """
+
+    cell: _Cell
+    time_major: bool = False
+    return_carry: bool = False
+    reverse: bool = False
+    keep_order: bool = False
+    unroll: int = 1
+    precompute_inputs: bool | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.cell, _Cell):
+            raise TypeError(f"`cell` must be an lnjax.linen cell (LSTMCell, GRUCell, SimpleCell), got "
+                            f"{type(self.cell).__name__}; run other cells with nn.RNN.")  # fmt: skip
+        super().__post_init__()
+
+    def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None, return_carry: bool | None = None,
+                 time_major: bool | None = None, reverse: bool | None = None, keep_order: bool | None = None):  # fmt: skip
+        del init_key  # the carry is constant
+        x0 = jnp.take(inputs, 0, axis=0 if (self.time_major if time_major is None else time_major) else -2)
+        # One step of the cell creates its parameters (in `init`) or reads them; XLA drops the step.
+        self.cell(self.cell.initialize_carry(None, jnp.shape(x0)), x0)
+        return _modules.flax_rnn(self, self.cell.cell, dict(self.cell.variables["params"]), inputs,
+                                 initial_carry=initial_carry, seq_lengths=seq_lengths, return_carry=return_carry,
+                                 time_major=time_major, reverse=reverse, keep_order=keep_order)  # fmt: skip
 
 
 class _BNLSTM(_CellModule):
     @nn.compact
-    def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
-                 return_carry=False, use_running_average: bool | None = None,
-                 unroll=1):  # fmt: skip
-        """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
+    def __call__(self, inputs, *, initial_carry=None, seq_lengths=None, return_carry=False, time_major=False,
+                 use_running_average: bool | None = None, unroll=1):  # fmt: skip
+        """`inputs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
         `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
-        `(outputs, final_carry)`."""
+        `(carry, outputs)`, as `nn.RNN`."""
         training = _mode(self, use_running_average)
-        params = _pure_params(self, lambda: self.cell.init(self.make_rng("params"), jnp.shape(xs)[-1],
-                                                           self.param_dtype), "w_x")  # fmt: skip
+        params = self._params(jnp.shape(inputs)[-1])
         dtype = _checks.stats_dtype(jnp.dtype(self.param_dtype))
         stats = self.variable("batch_stats", "stats", self.cell.init_state, dtype)
         init = self.is_initializing()
         ys, carry, state = recurrent.bn_lstm_rnn(
-            self.cell, params, stats.value, xs, training=training, lengths=lengths,
+            self.cell, params, stats.value, inputs, training=training, lengths=seq_lengths,
             initial_carry=initial_carry, time_major=time_major,
             axis_name=None if init else self.axis_name, unroll=unroll,
         )  # fmt: skip
         if training and not init:
             stats.value = state
-        return (ys, carry) if return_carry else ys
+        return (carry, ys) if return_carry else ys
 
 
 BNLSTM = type("BNLSTM", (_BNLSTM,), {

@@ -16,8 +16,8 @@ from flax import nnx
 
 from lnjax import _checks, _modules, normalization, norms, recurrent, relatives
 
-__all__ = ["BNLSTM", "BatchNorm", "Bidirectional", "GRU", "GroupNorm", "InstanceNorm", "LSTM", "LayerNorm",
-           "Norm", "ProxyNorm", "RMSNorm", "SimpleRNN", "WeightNormDense"]
+__all__ = ["BNLSTM", "RNN", "BatchNorm", "GRUCell", "GroupNorm", "InstanceNorm", "LSTMCell", "LayerNorm", "Norm",
+           "ProxyNorm", "RMSNorm", "SimpleCell", "WeightNormDense"]
 
 Initializer = Callable[..., jax.Array]
 ones, zeros = _modules.ones, _modules.zeros
@@ -192,9 +192,7 @@ class WeightNormDense(nnx.Module):
         return _modules.dense(x, w, _value(self.bias))
 
 
-# --- recurrent modules (shells over the cells of lnjax.recurrent) go below -------------------
-
-
+# --- recurrent modules (shells over the cells of lnjax.recurrent) -------------------------
 
 
 def _is_variable(v):
@@ -236,69 +234,88 @@ class _CellParams(_Params):
     def _init_cell(self, cell, in_features, param_dtype, rngs: nnx.Rngs):
         self.cell = cell
         self.in_features = _checks.positive_int(in_features, "in_features")
+        self.param_dtype = param_dtype
         self._set_params(cell.init(rngs.params(), self.in_features, param_dtype))
 
 
-class _RNN(_CellParams):
-    def __call__(self, xs, *, lengths=None, initial_carry=None, reverse=False, time_major=False,
-                 return_carry=False, precompute_inputs=None, unroll=1):  # fmt: skip
-        """Runs the cell over `xs` with `lnjax.rnn` (see it for the arguments).
+class _Cell(_CellParams, nnx.RNNCellBase):
+    """The pure cell `lnjax.{}` as a Flax RNN cell (`nnx.RNNCellBase`): one step is
+    `m(carry, x_t) -> (carry, y_t)`, `x_t` `[*batch, in_features]`, so it runs in `nnx.RNN` and
+    `nnx.Bidirectional`, and in `lnjax.nnx.RNN`, which runs it with `lnjax.rnn`.
 
-        `xs`: `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`). Returns the
-        outputs `[*batch, T, hidden_size]`, or `(outputs, final_carry)` if `return_carry`.
-        """
-        ys, carry = recurrent.rnn(self.cell, self.params, xs, lengths=lengths,
-                                  initial_carry=initial_carry,
-                        reverse=reverse, time_major=time_major,
-                        precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
-        return (ys, carry) if return_carry else ys
-
-
-class _CellModule(_RNN):
-    """A layer over a sequence: the pure cell `CELL` run by `lnjax.rnn`. Its options are the
-    cell's fields, by name (`input_norm=None`, `forget_bias=1.0`, ...; see the cell), so that
-    they and their defaults live in one place.
+    Args:
+      in_features, hidden_features: the input size and H.
+      param_dtype: of the parameters and of `initialize_carry`'s carry.
+      rngs: required (random `w_x`, orthogonal `w_h`).
+      **cell_options: the fields of `lnjax.{}` by name ({}), so that they and their defaults
+        live in one place.
 
     Parameters: the attributes named as the top-level keys of `cell.init` (`w_x`, `w_h`, `n_x`,
-    ...), exactly its tree; `cell` is the pure cell, `params` its arrays. `rngs` is required
-    (random `w_x`, orthogonal `w_h`).
+    ...), exactly its tree; `cell` is the pure cell and `params` its arrays.
     """
 
     CELL: type
 
-    def __init__(self, in_features: int, hidden_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+    def __init__(self, in_features: int, hidden_features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  **cell_options):  # fmt: skip
-        self._init_cell(self.CELL(hidden_size, **cell_options), in_features, param_dtype, rngs)
+        self.hidden_features = _checks.positive_int(hidden_features, "hidden_features")
+        self._init_cell(self.CELL(hidden_features, **cell_options), in_features, param_dtype, rngs)
+
+    def __call__(self, carry, inputs):
+        return self.cell(self.params, carry, inputs)
+
+    def initialize_carry(self, input_shape, rngs=None):
+        """Zeros for inputs `[*batch, in_features]` (`rngs` is unused: the carry is constant)."""
+        return self.cell.initial_carry(tuple(input_shape[:-1]), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-class LSTM(_CellModule):
-    __doc__ = "LN-LSTM layer, `lnjax.LSTMCell`. " + _CellModule.__doc__
-    CELL = recurrent.LSTMCell
+def _cell(name, cell_cls, what, options):
+    doc = what + " " + _Cell.__doc__.format(cell_cls.__name__, cell_cls.__name__, options)
+    return type(name, (_Cell,), {"CELL": cell_cls, "__doc__": doc, "__module__": __name__, "__qualname__": name})
 
 
-class GRU(_CellModule):
-    __doc__ = "LN-GRU layer, `lnjax.GRUCell`. " + _CellModule.__doc__
-    CELL = recurrent.GRUCell
+LSTMCell = _cell("LSTMCell", recurrent.LSTMCell, "LN-LSTM cell.", "`input_norm`, `cell_norm`, `forget_bias`, ...")
+GRUCell = _cell("GRUCell", recurrent.GRUCell, "LN-GRU cell.", "`input_norm`, `recurrent_norm`, ...")
+SimpleCell = _cell("SimpleCell", recurrent.RNNCell, "LN tanh-RNN cell.", "`norm`, `precision`, ...")
 
 
-class SimpleRNN(_CellModule):
-    __doc__ = "LN tanh-RNN layer, `lnjax.RNNCell`. " + _CellModule.__doc__
-    CELL = recurrent.RNNCell
+class RNN(nnx.Module):
+    """A layer over sequences: an lnjax cell run by `lnjax.rnn` (`jax.lax.scan`, with the
+    input projections of all steps hoisted out of the loop where that is faster), under the
+    arguments and conventions of `nnx.RNN`, so it takes its place, also in `nnx.Bidirectional`.
 
+    `inputs` `[*batch, T, in_features]` (`[T, *batch, in_features]` if `time_major`) give the
+    outputs `[*batch, T, hidden_features]`, or `(carry, outputs)` if `return_carry`.
+    `seq_lengths` `[*batch]`: steps past a sequence's length leave its carry as it is and
+    output zeros. `reverse` runs each sequence backwards within its length; its outputs come in
+    the order computed unless `keep_order`. Every call argument left None takes the attribute.
 
-class Bidirectional(nnx.Module):
-    """Runs `forward` and `backward` (`LSTM`, `GRU` or `SimpleRNN` modules, or any with their
-    call signature) over the same inputs, the backward one reversed within each sequence's
-    length, and concatenates their outputs, as `lnjax.bidirectional_rnn` does.
-    Outputs `[*batch, T, H_forward + H_backward]`."""
+    Args:
+      cell: `lnjax.nnx.LSTMCell`, `GRUCell` or `SimpleCell` (other cells: `nnx.RNN`).
+      time_major, return_carry, reverse, keep_order, unroll: as in `nnx.RNN`.
+      precompute_inputs: see `lnjax.rnn` (None: the faster form for the backend).
+    """
 
-    def __init__(self, forward: nnx.Module, backward: nnx.Module):
-        self.forward, self.backward = forward, backward
+    def __init__(self, cell: _Cell, *, time_major: bool = False, return_carry: bool = False, reverse: bool = False,
+                 keep_order: bool = False, unroll: int = 1, precompute_inputs: bool | None = None):  # fmt: skip
+        if not isinstance(cell, _Cell):
+            raise TypeError(f"`cell` must be an lnjax.nnx cell (LSTMCell, GRUCell, SimpleCell), got "
+                            f"{type(cell).__name__}; run other cells with nnx.RNN.")  # fmt: skip
+        self.cell = cell
+        self.time_major, self.return_carry, self.reverse, self.keep_order = time_major, return_carry, reverse, keep_order
+        self.unroll, self.precompute_inputs = unroll, precompute_inputs
 
-    def __call__(self, xs, **kwargs):
-        """`lengths`, `time_major`, `precompute_inputs`, `unroll` as for `LSTM.__call__`; with
-        `return_carry=True`, returns `(outputs, (forward_carry, backward_carry))`."""
-        return _modules.bidirectional(self.forward, self.backward, xs, **kwargs)
+    def __call__(self, inputs, *, initial_carry=None, seq_lengths=None, return_carry: bool | None = None,
+                 time_major: bool | None = None, reverse: bool | None = None, keep_order: bool | None = None,
+                 rngs=None):  # fmt: skip
+        del rngs  # the cells draw no random numbers
+        return _modules.flax_rnn(self, self.cell.cell, self.cell.params, inputs, initial_carry=initial_carry,
+                                 seq_lengths=seq_lengths, return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)  # fmt: skip
 
 
 class BNLSTM(_CellParams, _Mode):
@@ -339,21 +356,20 @@ class BNLSTM(_CellParams, _Mode):
         self.stats = nnx.data(jax.tree.map(nnx.BatchStat, state))
         self.use_running_average, self.axis_name = use_running_average, axis_name
 
-    def __call__(self, xs, *, lengths=None, initial_carry=None, time_major=False,
-                 return_carry=False, use_running_average: bool | None = None,
-                 unroll=1):  # fmt: skip
-        """`xs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
+    def __call__(self, inputs, *, initial_carry=None, seq_lengths=None, return_carry=False, time_major=False,
+                 use_running_average: bool | None = None, unroll=1):  # fmt: skip
+        """`inputs`: `[*batch, T, in_features]` (at least one batch axis; time-major if
         `time_major`), T <= max_steps in training. Returns the outputs `[*batch, T, H]`, or
-        `(outputs, final_carry)`. `use_running_average` overrides the attribute."""
+        `(carry, outputs)`, as `nnx.RNN`. `use_running_average` overrides the attribute."""
         training = self._training(use_running_average)
         ys, carry, state = recurrent.bn_lstm_rnn(
-            self.cell, self.params, _values(self.stats), xs, training=training, lengths=lengths,
+            self.cell, self.params, _values(self.stats), inputs, training=training, lengths=seq_lengths,
             initial_carry=initial_carry, time_major=time_major, axis_name=self.axis_name,
             unroll=unroll,
         )  # fmt: skip
         if training:
             _assign(self.stats, state)
-        return (ys, carry) if return_carry else ys
+        return (carry, ys) if return_carry else ys
 
 
 # --- any normalizer of lnjax.norms --------------------------------------------------------------

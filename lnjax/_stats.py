@@ -143,14 +143,19 @@ def ema_update(state: BatchNormState, mean, var, count, momentum, unbiased=True)
 def batch_moments(x, red, state: BatchNormState, *, training, momentum, unbiased=True, **options):
     """`(mean, residual, var, new_state)` for batch normalization over the axes `red`.
 
-    Training: the batch moments (`moments(x, red, **options)`) and the updated running averages.
+    Training: the batch moments (`moments(x, red, **options)`) and the updated running averages;
+    a feature that saw no data (an empty or all-masked batch) keeps its running averages and is
+    normalized with them, as in evaluation (not with mean 0 and variance 0: `x / sqrt(eps)`).
     Inference: the running averages, shaped to broadcast against `x`, and `state` unchanged.
     """
-    if training:
-        mean, residual, var, count = moments(x, red, **options)
-        return mean, residual, var, ema_update(state, mean + residual, var, count, momentum, unbiased)
     feat = tuple(a for a in range(x.ndim) if a not in red)
     dtype = _checks.stats_dtype(x.dtype)
-    mean = broadcast_to_axes(state.mean, feat, x.ndim, dtype)
-    var = broadcast_to_axes(state.var, feat, x.ndim, dtype)
-    return mean, jnp.zeros_like(mean), var, state
+    run_mean = broadcast_to_axes(state.mean, feat, x.ndim, dtype)
+    run_var = broadcast_to_axes(state.var, feat, x.ndim, dtype)
+    if not training:
+        return run_mean, jnp.zeros_like(run_mean), run_var, state
+    mean, residual, var, count = moments(x, red, **options)
+    new_state = ema_update(state, mean + residual, var, count, momentum, unbiased)
+    seen = count > 0
+    return (jnp.where(seen, mean, run_mean), jnp.where(seen, residual, 0), jnp.where(seen, var, run_var),
+            new_state)  # fmt: skip

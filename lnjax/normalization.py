@@ -200,7 +200,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
       mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
         `[batch, features]`); False positions (padding) are left out of the statistics but
         still normalized with them, and their values (even NaN) reach no gradient. A batch
-        with no data (empty, or all masked) leaves the running averages unchanged.
+        with no data (empty, or all masked) leaves the running averages unchanged and is
+        normalized with them, as in evaluation.
       fast_variance: one-pass variance (see `moments`).
       unbiased_running_var: the running variance averages the unbiased batch variance (True)
         or the biased one (False).

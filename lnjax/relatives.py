@@ -473,7 +473,8 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
       x: node features `[num_nodes, features]`.
       scale, bias: shape `[features]`, or None.
       edges: int array `[2, num_edges]`, (senders, receivers), indices in `[0, num_nodes)`;
-        checked when concrete, ignored (left out of every statistic) when out of range under jit.
+        checked when concrete; under jit, an edge out of range makes every output NaN (which
+        node it was meant for is unknown, so no output can be trusted).
       eps: inside the square root.
 
     Returns:
@@ -493,6 +494,7 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
         rows, seg, n, weight, sorted_ids=False, over_features=True
     )
     y = _stats.normalize(xf, mean, residual, var, eps)
+    y = jnp.where(jnp.all(valid > 0), y, jnp.nan)
     return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
 
 

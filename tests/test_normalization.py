@@ -1108,6 +1108,31 @@ def test_a_batch_without_data_leaves_the_running_statistics_unchanged(name, run)
     np.testing.assert_array_equal(new.var, state.var)
 
 
+def test_a_batch_without_data_is_normalized_with_the_running_statistics():
+    """Not with mean 0 and variance 0 (`x / sqrt(eps)`): as in evaluation."""
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, size=(4, 8)), jnp.float32)
+    state = BatchNormState(jnp.linspace(-1, 1, 8, dtype=jnp.float32), jnp.linspace(0.5, 2, 8, dtype=jnp.float32))
+    scale, bias = jnp.linspace(0.5, 1.5, 8, dtype=jnp.float32), jnp.linspace(-1, 1, 8, dtype=jnp.float32)
+    want = (np.asarray(x) - np.asarray(state.mean)) / np.sqrt(np.asarray(state.var) + 1e-5) * np.asarray(scale) + np.asarray(bias)
+    none = jnp.zeros(4, bool)
+    runs = {
+        "all-masked": lambda: batch_norm(x, scale, bias, state, training=True, mask=none),
+        "all-masked/fast-variance": lambda: batch_norm(x, scale, bias, state, training=True, mask=none,
+                                                       fast_variance=True),
+        "domain-agnostic/no-source": lambda: lnjax.domain_agnostic_batch_norm(
+            x, scale, bias, state, source_mask=none, training=True),
+        "graph-batch/no-node": lambda: lnjax.graph_batch_norm(x, scale, bias, state, training=True, node_mask=none),
+    }  # fmt: skip
+    for name, run in runs.items():
+        y, new = jax.jit(run)()
+        np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(new.var, state.var)
+    # a partly masked batch still uses its own statistics
+    y, _ = batch_norm(x, None, None, state, training=True, mask=none.at[:2].set(True))
+    xv = np.asarray(x[:2], np.float64)
+    np.testing.assert_allclose(y[:2], (xv - xv.mean(0)) / np.sqrt(xv.var(0) + 1e-5), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", [None, "xla"])
 def test_masked_values_reach_no_gradient_even_nan(implementation):
     rng = np.random.default_rng(2)

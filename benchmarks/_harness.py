@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import glob
 import os
 import platform
 import statistics
@@ -254,8 +255,18 @@ def _read(path):
         return "n/a"
 
 
+def caches() -> str:
+    """cpu0's caches as sysfs reports them, e.g. "L1d 32K, L1i 32K, L2 1024K, L3 32768K" (the
+    fused kernels' blocks are the L2 size)."""
+    out = []
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        kind = {"Data": "d", "Instruction": "i"}.get(_read(f"{d}/type"), "")
+        out.append(f"L{_read(f'{d}/level')}{kind} {_read(f'{d}/size')}")
+    return ", ".join(out) or "n/a"
+
+
 def machine_info() -> dict:
-    """CPU, cores, memory, kernel and transparent-huge-page mode of this machine."""
+    """CPU, ISA, caches, cores, memory, kernel and transparent-huge-page mode of this machine."""
     mem = "n/a"
     for line in _read("/proc/meminfo").splitlines():
         if line.startswith("MemTotal"):
@@ -270,6 +281,7 @@ def machine_info() -> dict:
         cpu=cpu_model(),
         cores=cores,
         isa=" ".join(isa),
+        caches=caches(),
         memory=mem,
         kernel=platform.release(),
         python=platform.python_version(),

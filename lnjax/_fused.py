@@ -19,13 +19,16 @@ Reverse mode transposes it into the textbook backward
 (jvp, jacfwd, Hessian-vector products) works too, which a `custom_vjp` would refuse. Two
 details make it fast: the tangent is `jax.checkpoint`ed, so linearization saves only `x` and
 the per-row statistics (not `xhat`) and the backward recomputes `xhat` fused with its use; and
-for float32 and wider it runs one cache-sized block of rows at a time (`lax.scan` over a
-reshape, where a block size divides the rows), so a block's temporaries stay in cache: the
+for float32 and wider on CPU it runs one block of rows of the size of the L2 cache at a time
+(`lax.scan` over a reshape, where a block size divides the rows), so a block's temporaries
+stay in cache: the
 backward reads `x` and `g` once and writes `dx` once. (bfloat16/float16 blocks measured slower
 than the whole array: XLA:CPU converts sliced narrow floats through float32 buffers.)
 """
 
 import functools
+import glob
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +36,31 @@ from jax import lax
 
 from lnjax import _stats
 
-# Working-set size of one block of rows (float32 bytes of one operand); chosen on a 2-core
-# AMD EPYC with 1 MiB of L2 per core (BENCHMARKS.md, "what was tried").
-_BLOCK_BYTES = 1 << 20
+# Where the OS does not report the L2 size: the per-core L2 of the machine the rule was
+# measured on (a 2-core AMD EPYC, BENCHMARKS.md "what was tried").
+_DEFAULT_BLOCK_BYTES = 1 << 20
+
+
+def parse_cache_size(text: str) -> int:
+    """Bytes of a sysfs cache `size` entry ("1024K", "2M", "512")."""
+    text = text.strip().upper()
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text[:-1] if unit > 1 else text) * unit
+
+
+@functools.cache
+def block_bytes() -> int:
+    """Working-set size of one block of rows (float32 bytes of one operand): this machine's
+    per-core L2 cache, so that a block's temporaries stay in it (read from Linux's sysfs; the
+    measured default elsewhere)."""
+    for level in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/level"):
+        path = pathlib.Path(level)
+        try:
+            if path.read_text().strip() == "2":
+                return parse_cache_size((path.parent / "size").read_text())
+        except (OSError, ValueError):
+            break
+    return _DEFAULT_BLOCK_BYTES
 
 
 def _rows(x):
@@ -48,9 +73,9 @@ def _row(v, dtype):
     return v.astype(dtype).reshape((1, -1))
 
 
-def _block_rows(n, h, block_bytes):
-    """Rows per block: about `block_bytes` of float32, preferring a divisor of `n`."""
-    target = max(1, min(n, block_bytes // (4 * max(h, 1))))
+def _block_rows(n, h, budget):
+    """Rows per block: about `budget` bytes of float32, preferring a divisor of `n`."""
+    target = max(1, min(n, budget // (4 * max(h, 1))))
     for r in range(target, max(1, target // 4) - 1, -1):
         if n % r == 0:
             return r, True
@@ -75,7 +100,9 @@ def _row_tangent(tangent, x, dx, row_stats, params):
     `[rows, 1]` statistics) under `jax.checkpoint`, by blocks of rows where that pays."""
     fn = jax.checkpoint(tangent)
     n, h = x.shape
-    r, divides = _block_rows(n, h, _BLOCK_BYTES)
+    if jax.default_backend() != "cpu":  # blocks are for CPU caches; a GPU wants one kernel
+        return fn(x, dx, *row_stats, *params)
+    r, divides = _block_rows(n, h, block_bytes())
     if r >= n or not divides or x.dtype.itemsize < 4:
         return fn(x, dx, *row_stats, *params)
 

@@ -83,7 +83,7 @@ def _inputs(shape, dtype, seed=0, offset=1.0):
 @pytest.mark.parametrize("params", ["scale+bias", "none"])
 def test_matches_autodiff_of_plain_formula(op, layout, dtype, params, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
     plain, fused, eps = OPS[op]
     x, g, scale, bias = _inputs(shape, dtype)
     scale = scale if params != "none" else None
@@ -114,7 +114,7 @@ def test_matches_autodiff_of_plain_formula(op, layout, dtype, params, monkeypatc
 @pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=lambda l: f"{l[0]}-{l[1]}")
 def test_check_grads_float64(op, layout, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
     _, fused, eps = OPS[op]
     x, _, scale, bias = _inputs(shape, jnp.float64, seed=1)
     # Second order on the scan path: the hand-written backward is itself differentiable.
@@ -137,7 +137,7 @@ def test_batch_norm_statistics_and_their_gradients():
                          ids=["one-block", "scan", "whole"])
 def test_bfloat16_close_to_float32(op, layout, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
     plain, fused, eps = OPS[op]
     x, g, scale, bias = _inputs(shape, jnp.float32, seed=3)
     xb, gb, sb, bb = (a.astype(jnp.bfloat16) for a in (x, g, scale, bias))
@@ -167,3 +167,30 @@ def test_vmap_and_grad_compose():
     got = jax.vmap(jax.grad(lambda x: loss(_fused.layer_norm_2d, x)))(x)
     want = jax.vmap(jax.grad(lambda x: loss(plain_layer_norm, x)))(x)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_block_size_is_this_machines_l2_cache():
+    """No constant tuned to one CPU: a block is the per-core L2 size the OS reports."""
+    assert [_fused.parse_cache_size(t) for t in ("1024K\n", "2M", "512", "1G")] == [1 << 20, 2 << 20, 512, 1 << 30]
+    import pathlib
+
+    levels = {pathlib.Path(p).read_text().strip(): pathlib.Path(p).parent
+              for p in __import__("glob").glob("/sys/devices/system/cpu/cpu0/cache/index*/level")}  # fmt: skip
+    if "2" in levels:
+        assert _fused.block_bytes() == _fused.parse_cache_size((levels["2"] / "size").read_text())
+    else:
+        assert _fused.block_bytes() == _fused._DEFAULT_BLOCK_BYTES
+
+
+def test_blocks_only_on_cpu(monkeypatch):
+    """On an accelerator the tangent is one program (a scan over blocks would serialize it)."""
+    x, g, scale, bias = _inputs((64, 8), jnp.float32)
+    monkeypatch.setattr(_fused, "block_bytes", lambda: 4 * 8 * 4)
+
+    def scans():
+        jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(_fused.layer_norm_2d(x, scale, bias, 1e-5) * g)))(x)
+        return "scan" in str(jaxpr)
+
+    assert scans()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not scans()

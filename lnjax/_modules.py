@@ -1,10 +1,12 @@
 """What the two Flax frontends share, written down once: the normalization layers' specs and
 the RNN layers' call.
 
-A `Spec` names the pure op a layer wraps and the op's options it exposes; their defaults are
-read from the op's signature, so a default lives only in the op. `lnjax.nnx` and `lnjax.linen`
-build their classes (signature, attributes, docstring, call) from the same `Spec`s, so the two
-frontends cannot drift (tests/test_modules.py checks that they agree).
+A `Spec` names the pure op a layer wraps and the layer's options, under Flax's names and in
+Flax's order; an option that is an op argument takes its default from the op's signature, the
+others (parameter creation, output dtype) from `MODULE_DEFAULTS`, so each default lives in one
+place. `lnjax.nnx` and `lnjax.linen` build their classes (signature, attributes, docstring,
+call) from the same `Spec`s, so the two frontends cannot drift (tests/test_modules.py checks
+that they agree, tests/test_flax_swap.py that they stand in for Flax's layers).
 """
 
 import dataclasses

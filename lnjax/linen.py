@@ -5,6 +5,8 @@ Each module is an `nn.Module` dataclass whose `@nn.compact` `__call__` creates i
 (`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`), shaped from the input as in Linen, and
 calls the pure op; shapes, dtypes and errors are the pure op's (the output has the input's dtype,
 statistics are at least float32). `BatchNorm` keeps its running statistics in `batch_stats`.
+The normalization layers take `flax.linen`'s attribute names and order, and the cells are Flax
+RNN cells (`nn.RNNCellBase`); README's "Coming from Flax" lists where they differ on purpose.
 For new code prefer `lnjax.nnx`, the same modules for Flax NNX.
 """
 

@@ -3,7 +3,9 @@ and the cells and layers of `lnjax.recurrent`.
 
 Each module creates its parameters (`scale`, `bias`; `v`, `g`, `bias` for `WeightNormDense`) and
 running statistics in `__init__`, and its `__call__` calls the pure op; shapes, dtypes and errors
-are the pure op's (the output has the input's dtype, statistics are at least float32).
+are the pure op's (the output has the input's dtype, statistics are at least float32). The
+normalization layers take `flax.nnx`'s argument names and positions, and the cells are Flax RNN
+cells (`nnx.RNNCellBase`); README's "Coming from Flax" lists where they differ on purpose.
 """
 
 import inspect

@@ -71,8 +71,8 @@ def plot_members(path, runs, keys=None, log=False):
 
 
 def plot_means(path, series, key, ylabel, title, log=False):
-    """Draws one line per sweep: the mean over its non-diverged members, in a min-max band.
-    `series`: `[(label, metrics rows)]`."""
+    """Draws one line per sweep: the mean over its non-diverged members, in a band of ± 1
+    standard error of that mean (ddof=1). `series`: `[(label, metrics rows)]`."""
     plt, fig, (ax,) = _figure(1)
     for label, rows in series:
         by_step = {}
@@ -81,8 +81,10 @@ def plot_means(path, series, key, ylabel, title, log=False):
                 by_step.setdefault(r["step"], []).append(r[key])
         steps = sorted(by_step)
         vals = [np.array(by_step[s]) for s in steps]
-        ax.plot(steps, [v.mean() for v in vals], label=label)
-        ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], alpha=0.2)
+        mean = np.array([v.mean() for v in vals])
+        se = np.array([v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in vals])
+        ax.plot(steps, mean, label=label)
+        ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

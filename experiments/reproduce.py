@@ -27,9 +27,14 @@ RNN_TARGET_MSE = 0.05  # well below the 1/6 of always predicting 1
 GRAPH_NORMS = ("none", "graph_node", "graph_adjacency", "graph", "graph_batch", "graph_learned")
 
 
-def _runs(quick: bool):
-    """(section, run name, label, config) for every sweep of the reproduction."""
-    seeds = (0, 1) if quick else (0, 1, 2)
+SEEDS = 5  # per sweep in the full run (the quick run: 2); verdicts rest on them
+ALPHA = 0.05  # significance level of the verdicts' Welch t-tests
+
+
+def _runs(quick: bool, seed_offset: int = 0):
+    """(section, run name, label, config) for every sweep of the reproduction; the sweeps'
+    seeds are `seed_offset + (0, ..., n - 1)`, so another offset gives a disjoint seed set."""
+    seeds = tuple(seed_offset + i for i in range(2 if quick else SEEDS))
     runs = []
 
     def add(section, name, label, module, **over):
@@ -83,10 +88,14 @@ def _runs(quick: bool):
     return runs
 
 
-def _final(rows, key):
+def _final_values(rows, key):
+    """`{seed: value}` of `key` at the last evaluation, over the non-diverged members."""
     last = max(r["step"] for r in rows)
-    vals = np.array([r[key] for r in rows if r["step"] == last and r["diverged_at"] < 0])
-    return (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
+    return {r["seed"]: r[key] for r in rows if r["step"] == last and r["diverged_at"] < 0}
+
+
+def _final(rows, key):
+    return np.array(list(_final_values(rows, key).values()))
 
 
 def _steps_to(rows, key, target):
@@ -101,20 +110,68 @@ def _steps_to(rows, key, target):
     return int(np.median(list(firsts.values())))
 
 
-def _fmt(mean_std, pct=False):
-    m, s = mean_std
-    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.4f} ± {s:.4f}"
+def _mean_train_loss(rows):
+    """Each member's training loss averaged over its evaluations: the area under its training
+    curve, which is lower for the model that trains faster."""
+    by = {}
+    for r in rows:
+        if r["diverged_at"] < 0:
+            by.setdefault(r["seed"], []).append(r["train_loss"])
+    return np.array([np.mean(v) for v in by.values()])
 
 
-def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
+def _gaps(small, large, key):
+    """Per seed: `key` at the small batch minus at the large one (seeds run in both)."""
+    a, b = _final_values(small, key), _final_values(large, key)
+    return np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
+
+
+def _se(v):
+    return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _fmt(values, pct=False):
+    """`mean ± standard error` over seeds (ddof=1)."""
+    values = np.asarray(values, float)
+    if not len(values):
+        return "n/a"
+    m, e, f = float(values.mean()), _se(values), (100 if pct else 1)
+    return f"{f * m:.1f} ± {f * e:.1f}" if pct else f"{m:.4f} ± {e:.4f}"
+
+
+def verdict(a, b, paper="<") -> str:
+    """The paper says `a` < `b` (`paper="<"`) or `a` > `b` (">"), arrays over seeds. Welch's
+    two-sided t-test at `ALPHA`: "agrees" if the difference is significant in the paper's
+    direction, "disagrees" if in the other, else "inconclusive"; with the difference of the
+    means `a - b` and the p-value."""
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return "inconclusive (fewer than 2 seeds)"
+    diff = float(a.mean() - b.mean())
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    word = "inconclusive" if not p < ALPHA else ("agrees" if (diff < 0) == (paper == "<") else "disagrees")
+    return f"{word} (difference {diff:+.4g}, Welch p = {p:.2g})"
+
+
+def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, section_seconds=None):
     by = {name: (section, label, rows) for section, name, label, rows in results}
+    seeds = sorted({r["seed"] for _, _, _, rows in results for r in rows})
+    n_seeds = len(seeds)
     lines = ["# Layer Normalization (Ba, Kiros & Hinton 2016): reproduction report", ""]
     mode = ("quick (smoke test, too short to judge findings; compiled with "
             f"`XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}`)" if quick else "full")
     lines += [f"Mode: {mode}; "
               f"total time {seconds / 60:.1f} min. Every number below is computed by "
               "`python -m experiments" + (" --quick" if quick else "") + "`; raw metrics are in "
-              "`runs/*/metrics.jsonl`, configs in `runs/*/config.json`.", ""]
+              "`runs/*/metrics.jsonl`, configs in `runs/*/config.json`.", "",
+              f"Statistics: each sweep trains {n_seeds} seeds (seeds {seeds}). `a ± b` is the mean over "
+              "the seeds and its standard error (sample standard deviation, ddof = 1, over sqrt(seeds)); "
+              "plot lines are means and bands ± 1 standard error. A finding's verdict is Welch's "
+              f"two-sided t-test at p < {ALPHA} between the two sets of seed values it compares: "
+              "*agrees* if the difference is significant in the paper's direction, *disagrees* if it "
+              "is significant in the other, *inconclusive* otherwise.", ""]
     findings = []
 
     lines += ["## 1. Table 1: invariances, measured", "",
@@ -135,13 +192,11 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
         curves.plot_means(out / f"mlp_bs{bs}.png", [(n, by[f"mlp_{n}_bs{bs}"][2]) for n in ("none", "batch", "layer")],
               "test_error", "test error", f"MLP on digits, batch size {bs}")
     lines += ["", "![MLP, batch 128](mlp_bs128.png) ![MLP, batch 4](mlp_bs4.png)", ""]
-    gap = {n: _final(by[f"mlp_{n}_bs4"][2], "test_error")[0] - _final(by[f"mlp_{n}_bs128"][2], "test_error")[0]
-           for n in ("batch", "layer")}
-    ok = gap["layer"] < gap["batch"]
+    gap = {n: _gaps(by[f"mlp_{n}_bs4"][2], by[f"mlp_{n}_bs128"][2], "test_error") for n in ("batch", "layer")}
     findings.append(
-        f"§6.6: going from batch 128 to 4 changes test error by {100 * gap['layer']:+.1f} points with LN and "
-        f"{100 * gap['batch']:+.1f} with BN: {'agrees' if ok else 'does not agree'} with the paper "
-        "(LN robust to batch size, BN degrades at batch 4).")
+        f"§6.6: going from batch 128 to 4 changes test error by {_fmt(gap['layer'], True)} points with LN and "
+        f"{_fmt(gap['batch'], True)} with BN; LN less affected than BN (the paper: LN robust to batch size, "
+        f"BN degrades at batch 4): {verdict(gap['layer'], gap['batch'])}.")
 
     lines += ["## 3. RNN analogue of §6.2/§6.5: LSTM vs LN-LSTM vs BN-LSTM on the adding problem", "",
               "Adding problem, T = 50, 10,000 training sequences (quick mode: T = 20, 1,000), hidden 64, Adam 3e-3, clip 10; MSE "
@@ -158,12 +213,14 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
     curves.plot_means(out / "rnn_adding.png", [(by[n][1], by[n][2]) for n in rnn_names], "test_loss", "test MSE",
           "Adding problem (T=50)", log=True)
     lines += ["", "![adding problem](rnn_adding.png)", ""]
-    ln_final, lstm_final = _final(by["ln_lstm"][2], "test_loss")[0], _final(by["lstm"][2], "test_loss")[0]
-    g1, g01 = ln_final, _final(by["ln_lstm_g01"][2], "test_loss")[0]
+    fin = {n: _final(by[n][2], "test_loss") for n in rnn_names}
+    speed = {n: _mean_train_loss(by[n][2]) for n in rnn_names}
     findings.append(
-        f"RNN: LN-LSTM final MSE {ln_final:.4f} vs LSTM {lstm_final:.4f} "
-        f"({'agrees' if ln_final < lstm_final else 'does not agree'} with the paper: LN trains faster and ends better); "
-        f"gain init 1.0 {g1:.4f} vs 0.1 {g01:.4f} ({'agrees' if g1 < g01 else 'does not agree'}: 1.0 better).")
+        f"RNN (adding problem): LN-LSTM trains faster than LSTM (mean training MSE over the run "
+        f"{_fmt(speed['ln_lstm'])} vs {_fmt(speed['lstm'])}): {verdict(speed['ln_lstm'], speed['lstm'])}; "
+        f"and ends better (test MSE {_fmt(fin['ln_lstm'])} vs {_fmt(fin['lstm'])}): "
+        f"{verdict(fin['ln_lstm'], fin['lstm'])}; gain init 1.0 better than 0.1 (test MSE "
+        f"{_fmt(fin['ln_lstm'])} vs {_fmt(fin['ln_lstm_g01'])}): {verdict(fin['ln_lstm'], fin['ln_lstm_g01'])}.")
 
     lines += ["## 4. §6.7 analogue: ConvNet", "",
               "digits as 8x8x1 images; conv 3x3 (32) and 3x3 stride 2 (64), normalization, ReLU, global "
@@ -176,11 +233,16 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
     curves.plot_means(out / "convnet.png", [(n, by[f"convnet_{n}"][2]) for n in ("none", "batch", "layer")],
           "test_error", "test error", "ConvNet on digits")
     lines += ["", "![ConvNet](convnet.png)", ""]
-    e = {n: _final(by[f"convnet_{n}"][2], "test_error")[0] for n in ("none", "batch", "layer")}
+    curves.plot_means(out / "convnet_train.png", [(n, by[f"convnet_{n}"][2]) for n in ("none", "batch", "layer")],
+          "train_loss", "training loss", "ConvNet on digits: training", log=True)
+    lines += ["![ConvNet training loss](convnet_train.png)", ""]
+    e = {n: _final(by[f"convnet_{n}"][2], "test_error") for n in ("none", "batch", "layer")}
+    speed = {n: _mean_train_loss(by[f"convnet_{n}"][2]) for n in ("none", "batch", "layer")}
     findings.append(
-        f"§6.7: test error none {100 * e['none']:.1f}%, BN {100 * e['batch']:.1f}%, LN {100 * e['layer']:.1f}%: "
-        f"BN best {'agrees' if e['batch'] <= min(e.values()) else 'does not agree'}; LN better than none "
-        f"{'agrees' if e['layer'] < e['none'] else 'does not agree'}.")
+        f"§6.7: LN speeds up ConvNet training over no normalization (mean training loss over the run, LN "
+        f"{_fmt(speed['layer'])} vs none {_fmt(speed['none'])}): {verdict(speed['layer'], speed['none'])}; "
+        f"BN ends better than LN (test error {_fmt(e['batch'], True)}% vs {_fmt(e['layer'], True)}%): "
+        f"{verdict(e['batch'], e['layer'])}.")
 
     mlp_norms = ("batch", "layer", "switchable", "batch_layer")
     lines += ["## 5. The survey's relatives on the §6.6 analogue: batch size 128 vs 4", "",
@@ -195,16 +257,16 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
     curves.plot_means(out / "relatives_bs4.png", [(n, by[f"mlp_{n}_bs4"][2]) for n in mlp_norms],
           "test_error", "test error", "MLP on digits, batch size 4: LN, BN and relatives")
     lines += ["", "![relatives, batch 4](relatives_bs4.png)", ""]
-    err = {(n, bs): _final(by[f"mlp_{n}_bs{bs}"][2], "test_error")[0] for n in mlp_norms for bs in (128, 4)}
-    gap = {n: err[n, 4] - err[n, 128] for n in mlp_norms}
+    err = {n: _final(by[f"mlp_{n}_bs4"][2], "test_error") for n in mlp_norms}
+    gap = {n: _gaps(by[f"mlp_{n}_bs4"][2], by[f"mlp_{n}_bs128"][2], "test_error") for n in mlp_norms}
     findings.append(
-        f"Switchable norm: batch 128 -> 4 changes test error by {100 * gap['switchable']:+.1f} points vs "
-        f"{100 * gap['batch']:+.1f} for BN: {'agrees' if gap['switchable'] < gap['batch'] else 'does not agree'} "
-        "with Luo et al. (SN much less sensitive to small batches than BN).")
+        f"Switchable norm: batch 128 -> 4 changes test error by {_fmt(gap['switchable'], True)} points vs "
+        f"{_fmt(gap['batch'], True)} for BN; less than BN (Luo et al.: SN much less sensitive to small "
+        f"batches): {verdict(gap['switchable'], gap['batch'])}.")
     findings.append(
-        f"Batch-layer norm at batch 4: {100 * err['batch_layer', 4]:.1f}% vs BN {100 * err['batch', 4]:.1f}% and "
-        f"LN {100 * err['layer', 4]:.1f}%: {'agrees' if err['batch_layer', 4] < err['batch', 4] else 'does not agree'} "
-        "with Ziaee & Cano (BLN better than BN at small batch sizes).")
+        f"Batch-layer norm at batch 4: test error {_fmt(err['batch_layer'], True)}% vs BN {_fmt(err['batch'], True)}% "
+        f"(LN {_fmt(err['layer'], True)}%); better than BN (Ziaee & Cano, at small batch sizes): "
+        f"{verdict(err['batch_layer'], err['batch'])}.")
 
     dn_norms = ("none", "layer", "divisive")
     lines += ["## 6. Divisive vs layer normalization in a tanh RNN", "",
@@ -221,11 +283,12 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
     curves.plot_means(out / "tanh_rnn.png", [(n, by[f"tanh_rnn_{n}"][2]) for n in dn_norms],
           "test_loss", "test NLL", "tanh RNN on sequential digits", log=True)
     lines += ["", "![tanh RNN](tanh_rnn.png)", ""]
-    nll = {n: _final(by[f"tanh_rnn_{n}"][2], "test_loss")[0] for n in dn_norms}
+    nll = {n: _final(by[f"tanh_rnn_{n}"][2], "test_loss") for n in dn_norms}
     findings.append(
-        f"Divisive norm (tanh RNN, test NLL): none {nll['none']:.3f}, LN {nll['layer']:.3f}, DN {nll['divisive']:.3f}: "
-        f"DN best {'agrees' if nll['divisive'] <= min(nll.values()) else 'does not agree'} with Ren et al.; "
-        f"LN worse than none {'agrees' if nll['layer'] > nll['none'] else 'does not agree'}.")
+        f"Divisive norm (tanh RNN, test NLL): none {_fmt(nll['none'])}, LN {_fmt(nll['layer'])}, DN "
+        f"{_fmt(nll['divisive'])}; as Ren et al., DN better than LN: {verdict(nll['divisive'], nll['layer'])}; "
+        f"DN better than none: {verdict(nll['divisive'], nll['none'])}; LN worse than none: "
+        f"{verdict(nll['layer'], nll['none'], '>')}.")
 
     lines += ["## 7. Graph normalizations on a graph-classification task", "",
               "Synthetic \"denser colour\" graphs (`experiments/data.py`: 8-20 nodes, half red and half "
@@ -235,24 +298,25 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float):
               "| normalization | test accuracy % | per seed |", "|---|---|---|"]
     acc = {}
     for norm in GRAPH_NORMS:
-        rows = by[f"gin_{norm}"][2]
-        err_mean, err_std = _final(rows, "test_error")
-        acc[norm] = 1 - err_mean
-        last = max(r["step"] for r in rows)
-        per = ", ".join(f"{100 * (1 - r['test_error']):.1f}" for r in rows if r["step"] == last)
-        lines.append(f"| {norm} | {_fmt((1 - err_mean, err_std), True)} | {per} |")
+        acc[norm] = 1 - _final(by[f"gin_{norm}"][2], "test_error")
+        per = ", ".join(f"{100 * a:.1f}" for a in acc[norm])
+        lines.append(f"| {norm} | {_fmt(acc[norm], True)} | {per} |")
     lines.append("")
-    best_single = max(v for n, v in acc.items() if n not in ("graph_learned", "none"))
+    best = max((n for n in GRAPH_NORMS if n not in ("graph_learned", "none")), key=lambda n: acc[n].mean())
     findings.append(
-        "Graph norms (test accuracy): " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in acc.items()) +
-        f": the learned combination at least as good as the best single norm "
-        f"{'agrees' if acc['graph_learned'] >= best_single - 0.01 else 'does not agree'} with Chen et al.; "
-        f"graph-wise better than node-wise {'agrees' if acc['graph'] > acc['graph_node'] else 'does not agree'}.")
+        "Graph norms (test accuracy %): " + ", ".join(f"{n} {_fmt(v, True)}" for n, v in acc.items()) +
+        f"; the learned combination better than the best single norm ({best}; Chen et al.: at least as "
+        f"good, so only \"disagrees\" contradicts them): {verdict(acc['graph_learned'], acc[best], '>')}; "
+        f"graph-wise better than node-wise: {verdict(acc['graph'], acc['graph_node'], '>')}.")
 
     diverged = [f"{name} member {r['member']} (seed {r['seed']}, lr {r['learning_rate']}) at step {r['diverged_at']}"
                 for _, name, _, rows in results for r in rows
                 if r["diverged_at"] >= 0 and r["step"] == max(x["step"] for x in rows)]
     lines += ["## Diverged sweep members", "", *(f"- {d}" for d in diverged or ["none"]), ""]
+    if section_seconds:
+        lines += ["## Cost", "", "Wall-clock seconds of each section's training runs on this machine (compilation "
+                  "included; a resumed run counts only what it trained this time).", "", "| section | seconds |", "|---|---|",
+                  *(f"| {k} | {v:.0f} |" for k, v in section_seconds.items()), ""]
     lines[4:4] = ["## Findings", "", *(f"- {f}" for f in findings), ""]
     (out / "report.md").write_text("\n".join(lines))
     return findings
@@ -265,6 +329,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="~2.5 minute smoke version (compile-bound)")
     parser.add_argument("--out", default=None, help="report directory (default: report/ or report-quick/)")
     parser.add_argument("--fresh", action="store_true", help="delete the report directory first")
+    parser.add_argument("--seed-offset", type=int, default=0, metavar="K",
+                        help="train seeds K, K+1, ...: a disjoint seed set to check that the verdicts hold")
     parser.add_argument("-v", "--verbose", action="store_true", help="show absl's INFO logs (orbax's among them)")
     args = parser.parse_args(argv)
     train.set_verbosity(args.verbose)
@@ -274,14 +340,18 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     inv = invariances.measure()
-    results = []
-    runs = _runs(args.quick)
+    results, section_seconds = [], {}
+    if args.seed_offset < 0:
+        parser.error(f"--seed-offset must be >= 0, got {args.seed_offset}")
+    runs = _runs(args.quick, args.seed_offset)
     # One bar over the runs (run k of N, elapsed, ETA), each run's own bar nested below it.
     with tqdm(runs, desc="reproduction", unit="run") as bar:
         for section, name, label, cfg in bar:
+            t = time.time()
             _, rows, _ = train.fit(cfg, out / "runs" / name, desc=name)
+            section_seconds[section] = section_seconds.get(section, 0.0) + time.time() - t
             results.append((section, name, label, rows))
-    findings = write_report(out, results, inv, args.quick, time.time() - start)
+    findings = write_report(out, results, inv, args.quick, time.time() - start, section_seconds)
     print(f"\nreport written to {out / 'report.md'}")
     for f in findings:
         print(" -", f)

@@ -1081,11 +1081,11 @@ def test_quick_reproduction_end_to_end(tmp_path):
 
     report = (out / "report.md").read_text()
     headings = [line for line in report.splitlines() if line.startswith("#")]
-    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Graph", "Findings", "Diverged"):
+    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Graph", "Findings", "Diverged", "Cost"):
         assert any(section in h for h in headings), (section, headings)
     pngs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
-    assert sorted(set(pngs)) == ["convnet.png", "mlp_bs128.png", "mlp_bs4.png", "relatives_bs4.png",
-                                 "rnn_adding.png", "tanh_rnn.png"]
+    assert sorted(set(pngs)) == ["convnet.png", "convnet_train.png", "mlp_bs128.png", "mlp_bs4.png",
+                                 "relatives_bs4.png", "rnn_adding.png", "tanh_rnn.png"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR", name
@@ -1107,6 +1107,37 @@ def test_quick_reproduction_end_to_end(tmp_path):
         assert steps[-1] == cfg.num_steps
         assert len(rows) == len({(r["step"], r["member"]) for r in rows}) == len(steps) * members
         assert finalized_steps(run_dir / "checkpoints")[-1] == cfg.num_steps
+
+
+def test_report_statistics():
+    """The report's machinery: mean ± standard error (ddof=1), Welch verdicts, paired gaps."""
+    from experiments import reproduce
+
+    assert reproduce._fmt([1.0, 2.0, 3.0]) == f"2.0000 ± {np.std([1, 2, 3], ddof=1) / np.sqrt(3):.4f}"
+    assert reproduce._fmt([0.1, 0.2], pct=True) == "15.0 ± 5.0"
+    low, high = [1.0, 1.1, 0.9, 1.05, 0.95], [2.0, 2.1, 1.9, 2.05, 1.95]
+    assert reproduce.verdict(low, high).startswith("agrees (difference -1, Welch p = ")
+    assert reproduce.verdict(high, low).startswith("disagrees")
+    assert reproduce.verdict(high, low, ">").startswith("agrees")
+    assert reproduce.verdict(low, [1.0, 1.2, 0.8, 1.1, 0.9]).startswith("inconclusive")
+    assert reproduce.verdict([1.0], high).startswith("inconclusive (fewer than 2 seeds)")
+    from scipy import stats
+
+    p = stats.ttest_ind(low, high, equal_var=False).pvalue
+    assert f"p = {p:.2g}" in reproduce.verdict(low, high)
+
+    def rows(values, step=10):
+        return [{"step": step, "seed": s, "member": i, "diverged_at": -1, "test_error": v}
+                for i, (s, v) in enumerate(values.items())]
+
+    # gaps pair the seeds both runs have; a diverged member is left out
+    small, large = rows({0: 0.5, 1: 0.7, 2: 0.9}), rows({1: 0.2, 0: 0.1, 3: 0.0})
+    np.testing.assert_allclose(reproduce._gaps(small, large, "test_error"), [0.4, 0.5])
+    small[0]["diverged_at"] = 3
+    np.testing.assert_allclose(reproduce._gaps(small, large, "test_error"), [0.5])
+    # another seed offset gives disjoint seeds
+    seeds = lambda off: {s for _, _, _, cfg in reproduce._runs(False, off) for s in cfg.sweep.seed}  # noqa: E731
+    assert seeds(0) == set(range(reproduce.SEEDS)) and not seeds(0) & seeds(reproduce.SEEDS)
 
 
 def test_xla_flags_are_appended_unless_the_user_set_them(monkeypatch):

@@ -48,12 +48,10 @@ def parse_cache_size(text: str) -> int:
     return int(text[:-1] if unit > 1 else text) * unit
 
 
-@functools.cache
-def block_bytes() -> int:
-    """Working-set size of one block of rows (float32 bytes of one operand): this machine's
-    per-core L2 cache, so that a block's temporaries stay in it (read from Linux's sysfs; the
-    measured default elsewhere)."""
-    for level in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/level"):
+def l2_bytes(cache_dir="/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The L2 cache size Linux's sysfs reports under `cache_dir` (`index*/level`, `size`), or
+    `_DEFAULT_BLOCK_BYTES` where it reports none."""
+    for level in sorted(glob.glob(f"{cache_dir}/index*/level")):
         path = pathlib.Path(level)
         try:
             if path.read_text().strip() == "2":
@@ -61,6 +59,13 @@ def block_bytes() -> int:
         except (OSError, ValueError):
             break
     return _DEFAULT_BLOCK_BYTES
+
+
+@functools.cache
+def block_bytes() -> int:
+    """Working-set size of one block of rows (float32 bytes of one operand): this machine's
+    per-core L2 cache (`l2_bytes`), so that a block's temporaries stay in it."""
+    return l2_bytes()
 
 
 def _rows(x):

@@ -102,11 +102,8 @@ class Spec:
     def defaults(self) -> dict:
         """`{option: default}` in the layer's order."""
         params = inspect.signature(self.op).parameters
-        out = {}
-        for k in self.options:
-            name = self.op_name(k)
-            out[k] = params[name].default if name else MODULE_DEFAULTS[k]
-        return {**out, "use_bias": self.use_bias} if "use_bias" in out else out
+        out = {k: params[self.op_name(k)].default if self.op_name(k) else MODULE_DEFAULTS[k] for k in self.options}
+        return {**out, "use_bias": self.use_bias}
 
     def param_shape(self, shape, settings) -> tuple[int, ...]:
         """The shape of `scale` and `bias` for inputs of `shape`: `shape` at the `axes` option."""

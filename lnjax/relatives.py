@@ -414,26 +414,24 @@ def _check_edges(edges, num_nodes):
     return edges
 
 
-def _segment_moments(values, seg, num_segments, weight, *, sorted_ids, over_features):
+def _segment_moments(values, seg, num_segments, *, sorted_ids, over_features):
     """Corrected two-pass (mean, residual, var) of `values` rows grouped by `seg`.
 
-    `weight` (0/1 per row, or None) leaves rows out; with `over_features` the statistics also
-    pool the feature axis (one per segment). Counts are clamped at 1, so an empty segment has
-    mean 0 and variance 0 (no NaN, also in gradients).
+    With `over_features` the statistics also pool the feature axis (one per segment). Counts
+    are clamped at 1, so an empty segment has mean 0 and variance 0 (no NaN, also in gradients).
     """
     nf = values.shape[1] if over_features else 1
-    w = jnp.ones(values.shape[:1], values.dtype) if weight is None else weight
 
     def seg_sum(a):
         if over_features:
             a = jnp.sum(a, axis=1, keepdims=True)
         return jax.ops.segment_sum(a, seg, num_segments, indices_are_sorted=sorted_ids)
 
-    rows = jax.ops.segment_sum(w, seg, num_segments, indices_are_sorted=sorted_ids)
+    rows = jax.ops.segment_sum(jnp.ones(values.shape[:1], values.dtype), seg, num_segments,
+                               indices_are_sorted=sorted_ids)  # fmt: skip
     count = jnp.maximum(rows * nf, 1)[:, None]
-    wv = w[:, None]
     expand = lambda s: s.at[seg].get(mode="fill", fill_value=0)  # noqa: E731
-    return _stats.two_pass(values, count, seg_sum, expand=expand, keep=lambda v: v * wv)
+    return _stats.two_pass(values, count, seg_sum, expand=expand)
 
 
 def _gather_normalize(xf, ids, mean, residual, var, eps):
@@ -486,15 +484,11 @@ def graph_adjacency_norm(x, scale=None, bias=None, *, edges, eps=1e-5):
     edges = _check_edges(edges, n)
     xf = x.astype(_checks.stats_dtype(x.dtype))
     send, recv = edges[0], edges[1]
-    valid = ((send >= 0) & (send < n) & (recv >= 0) & (recv < n)).astype(xf.dtype)
     rows = jnp.concatenate([xf, xf.at[send].get(mode="fill", fill_value=0)], axis=0)
     seg = jnp.concatenate([jnp.arange(n, dtype=recv.dtype), recv])
-    weight = jnp.concatenate([jnp.ones((n,), xf.dtype), valid])
-    mean, residual, var = _segment_moments(
-        rows, seg, n, weight, sorted_ids=False, over_features=True
-    )
-    y = _stats.normalize(xf, mean, residual, var, eps)
-    y = jnp.where(jnp.all(valid > 0), y, jnp.nan)
+    mean, residual, var = _segment_moments(rows, seg, n, sorted_ids=False, over_features=True)
+    valid = jnp.all((send >= 0) & (send < n) & (recv >= 0) & (recv < n))
+    y = jnp.where(valid, _stats.normalize(xf, mean, residual, var, eps), jnp.nan)
     return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
 
 
@@ -530,7 +524,7 @@ def graph_norm(x, scale=None, bias=None, *, segment_ids, num_segments, eps=1e-5,
     scale, bias, eps = _checks.param_check(x, (1,), scale, bias, eps)
     ids, g = _check_segments(segment_ids, x.shape[0], num_segments, indices_are_sorted)
     xf = x.astype(_checks.stats_dtype(x.dtype))
-    stats = _segment_moments(xf, ids, g, None, sorted_ids=indices_are_sorted, over_features=False)
+    stats = _segment_moments(xf, ids, g, sorted_ids=indices_are_sorted, over_features=False)
     y = _gather_normalize(xf, ids, *stats, eps)
     return _stats.scale_shift(y, scale, bias, (1,), 2).astype(x.dtype)
 

@@ -169,17 +169,23 @@ def test_vmap_and_grad_compose():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_block_size_is_this_machines_l2_cache():
-    """No constant tuned to one CPU: a block is the per-core L2 size the OS reports."""
+def test_block_size_is_the_l2_cache_the_os_reports(tmp_path):
+    """No constant tuned to one CPU: a block is the per-core L2 size sysfs reports."""
     assert [_fused.parse_cache_size(t) for t in ("1024K\n", "2M", "512", "1G")] == [1 << 20, 2 << 20, 512, 1 << 30]
-    import pathlib
 
-    levels = {pathlib.Path(p).read_text().strip(): pathlib.Path(p).parent
-              for p in __import__("glob").glob("/sys/devices/system/cpu/cpu0/cache/index*/level")}  # fmt: skip
-    if "2" in levels:
-        assert _fused.block_bytes() == _fused.parse_cache_size((levels["2"] / "size").read_text())
-    else:
-        assert _fused.block_bytes() == _fused._DEFAULT_BLOCK_BYTES
+    def cache_dir(name, levels):
+        for i, (level, size) in enumerate(levels):
+            d = tmp_path / name / f"index{i}"
+            d.mkdir(parents=True)
+            (d / "level").write_text(f"{level}\n")
+            (d / "size").write_text(f"{size}\n")
+        return str(tmp_path / name)
+
+    assert _fused.l2_bytes(cache_dir("epyc", [(1, "32K"), (1, "32K"), (2, "1024K"), (3, "32768K")])) == 1 << 20
+    assert _fused.l2_bytes(cache_dir("xeon", [(1, "48K"), (2, "2048K"), (3, "105M")])) == 2 << 20
+    assert _fused.l2_bytes(cache_dir("no-l2", [(1, "32K")])) == _fused._DEFAULT_BLOCK_BYTES
+    assert _fused.l2_bytes(str(tmp_path / "absent")) == _fused._DEFAULT_BLOCK_BYTES
+    assert _fused.block_bytes() == _fused.l2_bytes()
 
 
 def test_blocks_only_on_cpu(monkeypatch):

@@ -53,12 +53,18 @@ FEW_INPUT_FEATURES = 8
 
 
 def _orthogonal_blocks(key, size, blocks, dtype):
-    """`[size, blocks * size]`: one orthogonal matrix per gate, as Flax initializes LSTMs."""
+    """`[size, blocks * size]`: one orthogonal matrix per gate, as Flax initializes LSTMs (each
+    block is `jax.nn.initializers.orthogonal()` of its own key)."""
     keys = jax.random.split(key, blocks)
-    init = jax.nn.initializers.orthogonal()
     # QR runs in float32 (XLA:CPU has none for bf16/f16), then the result is cast.
     work = dtype if jnp.finfo(dtype).bits > 32 else jnp.float32
-    return jnp.concatenate([init(k, (size, size), work) for k in keys], axis=-1).astype(dtype)
+    a = jax.vmap(lambda k: jax.random.normal(k, (size, size), work))(keys)
+    # One batched QR for all the blocks, where the initializer would make one per block: with
+    # two batched QRs in one program, XLA:CPU's LAPACK kernels deadlock its thread pool (jax
+    # 0.10.2, seen on 2 cores when the init of a sweep's members is vmapped).
+    q, r = jnp.linalg.qr(a)
+    q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+    return jnp.concatenate(list(q), axis=-1).astype(dtype)
 
 
 def _weights(key, input_size, hidden, blocks, dtype):

@@ -1198,3 +1198,20 @@ def test_default_projection_form_follows_the_batch_size_on_cpu():
         assert [pick(b) for b in (1, 8, 16, 32, None)] == [True, True, False, False, False]
     else:
         assert all(pick(b) for b in (1, 8, 16, 32, None))
+
+
+@pytest.mark.parametrize("cell", [LSTMCell(32), GRUCell(32), RNNCell(32), BNLSTMCell(32, max_steps=4)],
+                         ids=["lstm", "gru", "rnn", "bn_lstm"])
+def test_recurrent_init_is_per_block_orthogonal_with_one_qr(cell):
+    """`w_h` is one `jax.nn.initializers.orthogonal()` matrix per gate block, each from its own
+    key, made by one batched QR per cell: with two batched QRs in one program, XLA:CPU's
+    LAPACK kernels deadlock a 2-core machine's thread pool when a sweep's init is vmapped."""
+    key = jax.random.PRNGKey(7)
+    w_h = cell.init(key, 5)["w_h"]
+    H = 32
+    blocks = w_h.shape[-1] // H
+    _, kh = jax.random.split(key)
+    expect = [jax.nn.initializers.orthogonal()(k, (H, H), jnp.float32) for k in jax.random.split(kh, blocks)]
+    np.testing.assert_allclose(w_h, np.concatenate(expect, -1), rtol=0, atol=2e-6)
+    sweep = jax.jit(jax.vmap(lambda k: cell.init(k, 5))).lower(jax.random.split(key, 30)).as_text()
+    assert sweep.count("lapack_sgeqrf") == 1, "one QR per cell init"

@@ -17,6 +17,15 @@ import numpy as np
 from experiments import train
 
 
+# One colour per normalization, in every figure of the report (matplotlib's tab10/tab20).
+NORM_COLOURS = {
+    "none": "#7f7f7f", "layer": "#1f77b4", "batch": "#ff7f0e", "rms": "#9467bd",
+    "divisive": "#2ca02c", "switchable": "#d62728", "batch_layer": "#8c564b",
+    "graph_node": "#e377c2", "graph_adjacency": "#bcbd22", "graph": "#17becf",
+    "graph_batch": "#ffbb78", "graph_learned": "#000000",
+}
+
+
 def metric_keys(rows) -> list[str]:
     """The metric columns of `rows`, training ones first."""
     keys = {k for r in rows for k in r if k.startswith(("train_", "test_"))}
@@ -27,6 +36,8 @@ def _figure(num_panels: int):
     import matplotlib
 
     matplotlib.use("Agg")
+    # SVG text as text (small files) and fixed element ids (the same figure, the same file).
+    matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "lnjax"})
     import matplotlib.pyplot as plt
 
     cols = min(num_panels, 2)
@@ -44,8 +55,14 @@ def _finish(plt, fig, ax_list, path, log):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110)
+    if str(path).endswith(".png"):  # and a vector copy beside it
+        fig.savefig(pathlib.Path(path).with_suffix(".svg"), metadata={"Date": None})
 
 
 def plot_members(path, runs, keys=None, log=False):
@@ -70,25 +87,60 @@ def plot_members(path, runs, keys=None, log=False):
     _finish(plt, fig, axes, path, log)
 
 
-def plot_means(path, series, key, ylabel, title, log=False):
+def plot_means(path, series, key, ylabel, title, log=False, scale=1.0):
     """Draws one line per sweep: the mean over its non-diverged members, in a band of ± 1
-    standard error of that mean (ddof=1). `series`: `[(label, metrics rows)]`."""
+    standard error of that mean (ddof=1), the values times `scale` (100: a fraction as %).
+    `series`: `[(label, metrics rows, normalization)]` or `[(..., linestyle)]`: the line's
+    colour is `NORM_COLOURS[normalization]`. Writes `path` and, for a PNG, an SVG beside it."""
     plt, fig, (ax,) = _figure(1)
-    for label, rows in series:
+    for label, rows, norm, *style in series:
         by_step = {}
         for r in rows:
             if r["diverged_at"] < 0:
-                by_step.setdefault(r["step"], []).append(r[key])
+                by_step.setdefault(r["step"], []).append(scale * r[key])
         steps = sorted(by_step)
         vals = [np.array(by_step[s]) for s in steps]
         mean = np.array([v.mean() for v in vals])
         se = np.array([v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in vals])
-        ax.plot(steps, mean, label=label)
-        ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
+        colour = NORM_COLOURS[norm]
+        ax.plot(steps, mean, label=label, color=colour, linestyle=style[0] if style else "-")
+        ax.fill_between(steps, mean - se, mean + se, alpha=0.2, color=colour)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     _finish(plt, fig, [ax], path, log)
+
+
+def plot_lr_sweep(path, series, key, ylabel, title, scale=1.0):
+    """Draws each learning-rate sweep's final `key` (times `scale`) against the learning rate:
+    the mean over the seeds at each rate, with ± 1 standard error bars; a rate at which a
+    member diverged is drawn at the mean of the others and marked with a cross. `series`:
+    `[(label, metrics rows, normalization)]`. Writes `path` and, for a PNG, an SVG beside it."""
+    plt, fig, (ax,) = _figure(1)
+    for label, rows, norm in series:
+        last = max(r["step"] for r in rows)
+        final = [r for r in rows if r["step"] == last]
+        lrs = sorted({r["learning_rate"] for r in final})
+        mean, se, bad = [], [], []
+        for lr in lrs:
+            v = np.array([scale * r[key] for r in final if r["learning_rate"] == lr and r["diverged_at"] < 0])
+            mean.append(v.mean() if v.size else np.nan)
+            se.append(v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0)
+            bad.append(any(r["diverged_at"] >= 0 for r in final if r["learning_rate"] == lr))
+        colour = NORM_COLOURS[norm]
+        ax.errorbar(lrs, mean, yerr=se, label=label, color=colour, marker="o", capsize=3)
+        crosses = [(lr, m) for lr, m, b in zip(lrs, mean, bad) if b]
+        if crosses:
+            ax.plot(*zip(*crosses), "x", color=colour, markersize=10)
+    ax.set_xscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("learning rate")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

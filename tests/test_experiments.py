@@ -289,7 +289,7 @@ def test_normalizer_options_come_from_the_config():
     assert options(rnn_adding, norm="divisive") == {"radius": 30}  # Ren et al.'s window
     assert options(rnn_digits, norm="divisive") == {"radius": 15}
     assert options(rnn_adding, norm="rms") == {"eps": 1e-5}  # the RNN cells' eps
-    assert options(rnn_adding, cell="bn_lstm") == {"scale_init": 1.0}
+    assert options(rnn_adding, cell="bn_lstm") == {}  # the cell's own: Cooijmans et al.'s gains 0.1
     cfg = mlp_digits.get_config()
     cfg.model.norm = "batch"
     cfg.model.norm_args.momentum, cfg.model.norm_args.eps = 0.5, 1e-3
@@ -1111,34 +1111,53 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
-def test_quick_reproduction_end_to_end(tmp_path):
+def test_quick_reproduction_end_to_end(tmp_path, subprocess_env):
+    """The quick mode twice, as the report's seed check runs it: seeds 2-3 first, then seeds
+    0-1 compared with them (the second run's programs come from the compilation cache)."""
     from experiments import reproduce
 
-    out = tmp_path / "report"
+    other, out = tmp_path / "seeds23", tmp_path / "report"
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "experiments", "--quick", "--out", str(out), "--fresh"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    for argv in (["--seed-offset", "2", "--out", str(other)], ["--out", str(out), "--fresh", "--compare", str(other)]):
+        proc = subprocess.run([sys.executable, "-m", "experiments", "--quick", *argv], cwd=ROOT, env=subprocess_env,
+                              capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-5000:]
     assert not (out / "stale.txt").exists()  # --fresh
 
     report = (out / "report.md").read_text()
     headings = [line for line in report.splitlines() if line.startswith("#")]
-    for section in ("Table 1", "§6.6", "RNN", "§6.7", "relatives", "Divisive", "Graph", "Findings", "Diverged", "Cost"):
+    for section in ("Table 1", "§6.6", "paper's cells", "Learning-rate", "Pixel-by-pixel", "Character-level",
+                    "adding problem", "§6.7", "relatives", "Divisive", "Graph", "Findings", "Diverged",
+                    "disjoint seed set", "Cost"):
         assert any(section in h for h in headings), (section, headings)
     pngs = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", report)
-    assert sorted(set(pngs)) == ["convnet.png", "convnet_train.png", "mlp_bs128.png", "mlp_bs4.png",
-                                 "relatives_bs4.png", "rnn_adding.png", "tanh_rnn.png"]
+    assert sorted(set(pngs)) == [
+        "cells_train.png", "char_lm.png", "convnet.png", "convnet_train.png", "lr_sweep.png", "mlp_bs128.png",
+        "mlp_bs4.png", "pixel_perm.png", "pixel_seq.png", "relatives_bs4.png", "rnn_adding.png", "tanh_rnn.png"]
     for name in pngs:
         data = (out / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR", name
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width > 0 and height > 0
+        assert (out / name).with_suffix(".svg").read_text().lstrip().startswith(("<?xml", "<svg"))
 
     findings = json.loads((out / "findings.json").read_text())
-    assert len(findings) == 8 and all(f in report for f in findings)
+    assert len(findings) == 16 and all(f in report for f in findings)
     assert "Table 1: 18 of 18 cells agree with the paper." in findings
+
+    # Every verdict is recorded, under the same keys in both runs, and the comparison table
+    # reports each one; a verdict that differs is inconclusive in the findings.
+    mine, theirs = (json.loads((d / "verdicts.json").read_text()) for d in (out, other))
+    assert (mine["seeds"], theirs["seeds"]) == ([0, 1], [2, 3])
+    assert set(mine["verdicts"]) == set(theirs["verdicts"]) and len(mine["verdicts"]) >= 20
+    table = report[report.index("## Verdicts under a disjoint seed set"):]
+    for key, text in mine["verdicts"].items():
+        there = theirs["verdicts"][key]
+        same = text.split()[0] == there.split()[0]
+        assert f"| {key} | {text} | {there} | {'yes' if same else '**no**'} |" in table
+        if not same:
+            assert f"inconclusive: {text} here, but {there} with seeds [2, 3]" in report
 
     runs = reproduce._runs(quick=True)
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(name for _, name, _, _ in runs)
@@ -1146,11 +1165,17 @@ def test_quick_reproduction_end_to_end(tmp_path):
         run_dir = out / "runs" / name
         assert json.loads((run_dir / "config.json").read_text()) == json.loads(cfg.to_json())
         rows = read_rows(run_dir / "metrics.jsonl")
+        assert (out / "metrics" / f"{name}.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
         members = len(train.sweep_members(cfg))
         steps = sorted({r["step"] for r in rows})
         assert steps[-1] == cfg.num_steps
         assert len(rows) == len({(r["step"], r["member"]) for r in rows}) == len(steps) * members
         assert finalized_steps(run_dir / "checkpoints")[-1] == cfg.num_steps
+
+    # --compare refuses a run whose seeds overlap this one's, before training anything.
+    proc = subprocess.run([sys.executable, "-m", "experiments", "--quick", "--out", str(tmp_path / "x"),
+                           "--compare", str(out)], cwd=ROOT, env=subprocess_env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not disjoint" in proc.stderr and not (tmp_path / "x").exists()
 
 
 def test_report_statistics():

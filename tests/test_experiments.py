@@ -1042,7 +1042,7 @@ def test_copying_and_char_lm_tasks_train(tmp_path, jax_defaults):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     for name, cfg in [
         ("copying", _token_config(rnn_copying, length=5, train_size=256, test_size=64)),
-        ("char_lm", _token_config(char_lm, path=str(text), length=16)),
+        ("char_lm", _token_config(char_lm, path=str(text), length=16, train_size=1600, test_size=200)),
     ]:
         task = train.build_task(cfg)
         assert task.data.x_train.dtype == np.int32 and task.data.y_train.shape == task.data.x_train.shape
@@ -1058,6 +1058,10 @@ def test_char_lm_task_reports_a_missing_file(tmp_path):
     cfg = _token_config(char_lm, path=str(tmp_path / "nope.txt"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         train.build_task(cfg)
+    text = tmp_path / "short.txt"
+    text.write_text("too short for a million characters", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"`task.train_size` \+ `task.test_size` = 1100000 characters, but text file .*short.txt.* has 34"):
+        train.build_task(_token_config(char_lm, path=str(text)))
 
 
 def test_models_reject_bad_names():

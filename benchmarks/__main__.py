@@ -65,13 +65,9 @@ def plan(quick: bool, only: list[str]):
             for cfg in ({"T": 100, "B": 32, "H": 256, "I": 128}, {"T": 200, "B": 1, "H": 128, "I": 128}):
                 jobs.append(("rnn", "rnn", cfg, "glibc", None, None))
     if "sweep" in sel:
-        from experiments.xla_flags import CPU_DEADLOCK_WORKAROUND
-
         for model in ("ln_mlp", "ln_lstm"):
             job = dict(model=model, steps=3, reps=1, warmup=1) if quick else dict(model=model)
-            # The vmapped LN-LSTM deadlocks in XLA:CPU 0.10.2 without the workaround (Sweeps).
-            flags = CPU_DEADLOCK_WORKAROUND if model == "ln_lstm" else None
-            jobs.append(("sweep", "sweep", job, "glibc", flags, None))
+            jobs.append(("sweep", "sweep", job, "glibc", None, None))
     if "memory" in sel:
         job = dict(T=20, B=2, H=8, I=4, reps=1, warmup=1) if quick else dict(T=1000)
         jobs.append(("memory", "memory", job, "glibc", None, None))

@@ -2,7 +2,6 @@ import sys
 
 from experiments import xla_flags
 
-xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)
 if "--quick" in sys.argv[1:]:
     # The quick run trains tiny models for a few steps: its time is XLA:CPU compilation, most of
     # it LLVM's optimization passes. Without them it compiles ~3x faster (before jax loads).

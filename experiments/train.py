@@ -1004,10 +1004,6 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
-    from experiments import xla_flags
-
-    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)  # before the first computation starts XLA
-
     define_config_flag()
     flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
     flags.DEFINE_string("coordinator_address", None,

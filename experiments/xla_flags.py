@@ -1,16 +1,12 @@
 """XLA flags that the experiments' entry points set for themselves, before JAX starts its backend.
 
-XLA:CPU in jaxlib 0.10.2 deadlocks intermittently in vmapped LN-LSTM training: the host waits
-in `block_until_ready` while every XLA worker thread waits for work (seen in the full
-reproduction and, every time, in `python -m benchmarks.sweep '{"model": "ln_lstm"}'`). Turning
-off XLA:CPU's concurrency-optimized scheduler avoids it: that sweep then completed 3 runs out
-of 3, against 3 hangs out of 3 without the flag (see BENCHMARKS.md, "Sweeps"). The flag only
-changes the order of independent operations, not what is computed.
+(Until commit 9aaa517 the entry points also turned off XLA:CPU's concurrency-optimized
+scheduler, against a hang of vmapped LN-LSTM training on 2 cores. Its cause was two or more
+batched LAPACK QR calls in one program, the per-gate orthogonal inits, which deadlock
+XLA:CPU's thread pool in jaxlib 0.10.2; a cell's init now does one QR, and the flag is gone.)
 """
 
 import os
-
-CPU_DEADLOCK_WORKAROUND = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def add(*flags: str) -> None:

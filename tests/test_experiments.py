@@ -1216,12 +1216,13 @@ def test_report_statistics():
 def test_xla_flags_are_appended_unless_the_user_set_them(monkeypatch):
     from experiments import xla_flags
 
+    level = "--xla_backend_optimization_level=0"
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)
-    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_flags.CPU_DEADLOCK_WORKAROUND}"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
-    xla_flags.add(xla_flags.CPU_DEADLOCK_WORKAROUND)  # the user's choice stands
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    xla_flags.add(level)
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {level}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    xla_flags.add(level)  # the user's choice stands
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
     monkeypatch.delenv("XLA_FLAGS")
     xla_flags.add("--a=1", "--b=2")
     assert os.environ["XLA_FLAGS"] == "--a=1 --b=2"

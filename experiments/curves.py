@@ -48,9 +48,9 @@ def _figure(num_panels: int):
     return plt, fig, list(axes.flat)
 
 
-def _finish(plt, fig, ax_list, path, log):
+def _finish(plt, fig, ax_list, path, log, xlabel="training step"):
     for ax in ax_list:
-        ax.set_xlabel("training step")
+        ax.set_xlabel(xlabel)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -136,11 +136,7 @@ def plot_lr_sweep(path, series, key, ylabel, title, scale=1.0):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    ax.grid(alpha=0.3)
-    ax.set_xlabel("learning rate")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(plt, fig, [ax], path, log=False, xlabel="learning rate")
 
 
 def main(argv=None) -> int:

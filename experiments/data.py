@@ -8,8 +8,8 @@ Contents (float32 features, int32 labels unless stated otherwise):
 * `mnist_idx`: the standard MNIST IDX files from a local directory (plain or gzipped), validated
   (`read_idx`).
 * `adding_problem`, `copying_memory` (+ `copying_baseline`): the synthetic sequence tasks.
-* `char_corpus`, `text_corpus`, `windows`: character-level language modelling on a local text
-  file or a text; `bible_text`: the offline corpus the experiments use (from a wheel).
+* `read_text`, `text_corpus`, `windows`: character-level language modelling on a text (a local
+  file's); `bible_text`: the offline corpus the experiments use (from a wheel).
 * `colour_graphs`, `colour_graph_data`: the synthetic "denser colour" graph classification
   task (`Graphs`: per-graph padded node features and edge lists).
 
@@ -43,7 +43,6 @@ __all__ = [
     "Graphs",
     "adding_problem",
     "bible_text",
-    "char_corpus",
     "colour_graph_data",
     "colour_graphs",
     "copying_baseline",
@@ -418,23 +417,7 @@ def read_text(path) -> str:
         ) from None
 
 
-def char_corpus(path, seq_len: int, val_fraction: float = 0.1) -> CharCorpus:
-    """Reads a UTF-8 text file as a character corpus split into train and validation parts:
-    `text_corpus` of its text, the last `val_fraction` of the characters (rounded down) forming
-    the validation part.
-
-    Raises:
-      FileNotFoundError: no file at `path`.
-      ValueError: bad `seq_len`/`val_fraction`, the file is not valid UTF-8, or `text_corpus`'s.
-    """
-    seq_len = _positive_int("seq_len", seq_len)
-    val_fraction = _fraction("val_fraction", val_fraction, allow_zero=True)
-    text = read_text(path)
-    return text_corpus(text, seq_len, int(len(text) * val_fraction), source=f"text file {os.fspath(path)!r}",
-                       hint=f"(`val_fraction`={val_fraction})")
-
-
-def text_corpus(text: str, seq_len: int, num_val: int, *, source: str = "the text", hint: str = "") -> CharCorpus:
+def text_corpus(text: str, seq_len: int, num_val: int, *, source: str = "the text") -> CharCorpus:
     """A character corpus of `text`: its last `num_val` characters are the validation part, the
     rest the training part. The vocabulary is the sorted unique characters of the whole text.
     Each non-empty part must hold at least `seq_len + 1` characters so that `windows` can cut
@@ -459,7 +442,7 @@ def text_corpus(text: str, seq_len: int, num_val: int, *, source: str = "the tex
     for part, n, required in (("training", n_train, True), ("validation", num_val, False)):
         if n < seq_len + 1 and (required or n > 0):
             raise ValueError(
-                f"{source}: the {part} part has {n} characters{' ' + hint if hint else ''}, fewer "
+                f"{source}: the {part} part has {n} characters, fewer "
                 f"than `seq_len` + 1 = {seq_len + 1}; use a longer text, a shorter `seq_len` or "
                 "another split."
             )

@@ -393,18 +393,20 @@ def text_file(tmp_path):
     return path
 
 
-def test_char_corpus(text_file):
-    c = data.char_corpus(text_file, seq_len=16, val_fraction=0.1)
+def test_text_corpus(text_file):
+    text = data.read_text(text_file)
+    assert text == TEXT
+    n_val = int(len(TEXT) * 0.1)
+    c = data.text_corpus(text, seq_len=16, num_val=n_val)
     assert c.vocab == tuple(sorted(set(TEXT)))
     assert c.vocab_size == len(set(TEXT))
     assert c.train.dtype == c.val.dtype == np.int32
-    n_val = int(len(TEXT) * 0.1)
     assert c.val.shape == (n_val,) and c.train.shape == (len(TEXT) - n_val,)
     assert c.decode(np.concatenate([c.train, c.val])) == TEXT
     np.testing.assert_array_equal(c.encode(TEXT[:50]), c.train[:50])
     with pytest.raises(ValueError, match="vocabulary"):
         c.encode("Z")
-    no_val = data.char_corpus(str(text_file), seq_len=16, val_fraction=0.0)
+    no_val = data.text_corpus(data.read_text(str(text_file)), seq_len=16, num_val=0)
     assert no_val.val.shape == (0,) and no_val.train.shape == (len(TEXT),)
 
 
@@ -439,39 +441,39 @@ def test_windows(text_file):
         data.windows(np.zeros((3, 10)), 2)
 
 
-def test_char_corpus_missing_file(tmp_path):
+def test_read_text_missing_file(tmp_path):
     path = tmp_path / "missing.txt"
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        data.char_corpus(path, 8)
+        data.read_text(path)
 
 
-def test_char_corpus_empty_file(tmp_path):
+def test_text_corpus_empty_file(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        data.char_corpus(path, 8)
+        data.text_corpus(data.read_text(path), 8, 0, source=f"text file {str(path)!r}")
 
 
-def test_char_corpus_too_short(tmp_path):
-    path = tmp_path / "short.txt"
-    path.write_text("abcdefgh", encoding="utf-8")
+def test_text_corpus_too_short():
     with pytest.raises(ValueError, match="has 8 characters.*at least 9"):
-        data.char_corpus(path, 8, val_fraction=0.0)
-    data.char_corpus(path, 7, val_fraction=0.0)  # exactly seq_len + 1 is enough
+        data.text_corpus("abcdefgh", 8, 0)
+    data.text_corpus("abcdefgh", 7, 0)  # exactly seq_len + 1 is enough
     # long enough overall, but the validation part is too short for one window
     with pytest.raises(ValueError, match="validation part has 3 characters"):
-        data.char_corpus(path, 4, val_fraction=0.4)
+        data.text_corpus("abcdefgh", 4, 3)
 
 
-def test_char_corpus_non_utf8(tmp_path):
+def test_read_text_non_utf8(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 au lait, encore du caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="not valid UTF-8"):
-        data.char_corpus(path, 4)
+        data.read_text(path)
 
 
-def test_char_corpus_bad_arguments(text_file):
+def test_text_corpus_bad_arguments():
     with pytest.raises(ValueError, match="`seq_len`"):
-        data.char_corpus(text_file, 0)
-    with pytest.raises(ValueError, match="`val_fraction`"):
-        data.char_corpus(text_file, 8, val_fraction=1.0)
+        data.text_corpus(TEXT, 0, 0)
+    with pytest.raises(ValueError, match="`num_val`"):
+        data.text_corpus(TEXT, 8, -1)
+    with pytest.raises(ValueError, match="training part has 0 characters"):
+        data.text_corpus(TEXT, 8, len(TEXT))  # all of it validation

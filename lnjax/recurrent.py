@@ -506,6 +506,11 @@ def rnn(
         if jax.tree.structure(initial_carry) != jax.tree.structure(want) or shapes(initial_carry) != shapes(want):
             raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
                              f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
+        # The step's carry comes out in the parameters' dtype; scan needs it to go in so too.
+        dtypes = lambda t: jax.tree.map(lambda a: jnp.result_type(a).name, t)  # noqa: E731
+        if dtypes(initial_carry) != dtypes(want):
+            raise TypeError(f"`initial_carry` has dtypes {dtypes(initial_carry)}, expected those of the "
+                            f"parameters' computation: {dtypes(want)}.")
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)

@@ -178,6 +178,10 @@ def test_constructor_checks():
         lnjax.linen.WeightNormDense(0)
     with pytest.raises(ValueError, match="last axis must be in_features=3"):
         lnjax.nnx.WeightNormDense(3, 2, rngs=nnx.Rngs(0))(jnp.ones((2, 5), jnp.float32))
+    dense = lnjax.linen.WeightNormDense(2)
+    variables = dense.init(jax.random.key(0), jnp.ones((2, 3), jnp.float32))
+    with pytest.raises(ValueError, match="last axis must be in_features=3"):
+        dense.apply(variables, jnp.ones((2, 5), jnp.float32))
 
 
 def test_shape_errors_come_from_the_pure_op():

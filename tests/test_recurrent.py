@@ -753,6 +753,14 @@ def test_initial_carry_of_the_wrong_structure_or_shape_is_an_error():
                 LSTMCarry(jnp.zeros((2, H + 1)), jnp.zeros((2, H + 1)))):  # fmt: skip
         with pytest.raises(ValueError, match="`initial_carry` has shapes"):
             rnn(cell, p, xs, initial_carry=bad)
+    # The right shapes in another dtype than the step's carry: named, not scan's own TypeError.
+    want = rnn(cell, p, xs)[1]
+    for dtype in (jnp.int32, jnp.bfloat16):
+        bad = jax.tree.map(lambda a: a.astype(dtype), want)
+        with pytest.raises(TypeError, match=r"`initial_carry` has dtypes .*expected"):
+            rnn(cell, p, xs, initial_carry=bad)
+        with pytest.raises(TypeError, match=r"`initial_carry` has dtypes"):
+            jax.jit(lambda c: rnn(cell, p, xs, initial_carry=c))(bad)
 
 
 def test_initial_carry_is_used():

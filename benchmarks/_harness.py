@@ -103,6 +103,17 @@ def timed_compile(jitted, *args):
     return compiled, time.perf_counter() - t
 
 
+def traffic(compiled) -> dict:
+    """What XLA's cost model counts for a compiled program: `bytes` read and written by its
+    kernels (each fusion's operands and outputs: its passes over memory; loops times their
+    trip count), and `kernels`, the kernels launched at the top level of the program."""
+    import re
+
+    entry = compiled.as_text().split("\nENTRY ", 1)[-1].split("\n}\n", 1)[0]
+    launched = re.findall(r"= \S+ (fusion|custom-call|dot|copy|while|convolution|reduce)\(", entry)
+    return dict(bytes=float(compiled.cost_analysis()["bytes accessed"]), kernels=len(launched))
+
+
 def block(tree):
     """Waits for every JAX array in `tree`; returns `tree`."""
     import jax

@@ -202,9 +202,10 @@ def run(job):
         return out[0] if op == "batch" else out
 
     # Forward ---------------------------------------------------------------------------
-    cons = []
+    cons, result["traffic"] = [], {"forward": {}, "forward+backward": {}}
     for name, (fn, note) in fns.items():
         compiled, cs = H.timed_compile(jax.jit(fn), xj, sj, bj)
+        result["traffic"]["forward"][name] = H.traffic(compiled)
         cons.append(H.Contender(name, lambda c=compiled: H.block(first_y(c(xj, sj, bj))), cs, note=note))
 
     def torch_fwd():
@@ -255,6 +256,7 @@ def run(job):
             out = lambda o: o  # noqa: E731
 
         compiled, cs = H.timed_compile(jax.jit(fb), xj, sj, bj, gj)
+        result["traffic"]["forward+backward"][name] = H.traffic(compiled)
         cons.append(H.Contender(name, lambda c=compiled, out=out: H.block(out(c(xj, sj, bj, gj))), cs, note=note))
 
     xg = xt.clone().requires_grad_(True)

@@ -215,7 +215,39 @@ def _norm_tables(results):
                     *[f"{n} % of copy" for n in impl]], rows),
             "",
         ]
+        lines += _traffic_table(op, keys, norms, first=not any("memory traffic" in ln for ln in lines))
     return lines, norms
+
+
+def _traffic_table(op, keys, norms, first):
+    """Where XLA:CPU's time goes: bytes its kernels move, per compiled program, in units of
+    one array of x, against the fewest a fused kernel needs."""
+    keys = [k for k in keys if "traffic" in norms[k]]
+    if not keys:
+        return []
+    names = list(norms[keys[0]]["traffic"]["forward"])
+    rows = []
+    for k in keys:
+        nbytes = norms[k]["out_mib"] * 2**20
+        for mode, least in (("forward", 2), ("forward+backward", 5)):
+            t = norms[k]["traffic"][mode]
+            rows.append([f"{_shape(k[1])} {DT[k[2]]}", mode, least,
+                         *[f"{t[n]['bytes'] / nbytes:.1f} ({t[n]['kernels']})" if n in t else "" for n in names]])
+    about = ("Bytes that XLA's cost model counts for each compiled program (`compile().cost_analysis()`: "
+             "every kernel's operands and outputs, loops times their trip count), in units of one array "
+             "of x, and in brackets the kernels launched at the top level. A single fused kernel needs "
+             "the `least` column: forward reads x and writes y; forward+backward (as PyTorch's "
+             "separate kernels) reads x, writes y, then reads x and g and writes dx. Traffic above "
+             "that is full-size temporaries (`x - mean`, float32 copies of bfloat16 data) written and "
+             "read again: it costs time where they do not fit in the caches.") if first else "As above."
+    return [
+        f"### {OPNAME[op]}: memory traffic of the compiled programs",
+        "",
+        about,
+        "",
+        _table(["shape dtype", "mode", "least", *names], rows),
+        "",
+    ]
 
 
 def _compile_table(norms):
@@ -553,20 +585,7 @@ def _targets(norms, rnn, sweep):
         w = worst("layer", "forward+backward", impl)
         if w:
             rows.append(["Layer norm forward+backward <= 1.3x torch", impl, "met" if w[0] <= 1.3 else "missed", fmt(w)])
-        slower = []
-        for k, res in norms.items():
-            if k[0] != "layer":
-                continue
-            rr = _rows(_comp(res, "forward+backward"))
-            if impl not in rr:
-                continue
-            for f in FLAX["layer"]:
-                if rr[impl]["median_s"] > rr[f]["median_s"]:
-                    slower.append(f"{f.split('.')[1]} {_shape(k[1])} {DT[k[2]]} "
-                                  f"({rr[impl]['median_s'] / rr[f]['median_s']:.2f}x)")
-        if w:
-            rows.append(["Layer norm forward+backward never slower than Flax", impl,
-                         "met" if not slower else "missed", "slower than " + ", ".join(slower) if slower else "faster everywhere"])
+    rows += _flax_rows(norms)
     for impl in (LNJAX["batch"], XLA["batch"]):
         w = worst("batch", "forward+backward", impl)
         if w:
@@ -592,6 +611,15 @@ def _targets(norms, rnn, sweep):
                 e = rr["torch LN-LSTM, eager"]["median_s"] / t
                 rows.append([f"LN-LSTM training >= 5x eager torch LN-LSTM (B={B})", tag,
                              "met" if e >= 5 else "missed", f"{e:.2f}x"])
+        if "lnjax LSTM (no norm)" in rr:
+            plain = rr["lnjax LSTM (no norm)"]["median_s"]
+            f = rr["flax nn.RNN(OptimizedLSTMCell)"]["median_s"] / plain
+            rows.append([f"unnormalized LSTM training >= 1.0x Flax OptimizedLSTMCell (B={B})", "lnjax LSTM (no norm)",
+                         "met" if f >= 1.0 else "missed", f"{f:.2f}x"])
+            for name in (n for n in rr if n.startswith("lnjax LN-LSTM, ")):
+                o = rr[name]["median_s"] / plain
+                rows.append([f"LN overhead <= 1.15x lnjax's unnormalized LSTM (B={B})", name,
+                             "met" if o <= 1.15 else "missed", f"{o:.2f}x"])
     for model, s in sweep.items():
         rows.append([f"sweep never slower than sequential ({model})", "jax.vmap",
                      "met" if s >= 1.0 else "missed", f"vmap {s:.2f}x the speed of 8 runs in turn"])
@@ -607,6 +635,32 @@ def _targets(norms, rnn, sweep):
         _table(["target", "implementation", "status", "measured"], rows),
         "",
     ]
+
+
+def _flax_rows(norms):
+    """"Never slower than Flax" per op and mode, over every shape and dtype measured: the
+    cells where lnjax's default is slower than either Flax module, with the ratio."""
+    rows = []
+    for op in ("layer", "rms", "batch"):
+        for mode in ("forward", "forward+backward"):
+            slower, cells = [], 0
+            for k, res in sorted(norms.items()):
+                if k[0] != op:
+                    continue
+                rr = _rows(_comp(res, mode))
+                if LNJAX[op] not in rr:
+                    continue
+                cells += 1
+                fastest = min(FLAX[op], key=lambda f: rr[f]["median_s"])
+                ratio = rr[LNJAX[op]]["median_s"] / rr[fastest]["median_s"]
+                if ratio > 1.0:
+                    slower.append(f"{_shape(k[1])} {DT[k[2]]} {ratio:.2f}x {fastest.split('.')[1]}")
+            if cells:
+                rows.append([f"{OPNAME[op]} {mode} never slower than Flax, every shape/dtype", LNJAX[op],
+                             "met" if not slower else "missed",
+                             f"slower in {len(slower)} of {cells}: " + ", ".join(slower) if slower
+                             else f"faster in all {cells}"])
+    return rows
 
 
 def render(header, results) -> str:

@@ -50,3 +50,21 @@ def test_quick_plan_is_small():
         assert job.get("reps", 99) <= 2, job
         if "shape" in job:
             assert job["shape"][0] * job["shape"][1] <= 64 * 128, job
+
+
+@pytest.mark.slow
+def test_accelerator_benchmarks_refuse_a_cpu_and_check_their_code_paths(tmp_path):
+    out = tmp_path / "BENCHMARKS-gpu.md"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64",)}
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out), *extra],  # noqa: E731
+                                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    refused = run()
+    assert refused.returncode == 2 and "no accelerator" in refused.stderr and not out.exists()
+    proc = run("--allow-cpu")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = out.read_text()
+    assert "These numbers describe no accelerator" in text
+    for heading in ("### layer 64x128 float32, forward+backward", "### rms 64x128 bfloat16, forward",
+                    "### batch 64x128 float32, forward", "### Training step, T=5 B=2 H=8 I=16"):
+        assert heading in text, heading
+    assert "pallas ops.gpu.layer_norm" in text  # measured on a GPU, skipped with its reason here

@@ -20,6 +20,9 @@ DTYPES = ("float32", "bfloat16")
 EPS = {"layer": 1e-5, "rms": 1e-6, "batch": 1e-5}
 MOMENTUM = 0.9  # Flax convention (weight of the old value); PyTorch's momentum=0.1
 
+# Added to the data for the exactness check (the data's standard deviation is 1.5).
+OFFSET = 1000.0
+
 # Agreement tolerances: (rtol, atol as a fraction of max|reference|).
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 2e-2)}
 
@@ -203,9 +206,18 @@ def run(job):
 
     # Forward ---------------------------------------------------------------------------
     cons, result["traffic"] = [], {"forward": {}, "forward+backward": {}}
+    # Exactness where the mean dominates (OFFSET + the same data, float32): what a one-pass
+    # E[x^2] - E[x]^2 variance gives up.
+    result["offset_error"] = {}
+    if dtype == "float32":
+        x_off = xj + jnp.asarray(OFFSET, dt)
+        ref_off = reference(op, *(np.asarray(a, np.float64) for a in (x_off, gj, sj, bj)), backward=False)[0]
     for name, (fn, note) in fns.items():
         compiled, cs = H.timed_compile(jax.jit(fn), xj, sj, bj)
         result["traffic"]["forward"][name] = H.traffic(compiled)
+        if dtype == "float32":
+            err = np.max(np.abs(np.asarray(first_y(compiled(x_off, sj, bj)), np.float64) - ref_off))
+            result["offset_error"][name] = float(err / np.max(np.abs(ref_off)))
         cons.append(H.Contender(name, lambda c=compiled: H.block(first_y(c(xj, sj, bj))), cs, note=note))
 
     def torch_fwd():

@@ -688,11 +688,11 @@ def _flax_misses(norms):
         "computation (batch norm; layer norm's 8192-wide rows) XLA writes `x - mean` as a "
         "full-size temporary and reads it back. Forward+backward is another matter: lnjax's "
         "closed-form derivative moves far fewer bytes than autodiff of either formula (the "
-        "traffic tables), so layer norm's is faster than Flax's everywhere. What the exact "
+        "traffic tables). What the exact "
         "variance buys: the error of the forward output, float32, on the benchmark's data "
         "plus 1000 (its standard deviation is 1.5), against float64; and the forward traffic "
         "in arrays of x (lnjax / Flax). RMS norm has no mean to subtract and computes what "
-        "Flax's RMSNorm computes; its differences are within the run-to-run spread.",
+        "Flax's RMSNorm computes, in as many passes.",
         "",
         _table(["op", "shape (float32)", "lnjax: max error / max abs(y)", "Flax (linen): max error / max abs(y)",
                 "forward traffic, lnjax / Flax"], rows),

@@ -25,12 +25,18 @@ ones = jax.nn.initializers.ones
 zeros = jax.nn.initializers.zeros
 
 
+def dense_input(x, in_features):
+    """`x`, checked as the input of a `WeightNormDense` with `in_features` inputs."""
+    x = _checks.floating(x)
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"`x` has shape {x.shape}; its last axis must be in_features={in_features}.")
+    return x
+
+
 def dense(x, w, bias):
     """`x @ w + bias` in `x`'s dtype (`WeightNormDense`); the bias is broadcast explicitly (no
     rank promotion)."""
-    x = _checks.floating(x)
-    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"`x` has shape {x.shape}; its last axis must be in_features={w.shape[0]}.")
+    x = dense_input(x, w.shape[0])
     y = jnp.dot(x, w.astype(x.dtype))
     return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
 

@@ -146,7 +146,7 @@ class WeightNormDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.has_variable("params", "v"):  # name `x`, not Flax's initializer-shape error
-            _modules.dense(x, self.get_variable("params", "v"), None)
+            _modules.dense_input(x, self.get_variable("params", "v").shape[0])
         v = self.param("v", self.kernel_init, (jnp.shape(x)[-1], self.features), self.param_dtype)
         g = self.param("g", ones, (self.features,), self.param_dtype)
         b = None

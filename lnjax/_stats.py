@@ -113,10 +113,15 @@ def normalize(x, mean, residual, var, eps):
     return center(x, mean, residual) * inv_std(var, eps)
 
 
+def rms_inv(x, ax, eps):
+    """`(x, 1 / sqrt(mean(x^2) + eps))` over `ax`, both in the statistics dtype."""
+    xf = x.astype(_checks.stats_dtype(x.dtype))
+    return xf, inv_std(jnp.mean(xf * xf, axis=ax, keepdims=True), eps)
+
+
 def rms_normalize(x, ax, eps):
     """`(x / sqrt(mean(x^2) + eps), 1 / sqrt(mean(x^2) + eps))` over `ax`, in the statistics dtype."""
-    xf = x.astype(_checks.stats_dtype(x.dtype))
-    rstd = inv_std(jnp.mean(xf * xf, axis=ax, keepdims=True), eps)
+    xf, rstd = rms_inv(x, ax, eps)
     return xf * rstd, rstd
 
 

@@ -151,6 +151,24 @@ def test_bfloat16_close_to_float32(op, layout, monkeypatch):
         np.testing.assert_allclose(np.asarray(got, np.float32), w, rtol=3e-2, atol=3e-2 * np.abs(w).max())
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("params", ["scale+bias", "scale", "none"])
+def test_narrow_rms_forward_rounds_the_float64_result(dtype, params):
+    # Undifferentiated, narrow floats take their own order of products (the gain folded into
+    # 1/rms); it and the primal under jvp each round the float64 result to the output dtype.
+    x, g, scale, bias = (a.astype(dtype) for a in _inputs((37, 64), jnp.float32, seed=5))
+    scale = None if params == "none" else scale
+    bias = bias if params == "scale+bias" else None
+    f64 = lambda a: None if a is None else np.asarray(a.astype(jnp.float32), np.float64)  # noqa: E731
+    ref = plain_rms_norm(f64(x), f64(scale), f64(bias), 1e-6)
+    ulp = float(jnp.finfo(dtype).eps) * np.maximum(np.abs(ref), 1e-3)
+    y = jax.jit(_fused.rms_norm_2d)(x, scale, bias)
+    y_jvp = jax.jvp(_fused.rms_norm_2d, (x, scale, bias), (g, scale, bias))[0]
+    for got in (y, y_jvp):
+        assert got.dtype == dtype
+        assert np.all(np.abs(np.asarray(got.astype(jnp.float32), np.float64) - ref) <= ulp)
+
+
 def test_large_mean_keeps_exact_variance():
     # 1e4 +- 0.01: the one-pass variance cancels to 0 in float32; the two-pass one does not.
     x = (1e4 + 0.01 * jnp.asarray(np.random.default_rng(4).normal(size=(8, 64)))).astype(jnp.float32)

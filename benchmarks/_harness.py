@@ -106,12 +106,76 @@ def timed_compile(jitted, *args):
 def traffic(compiled) -> dict:
     """What XLA's cost model counts for a compiled program: `bytes` read and written by its
     kernels (each fusion's operands and outputs: its passes over memory; loops times their
-    trip count), and `kernels`, the kernels launched at the top level of the program."""
+    trip count), `kernels`, the kernels launched at the top level of the program, and
+    `program`, a hash of its instructions without names or source locations (two contenders
+    with equal hashes run the same kernels, so any gap between their times is noise)."""
+    import hashlib
     import re
 
-    entry = compiled.as_text().split("\nENTRY ", 1)[-1].split("\n}\n", 1)[0]
+    text = compiled.as_text()
+    entry = text.split("\nENTRY ", 1)[-1].split("\n}\n", 1)[0]
     launched = re.findall(r"= \S+ (fusion|custom-call|dot|copy|while|convolution|reduce)\(", entry)
-    return dict(bytes=float(compiled.cost_analysis()["bytes accessed"]), kernels=len(launched))
+    code = [re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", line)).strip()
+            for line in text.splitlines() if " = " in line and "{file" not in line]  # fmt: skip
+    program = hashlib.sha256("\n".join(code).encode()).hexdigest()[:16]
+    return dict(bytes=float(compiled.cost_analysis()["bytes accessed"]), kernels=len(launched), program=program)
+
+
+def kernel_profile(run: Callable[[], Any], compiled, *, steps: int, reps: int = 5) -> dict:
+    """Where the time of `run` (which calls `compiled`, a program with a `lax.scan` of `steps`
+    steps and its transpose) goes, from a `jax.profiler` trace of `reps` calls on XLA:CPU.
+
+    Each kernel the trace records is an instruction of `compiled`; its source location says
+    whether it runs in a loop body and whether it belongs to the backward pass (the transpose).
+    Returns, per call, `{part: {"ms": ..., "kernels": ...}}` for the parts `forward loop,
+    matmuls`, `forward loop, other`, the same two for the backward loop (kernels per step), and
+    `outside the loops` (kernels per call); None where the trace has no kernel events (a backend
+    other than XLA:CPU's thunk runtime).
+    """
+    import re
+    import tempfile
+
+    import jax
+
+    # The instructions of each computation, and the loops: a while's body runs in its loop,
+    # forward or backward as the while's own source location says.
+    comps, body_of = {}, {}
+    for block in re.split(r"\n(?=%|ENTRY )", compiled.as_text()):
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block)
+        if head:
+            comps[head.group(1)] = re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\((.*)$", block, re.M)
+    for insts in comps.values():
+        for _, kind, rest in insts:
+            if kind == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                body_of[body] = "backward" if "transpose(" in rest else "forward"
+    where = {}
+    for comp, insts in comps.items():
+        side = body_of.get(comp)
+        for name, kind, rest in insts:
+            if kind in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while"):
+                continue
+            matmul = kind == "dot" or re.search(r'op_name="[^"]*dot_general"', rest)
+            where[name] = f"{side} loop, " + ("matmuls" if matmul else "other") if side else "outside the loops"
+    totals = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(reps):
+            run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                part = where.get(ev.name)
+                if part:
+                    ms, n = totals.get(part, (0.0, 0))
+                    totals[part] = (ms + ev.duration_ns / 1e6, n + 1)
+    if not totals:
+        return None
+    return {part: {"ms": ms / reps, "kernels": n / reps / (1 if part == "outside the loops" else steps)}
+            for part, (ms, n) in totals.items()}
 
 
 def block(tree):

@@ -96,7 +96,7 @@ def run(job):
     tgt_np = (0.5 * rng.standard_normal((B, T, Hd))).astype(np.float32)
     xs, tgt = jnp.asarray(xs_np), jnp.asarray(tgt_np)
     xs_t, tgt_t = torch.tensor(xs_np), torch.tensor(tgt_np)
-    cons = []
+    cons, profiled = [], {}
 
     def jax_contender(name, group, loss_fn, params, note="", grads_view=None):
         """A jitted SGD step on donated params; agreement on (loss, grads) from a separate jit."""
@@ -111,6 +111,7 @@ def run(job):
             state["p"], loss = compiled(state["p"], xs, tgt)
             return H.block(loss)
 
+        profiled[name] = (run, compiled)
         grad_fn = jax.jit(jax.value_and_grad(loss_fn))
 
         def outputs():
@@ -241,8 +242,15 @@ def run(job):
                            budget_s=job.get("budget_s", 60.0))
     for r in rows:
         r["tokens_per_s"] = B * T / r["median_s"]
-    return dict(config=dict(T=T, B=B, H=Hd, I=I), rows=rows, meta=meta,
-                default_precompute_inputs=lnjax.recurrent.default_precompute_inputs(B))
+    default = lnjax.recurrent.default_precompute_inputs(B)
+    profile = {}
+    if job.get("profile", True) and jax.default_backend() == "cpu":
+        for name in (f"lnjax LN-LSTM, precompute_inputs={default}", "lnjax LSTM (no norm)",
+                     "flax nn.RNN(OptimizedLSTMCell)"):
+            H.log(f"rnn T={T} B={B}: kernel profile of {name}")
+            profile[name] = H.kernel_profile(*profiled[name], steps=T)
+    return dict(config=dict(T=T, B=B, H=Hd, I=I), rows=rows, meta=meta, default_precompute_inputs=default,
+                profile=profile)
 
 
 if __name__ == "__main__":

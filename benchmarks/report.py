@@ -90,8 +90,9 @@ def _header(h, results):
                  f"{settings.get('torch_threads')} / {settings.get('torch_interop_threads')} (defaults)"],
                 ["OMP_WAIT_POLICY", f"`{settings.get('OMP_WAIT_POLICY') or '(unset)'}` (see PyTorch's thread wait policy)"],
                 ["OMP_NUM_THREADS / MKL_NUM_THREADS", "unset (defaults)"],
-                ["allocator", "glibc malloc; jobs marked `reuse` set "
-                 "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^46` (see Allocation)"
+                ["allocator", "glibc malloc; the norm ops (`reuse`) with "
+                 "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^46`, so that freed memory is reused; "
+                 "the rest, and the `glibc` column of Allocation, with its defaults"
                  if "reuse" in allocs else "glibc malloc, default settings"],
                 ["load average (1 min) at start / end",
                  f"{h['load_start'][0]:.1f} / {h['load_end'][0]:.1f} on {m['cores']} cores"],
@@ -135,7 +136,7 @@ def _header(h, results):
 # Norms.
 
 
-def _norm_results(results, section="norms", allocator="glibc"):
+def _norm_results(results, section="norms", allocator="reuse"):
     out = {}
     for r in results:
         if r["section"] == section and r["allocator"] == allocator and not r.get("xla_flags"):
@@ -288,17 +289,21 @@ def _alloc_table(results):
             for n in names:
                 rows.append([f"{OPNAME[op]} {_shape(k[1])} {DT[k[2]]}", mode, n, _ms(a[n]["median_s"]),
                              _ms(b[n]["median_s"])])
+    if not rows:
+        return []
     return [
         "## Allocation",
         "",
         "glibc serves blocks of 32 MiB or more (the float32 outputs of 8192x1024 and 32768x256) "
         "with a fresh `mmap` and unmaps them on free, so every such output is page-faulted in "
         "again on each call (numpy avoids part of it with huge pages). XLA:CPU and PyTorch both "
-        "allocate their outputs with `malloc`, so both pay it alike. The `reuse` setting "
+        "allocate their outputs with `malloc`, so both pay it alike, and the ratios shrink towards "
+        "1 and vary from run to run with the page faults. The `reuse` setting "
         "(`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^46`, for every contender) makes glibc reuse "
-        "freed memory like a caching allocator; these rows are the same comparisons under it "
-        "(median ms). Buffer donation was not used for the norm ops: it would give JAX in-place "
-        "outputs that PyTorch's functional ops cannot have.",
+        "freed memory like a caching allocator, as a training loop's steady state has it; the "
+        "norm tables and targets are measured under it. These rows are the same comparisons "
+        "under glibc's defaults (median ms). Buffer donation was not used for the norm ops: it "
+        "would give JAX in-place outputs that PyTorch's functional ops cannot have.",
         "",
         _table(["op", "mode", "contender", "glibc ms", "reuse ms"], rows),
         "",
@@ -675,7 +680,8 @@ def _targets(norms, rnn, sweep):
     return [
         "## Targets",
         "",
-        "Ratios of median times measured in the same process (allocator `glibc`); the status "
+        "Ratios of median times measured in the same process (the norm ops with freed memory "
+        "reused, `reuse`; see Allocation); the status "
         "follows the medians. Where the load distorts the medians, the ratio of the fastest call "
         "of each contender (its best case, when the machine was momentarily free) is given for "
         "context. lnjax's default is the closed-form derivative (`lnjax._fused`, a `custom_jvp`); "

@@ -244,7 +244,7 @@ def run(job):
         r["tokens_per_s"] = B * T / r["median_s"]
     default = lnjax.recurrent.default_precompute_inputs(B)
     profile = {}
-    if job.get("profile", True) and jax.default_backend() == "cpu":
+    if job.get("profile") and jax.default_backend() == "cpu":
         for name in (f"lnjax LN-LSTM, precompute_inputs={default}", "lnjax LSTM (no norm)",
                      "flax nn.RNN(OptimizedLSTMCell)"):
             H.log(f"rnn T={T} B={B}: kernel profile of {name}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import _harness as H
-from benchmarks.report import XLA
+from benchmarks.report import FAST, XLA
 
 OPS = ("layer", "rms", "batch")
 SHAPES = ((8192, 1024), (32768, 256), (512, 8192))
@@ -89,6 +89,8 @@ def _jax_fns(op, h, dtype, *, with_xla=True, with_flax=True):
                 lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, implementation="xla"),
                 "autodiff of the formula, exact variance",
             )
+        fns[FAST["layer"]] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, fast_variance=True),
+                              "one-pass variance, as Flax's default")
         lin = nn.LayerNorm(epsilon=eps, dtype=dt, param_dtype=dt)
         fns["flax.linen.LayerNorm"] = (
             lambda x, s, b: lin.apply({"params": {"scale": s, "bias": b}}, x),
@@ -120,6 +122,11 @@ def _jax_fns(op, h, dtype, *, with_xla=True, with_flax=True):
                                                  implementation="xla"),
                 "autodiff of the formula, exact variance",
             )
+        fns[FAST["batch"]] = (
+            lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps,
+                                             fast_variance=True),
+            "one-pass variance, as Flax's default",
+        )
         lin = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=eps, dtype=dt, param_dtype=dt)
         stats0 = {"mean": jnp.zeros((h,), jnp.float32), "var": jnp.ones((h,), jnp.float32)}
 

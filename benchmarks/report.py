@@ -728,6 +728,23 @@ def _flax_rows(norms):
     return rows
 
 
+def _same_program_spread(norms):
+    """The largest ratio of median times between two contenders of one comparison that XLA
+    compiled to the same program: how far apart equal work measured in this run."""
+    worst = None
+    for k, res in sorted(norms.items()):
+        for mode, progs in res.get("traffic", {}).items():
+            rr = _rows(_comp(res, mode))
+            names = [n for n, t in progs.items() if t.get("program") and n in rr]
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    if progs[a]["program"] == progs[b]["program"]:
+                        ta, tb = sorted((rr[a]["median_s"], rr[b]["median_s"]))
+                        if worst is None or tb / ta > worst[0]:
+                            worst = (tb / ta, f"{a} and {b}, {OPNAME[k[0]]} {_shape(k[1])} {DT[k[2]]} {mode}")
+    return worst
+
+
 def _flax_misses(norms):
     """Why lnjax is slower than Flax where it is, with the traffic and exactness measured."""
     rows = []
@@ -770,7 +787,12 @@ def _flax_misses(norms):
         _table(["op", "shape (float32)", "lnjax: max error / max abs(y)", "Flax (linen): max error / max abs(y)",
                 "forward traffic, lnjax / Flax", "lnjax fast_variance=True: error; time / Flax"], rows),
         "",
-    ]
+    ] + ([
+        f"**How far apart equal work measured.** Contenders that XLA compiled to the same program "
+        f"measured up to {_x(spread[0])} apart in this run ({spread[1]}), interleaved in one "
+        "process: ratios nearer 1 than that, for one cell in one run, do not say which is faster.",
+        "",
+    ] if (spread := _same_program_spread(norms)) else [])
 
 
 def render(header, results) -> str:

@@ -47,6 +47,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -498,7 +499,11 @@ def _tensorboard_writers(logdir: pathlib.Path, members, step: int):
     TensorBoard drops what an interrupted run logged after it (`purge_step`)."""
     from tensorboardX import SummaryWriter
 
-    return [SummaryWriter(str(logdir / f"{i:03d}_{member_name(m)}"), purge_step=step + 1 if step else None)
+    # tensorboardX names its file by the second and truncates it: a resume started within the
+    # second of the last run would erase that run's events. Nanoseconds keep each file, in order.
+    suffix = f".{time.time_ns()}"
+    return [SummaryWriter(str(logdir / f"{i:03d}_{member_name(m)}"), purge_step=step + 1 if step else None,
+                          filename_suffix=suffix)
             for i, m in enumerate(members)]
 
 

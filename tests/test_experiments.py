@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -562,7 +563,11 @@ def _tensorboard_scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_tensorboard_shows_every_member_once_per_step_after_a_resume(tmp_path, jax_defaults):
+def test_tensorboard_shows_every_member_once_per_step_after_a_resume(tmp_path, jax_defaults, monkeypatch):
+    from tensorboardX import event_file_writer
+
+    # Both runs start within one second (a fast machine does): the resume must not erase the first.
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1796635757.0))
     workdir = tmp_path / "run"
     cfg = tiny_config(seeds=(0, 1), num_steps=30, checkpoint_every=10)
     train.fit(cfg, workdir, progress=False, task=tiny_task())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 
+SHIFTED = "G shifted one-pass statistics"
+
 DESCRIPTIONS = {
     "lnjax.layer_norm": "F, the default now: a custom_jvp whose tangent is the closed form (linear in the "
     "tangents), under jax.checkpoint and by 1 MiB blocks of rows (float32); reverse mode transposes it "
@@ -28,7 +30,7 @@ DESCRIPTIONS = {
     "E blocked forward and backward": "C (256 KiB) with the forward also evaluated block by block "
     "(lax.scan); like A-D, bfloat16 blocks not bit-cast (XLA:CPU then converts the whole "
     "buffer at every iteration)",
-    "G shifted one-pass statistics": "the statistics in one pass over x shifted by its row's first "
+    SHIFTED: "the statistics in one pass over x shifted by its row's first "
     "entry x0: mean = x0 + mean(x - x0), var = mean((x - x0)^2) - mean(x - x0)^2 (exact for "
     "|mean| >> std, unlike E[x^2]-E[x]^2, but its rounding error grows with (x0 - mean)^2 / var, "
     "up to H times the two-pass's); backward by autodiff",
@@ -169,7 +171,7 @@ def get(name, op):
         "C blocked backward 1 MiB": lambda: _make("barrier", "scan", 1 << 20),
         "D blocked statistics, elementwise dx": lambda: _make("barrier", "stats"),
         "E blocked forward and backward": lambda: _make("blocked", "scan"),
-        "G shifted one-pass statistics": _shifted,
+        SHIFTED: _shifted,
     }
     return table[name](), DESCRIPTIONS[name]
 
@@ -182,7 +184,7 @@ NAMES = (
     "C blocked backward 1 MiB",
     "D blocked statistics, elementwise dx",
     "E blocked forward and backward",
-    "G shifted one-pass statistics",
+    SHIFTED,
 )
 
 # XLA:CPU fuses these programs with its YNNPACK library emitter by default; this turns that

@@ -14,6 +14,14 @@ from lnjax import _checks
 from lnjax._state import BatchNormState
 
 
+def upcast(x):
+    """`x` in the statistics dtype (`_checks.stats_dtype`). Each op casts once, up front, and
+    passes the result to every helper here: two casts of one low-precision `x` would each
+    round their own cotangent to that precision in reverse mode, and the sum of those two
+    large, partly cancelling terms loses most of the gradient's digits."""
+    return x.astype(_checks.stats_dtype(x.dtype))
+
+
 def broadcast_to_axes(p, ax: tuple[int, ...], ndim: int, dtype):
     """Reshapes a parameter of shape `x.shape[ax]` so it broadcasts against `x`."""
     shape = [1] * ndim
@@ -37,14 +45,31 @@ def inv_std(var, eps):
 
 
 def expand_mask(mask, x, ax, name="mask"):
-    """Checks a boolean mask of shape `x.shape[ax]` and expands it to broadcast against x."""
+    """Checks a boolean mask for a reduction of `x` over `ax` and returns it ready to broadcast
+    against `x`. Two forms, each explicit (anything else is a ValueError):
+
+    * per position, shape `x.shape[ax]`: one flag for all the entries of each reduced position;
+      returned with size-1 kept axes;
+    * elementwise (Flax's), `x`'s rank with each dimension 1 or `x`'s: returned as `x.shape`,
+      so that every kept position counts its own unmasked entries.
+    """
     if mask is None:
         return None
-    expected = tuple(x.shape[a] for a in ax)
-    mask = _checks.shape(mask, expected, name, hint=" (one flag per position on the reduced axes)")
+    if not hasattr(mask, "shape"):
+        mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"`{name}` must be boolean, got dtype {mask.dtype}.")
-    return broadcast_to_axes(mask, ax, x.ndim, jnp.bool_)
+    expected = tuple(x.shape[a] for a in ax)
+    if tuple(mask.shape) == expected:
+        return broadcast_to_axes(mask, ax, x.ndim, jnp.bool_)
+    if mask.ndim == x.ndim and all(m in (1, n) for m, n in zip(mask.shape, x.shape)):
+        # Broadcast before any sum: a size-1 reduced axis must count all its entries.
+        return jnp.broadcast_to(mask, x.shape)
+    raise ValueError(
+        f"`{name}` has shape {tuple(mask.shape)}; expected {expected} (one flag per position on the "
+        f"reduced axes {ax}) or an elementwise mask of x's rank, each dimension 1 or x's (x has shape "
+        f"{x.shape})."
+    )
 
 
 def two_pass(xf, count, total, *, expand=None, keep=None):

@@ -125,8 +125,9 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
     if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
         return _fused.layer_norm_2d(x, scale, bias, float(eps))
-    mean, residual, var, _ = _stats.moments(x, ax, fast_variance=fast_variance)
-    y = _stats.normalize(x, mean, residual, var, eps)
+    xf = _stats.upcast(x)
+    mean, residual, var, _ = _stats.moments(xf, ax, fast_variance=fast_variance)
+    y = _stats.normalize(xf, mean, residual, var, eps)
     return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
 
 
@@ -234,8 +235,9 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
         return y, _stats.ema_update(state, mean, var, count, momentum, unbiased_running_var)
+    xf = _stats.upcast(x)
     mean, residual, var, new_state = _stats.batch_moments(
-        x, red, state, training=training, momentum=momentum, unbiased=unbiased_running_var, mask=m,
+        xf, red, state, training=training, momentum=momentum, unbiased=unbiased_running_var, mask=m,
         axis_name=axis_name, fast_variance=fast_variance,
     )
 
@@ -243,10 +245,10 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         return _stats.scale_shift(_stats.normalize(x, mean, residual, var, eps), scale, bias, feat, x.ndim)
 
     if m is None:
-        return normalized(x).astype(x.dtype), new_state
+        return normalized(xf).astype(x.dtype), new_state
     # Masked positions are normalized too, but through a branch without gradient, and the
     # differentiated branch sees zeros there: their values (even NaN) reach no gradient.
-    y = jnp.where(m, normalized(jnp.where(m, x, jnp.zeros((), x.dtype))), lax.stop_gradient(normalized(x)))
+    y = jnp.where(m, normalized(jnp.where(m, xf, jnp.zeros((), xf.dtype))), lax.stop_gradient(normalized(xf)))
     return y.astype(x.dtype), new_state
 
 
@@ -284,6 +286,7 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     scale, bias, eps = _checks.param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
+    xg = _stats.upcast(xg)
     mean, residual, var, _ = _stats.moments(xg, red, fast_variance=fast_variance)
     y = _stats.normalize(xg, mean, residual, var, eps).reshape(x.shape)
     return _stats.scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype)

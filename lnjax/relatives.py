@@ -119,10 +119,11 @@ def switchable_norm(x, scale, bias, control: SwitchableControl, state: BatchNorm
     _checks.batch_norm_state_check(state, (x.shape[c],), x.shape)
 
     space = tuple(a for a in range(1, x.ndim) if a != c)
-    m_in, r_in, v_in, _ = _stats.moments(x, space)
-    m_ln, r_ln, v_ln, _ = _stats.moments(x, space + (c,))
+    xf = _stats.upcast(x)
+    m_in, r_in, v_in, _ = _stats.moments(xf, space)
+    m_ln, r_ln, v_ln, _ = _stats.moments(xf, space + (c,))
     m_bn, r_bn, v_bn, new_state = _stats.batch_moments(
-        x, (0,) + space, state, training=training, momentum=momentum, axis_name=axis_name
+        xf, (0,) + space, state, training=training, momentum=momentum, axis_name=axis_name
     )
     wm = jax.nn.softmax(control.mean_logits.astype(m_in.dtype))
     wv = jax.nn.softmax(control.var_logits.astype(m_in.dtype))
@@ -131,7 +132,7 @@ def switchable_norm(x, scale, bias, control: SwitchableControl, state: BatchNorm
     # As the weights sum to 1 this is `x - sum_k w_k mu_k`, gradients included.
     residual = wm[0] * r_in + wm[1] * ((m_ln - m_in) + r_ln) + wm[2] * ((m_bn - m_in) + r_bn)
     var = wv[0] * v_in + wv[1] * v_ln + wv[2] * v_bn
-    y = _stats.normalize(x, m_in, residual, var, eps)
+    y = _stats.normalize(xf, m_in, residual, var, eps)
     return _stats.scale_shift(y, scale, bias, (c,), x.ndim).astype(x.dtype), new_state
 
 
@@ -201,12 +202,13 @@ def batch_layer_norm(
     m = x.shape[0] if batch_size is None else _checks.positive_int(batch_size, "batch_size")
     d = math.prod(x.shape[a] for a in feat)
 
-    f_mean, f_res, f_var, _ = _stats.moments(x, feat)
-    x_f = _stats.normalize(x, f_mean, f_res, f_var, eps)
+    xf = _stats.upcast(x)
+    f_mean, f_res, f_var, _ = _stats.moments(xf, feat)
+    x_f = _stats.normalize(xf, f_mean, f_res, f_var, eps)
     b_mean, b_res, b_var, new_state = _stats.batch_moments(
-        x, (0,), state, training=training, momentum=momentum, axis_name=axis_name
+        xf, (0,), state, training=training, momentum=momentum, axis_name=axis_name
     )
-    x_b = _stats.normalize(x, b_mean, b_res, b_var, eps)
+    x_b = _stats.normalize(xf, b_mean, b_res, b_var, eps)
     y = ((1 / m - 1e-4) * x_f + (1 - 1 / m - 1e-4) * x_b) / math.sqrt(d)
     return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
@@ -711,11 +713,12 @@ def domain_agnostic_batch_norm(
     # Not `batch_norm(mask=...)`: the target examples are data here, normalized *and*
     # differentiated with the source statistics (batch_norm keeps masked padding out of every
     # gradient). A batch without source examples keeps the running averages (`ema_update`).
+    xf = _stats.upcast(x)
     mean, residual, var, new_state = _stats.batch_moments(
-        x, red, state, training=training, momentum=momentum, mask=_stats.expand_mask(mask, x, red),
+        xf, red, state, training=training, momentum=momentum, mask=_stats.expand_mask(mask, x, red),
         axis_name=axis_name,
     )
-    y = _stats.normalize(x, mean, residual, var, eps)
+    y = _stats.normalize(xf, mean, residual, var, eps)
     return _stats.scale_shift(y, scale, bias, feat, x.ndim).astype(x.dtype), new_state
 
 

@@ -1,6 +1,7 @@
 """Trace-time argument checks shared by the ops; each error names the argument, the value and
 what was expected, so that nothing is silently broadcast or truncated."""
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -159,6 +160,19 @@ def spatial(x):
         raise ValueError(
             f"`x` must be [batch, *spatial, channels] with at least one spatial axis, got shape "
             f"{x.shape}; without spatial axes every instance statistic is over one value."
+        )
+    return x
+
+
+def more_than_one_value(x, ax, what: str, shape=None):
+    """Raises ValueError if the statistics of `x` over `ax` would each be over one value: the
+    centred value is then exactly 0 and the output only the bias, which no caller means.
+    `shape`: the user's shape to name, where `x` is a reshape of it."""
+    if math.prod(x.shape[a] for a in ax) == 1:
+        raise ValueError(
+            f"`x` of shape {x.shape if shape is None else shape} gives each {what} one value: the "
+            "normalized output would be 0 everywhere (only `bias`). Normalize over more values, or "
+            "leave this term unnormalized."
         )
     return x
 

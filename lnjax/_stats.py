@@ -105,6 +105,7 @@ def moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
     reduced (0 for an empty or all-masked reduction, whose mean and variance are then 0, not
     NaN: the divisions use at least 1).
     """
+    _checks.python_bool(fast_variance, "fast_variance")
     dtype = _checks.stats_dtype(x.dtype)
     xf = x.astype(dtype)
     if mask is None:

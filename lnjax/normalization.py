@@ -123,7 +123,8 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
-    if _use_fused(implementation, x, ax, eps, fast_variance=not fast_variance):
+    _checks.more_than_one_value(x, ax, f"layer statistic (over axes {ax})")
+    if _use_fused(implementation, x, ax, eps, fast_variance=not _checks.python_bool(fast_variance, "fast_variance")):
         return _fused.layer_norm_2d(x, scale, bias, float(eps))
     xf = _stats.upcast(x)
     mean, residual, var, _ = _stats.moments(xf, ax, fast_variance=fast_variance)
@@ -228,10 +229,12 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
     momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
     m = _stats.expand_mask(mask, x, red)
+    if training and axis_name is None:
+        _checks.more_than_one_value(x, red, f"batch statistic (over axes {red})")
     if not training:
         _wants_fused(implementation)  # validated; inference is elementwise, always the formula
     elif _use_fused(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
-                    fast_variance=not fast_variance):
+                    fast_variance=not _checks.python_bool(fast_variance, "fast_variance")):
         y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
         return y, _stats.ema_update(state, mean, var, count, momentum, unbiased_running_var)
@@ -286,6 +289,7 @@ def group_norm(x, num_groups, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_
     scale, bias, eps = _checks.param_check(x, (c,), scale, bias, eps)
     xg = x.reshape(x.shape[:c] + (num_groups, channels // num_groups) + x.shape[c + 1 :])
     red = tuple(a for a in range(1, xg.ndim) if a != c)
+    _checks.more_than_one_value(xg, red, f"group statistic ({num_groups} groups of the channel axis {c})", x.shape)
     xg = _stats.upcast(xg)
     mean, residual, var, _ = _stats.moments(xg, red, fast_variance=fast_variance)
     y = _stats.normalize(xg, mean, residual, var, eps).reshape(x.shape)

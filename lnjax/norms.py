@@ -23,7 +23,8 @@ The string shortcuts ("layer", "rms", ...) resolve in one place, `get`.
 
 import functools
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -120,10 +121,36 @@ def _split(op, options, context=()):
                and k not in options and k not in context and k not in _RESERVED]  # fmt: skip
     if missing:
         raise TypeError(f"`{op.__name__}` needs {', '.join(f'`{k}`' for k in missing)}.")
-    _checks.real_scalar(own["scale_init"], "scale_init")
+    if own["scale_init"] is not None:
+        _checks.real_scalar(own["scale_init"], "scale_init")
+        if not math.isfinite(float(own["scale_init"])):
+            raise ValueError(f"`scale_init` (the initial gain) must be finite, got {own['scale_init']!r}.")
     if not isinstance(own["bias"], bool):
         raise TypeError(f"`bias` must be a bool (whether the normalizer has a bias), got {own['bias']!r}.")
     return own["scale_init"], own["bias"], options
+
+
+def _param_names(scale_init, has_bias) -> tuple[str, ...]:
+    """The gain and bias keys of the params `_affine_init(scale_init, has_bias)` makes."""
+    return (*(("scale",) if scale_init is not None else ()), *(("bias",) if has_bias else ()))
+
+
+def _checked(apply, names: tuple[str, ...]):
+    """`apply` that first checks `params` has exactly the keys `names`: a gain or bias under
+    another key (or missing) would otherwise be dropped without a word."""
+    want = sorted(names)
+
+    @functools.wraps(apply)
+    def checked(params, *args, **kwargs):
+        if not isinstance(params, Mapping):
+            raise TypeError(f"`params` must be a dict with keys {want} (what `init` returns), got "
+                            f"{type(params).__name__}.")  # fmt: skip
+        if sorted(params) != want:
+            raise ValueError(f"`params` has keys {sorted(params)}, but this normalizer's `init` makes {want}; "
+                             "were these params made by another normalizer?")  # fmt: skip
+        return apply(params, *args, **kwargs)
+
+    return checked
 
 
 def _affine_init(scale_init, has_bias, extra=None):
@@ -174,7 +201,8 @@ def _stateless(op, options, *, groups=1, bound=None, context=()):
     if bound:
         def fn(x, scale=None, b=None, **kw):
             return op(x, scale=scale, bias=b, **{bound[0]: bound[1]}, **kw)
-    return Normalizer(_affine_init(scale_init, has_bias), _grouped(fn, groups, options), None, None,
+    apply = _checked(_grouped(fn, groups, options), _param_names(scale_init, has_bias))
+    return Normalizer(_affine_init(scale_init, has_bias), apply, None, None,
                       tuple(c for c in context if not bound or c != bound[0]))
 
 
@@ -238,13 +266,14 @@ def _add_bias(z, b=None):
 @_cached
 def bias() -> Normalizer:
     """No normalization, only a bias: `z + b` (the unnormalized baseline's term)."""
-    return Normalizer(_affine_init(None, True), lambda params, z: _add_bias(z, params["bias"]), None, None)
+    apply = _checked(lambda params, z: _add_bias(z, params["bias"]), ("bias",))
+    return Normalizer(_affine_init(None, True), apply, None, None)
 
 
 @_cached
 def identity() -> Normalizer:
     """No normalization and no parameters: `z`."""
-    return Normalizer(_affine_init(None, False), lambda params, z: z, None, None)
+    return Normalizer(_affine_init(None, False), _checked(lambda params, z: z, ()), None, None)
 
 
 # --- stateful normalizers ------------------------------------------------------------------------
@@ -261,6 +290,7 @@ def _stateful(op, options, init_state, *, context=("axis_name", "mask"), extra=N
             return pre(params.get("scale"), params.get("bias"), extras, z, state, training, {**options, **ctx})
         return op(z, params.get("scale"), params.get("bias"), *extras, state, training=training, **options, **ctx)
 
+    apply = _checked(apply, (*_param_names(scale_init, has_bias), *extra_names))
     return Normalizer(_affine_init(scale_init, has_bias, extra), apply, init_state, None, context)
 
 

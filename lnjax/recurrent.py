@@ -123,10 +123,22 @@ def _term(spec, field, role, stateful=False):
     return norm
 
 
+def _unnormalized(norm) -> bool:
+    return norm is None or norm in (norms.bias(), norms.identity())
+
+
+def _check_forget_bias(value):
+    """`forget_bias` as one finite real number (it is written into a bias array at `init`)."""
+    _checks.real_scalar(value, "forget_bias")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"`forget_bias` must be finite, got {value!r}.")
+
+
 def _check_input_norm(cell, spec, input_size):
     """`N(W_x x_t)` keeps only the direction of `x_t`: an error with one input feature, a
     warning with a few, unless the normalizer was passed explicitly as a value."""
-    if not isinstance(spec, str) or input_size > FEW_INPUT_FEATURES:
+    # A string that names no normalization ("none", "bias", "identity") keeps all of x_t.
+    if not isinstance(spec, str) or input_size > FEW_INPUT_FEATURES or _unnormalized(norms.resolve(spec)):
         return
     name = type(cell).__name__
     what = (f"{name}(input_norm={spec!r}) normalizes W_x x_t, which keeps only the direction of "
@@ -188,6 +200,10 @@ class _Cell:
 
     def __post_init__(self):
         _checks.positive_int(self.hidden_size, "hidden_size")
+        # An integer matmul dtype would truncate every product (and the gates then read 0).
+        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+            shown = jnp.dtype(self.dtype).name if isinstance(self.dtype, type) else repr(self.dtype)
+            raise TypeError(f"`dtype` (of the matmul operands) must be a floating dtype or None, got {shown}.")
 
     def _matmul(self, a, w):
         dt = w.dtype if self.dtype is None else self.dtype
@@ -244,6 +260,8 @@ class LSTMCell(_Cell):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_forget_bias(self.forget_bias)
+        _checks.python_bool(self.carry_normalized_cell, "carry_normalized_cell")
         self._set_terms(input_norm="pre-activation", recurrent_norm="pre-activation", cell_norm="cell")
 
     def init(self, key, input_size, dtype=jnp.float32):
@@ -384,8 +402,19 @@ def _to_time_major(xs, time_major):
     return xs if time_major else jnp.moveaxis(xs, -2, 0)
 
 
-def _from_time_major(ys, time_major):
-    return ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, -2), ys)
+def _from_time_major(ys, time_major, num_batch_axes):
+    """`[T, *batch, ...]` outputs as `[*batch, T, ...]`: time goes after the batch axes, so a
+    per-sequence scalar output (`[T, *batch]`) comes back `[*batch, T]` too."""
+    return ys if time_major else jax.tree.map(lambda y: jnp.moveaxis(y, 0, num_batch_axes), ys)
+
+
+def _per_sequence(flags, shape, what):
+    """`flags` (`[*batch]`) shaped to broadcast against a `[*batch, ...]` leaf (of `shape`) of a
+    carry or output; a leaf without the batch axes in front cannot be masked per sequence."""
+    if tuple(shape[:flags.ndim]) != flags.shape:
+        raise ValueError(f"a {what} leaf has shape {tuple(shape)}, but with `lengths` every {what} leaf must "
+                         f"start with the batch axes {flags.shape} (one value per sequence).")  # fmt: skip
+    return flags.reshape(flags.shape + (1,) * (len(shape) - flags.ndim))
 
 
 def _zero_padding(xs, mask):
@@ -438,9 +467,9 @@ def _masked_scan(step, carry, xs, mask, unroll):
         x_t, m_t = inp
         new_carry, y = step(carry, x_t)
         if m_t is not None:
-            keep = lambda new, old: jnp.where(m_t[..., None], new, old)  # noqa: E731
+            keep = lambda new, old: jnp.where(_per_sequence(m_t, new.shape, "carry"), new, old)  # noqa: E731
             new_carry = jax.tree.map(keep, new_carry, carry)
-            y = jax.tree.map(lambda v: jnp.where(m_t[..., None], v, jnp.zeros_like(v)), y)
+            y = jax.tree.map(lambda v: jnp.where(_per_sequence(m_t, v.shape, "output"), v, jnp.zeros_like(v)), y)
         return new_carry, y
 
     return lax.scan(body, carry, (xs, mask), unroll=unroll)
@@ -493,24 +522,50 @@ def rnn(
     if xs.ndim < 2:
         raise ValueError(f"`xs` must be [*batch, time, features], got shape {xs.shape}.")
     xs = _to_time_major(xs, time_major)
+    ys, carry, out_of_range = _run(cell, params, xs, lengths=lengths, initial_carry=initial_carry, reverse=reverse,
+                                   precompute_inputs=precompute_inputs, unroll=unroll)  # fmt: skip
+    if out_of_range is not None:
+        # Their sequences' outputs and carries become NaN, not silently those of a clipped length.
+        ys = jax.tree.map(lambda a: _poison(a, out_of_range, 1), ys)
+        carry = jax.tree.map(lambda a: _poison(a, out_of_range, 0), carry)
+    return _from_time_major(ys, time_major, xs.ndim - 2), carry
+
+
+def _poison(a, bad, lead):
+    """`a` (`[..lead axes, *batch, ...]`) NaN for the sequences flagged in `bad` (`[*batch]`);
+    a leaf without float values is left as it is."""
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        return a
+    return jnp.where(_per_sequence(bad, a.shape[lead:], "carry or output"), jnp.nan, a)
+
+
+def _checked_initial_carry(initial_carry, default, batch_shape):
+    """`initial_carry`, checked against the shapes and dtypes of `default()` (or it)."""
+    if initial_carry is None:
+        return default()
+    want = jax.eval_shape(default)  # shapes only: nothing computed
+    shapes = lambda t: jax.tree.map(lambda a: tuple(jnp.shape(a)), t)  # noqa: E731
+    if jax.tree.structure(initial_carry) != jax.tree.structure(want) or shapes(initial_carry) != shapes(want):
+        raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
+                         f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
+    # The step's carry comes out in the parameters' dtype; scan needs it to go in so too.
+    dtypes = lambda t: jax.tree.map(lambda a: jnp.result_type(a).name, t)  # noqa: E731
+    if dtypes(initial_carry) != dtypes(want):
+        raise TypeError(f"`initial_carry` has dtypes {dtypes(initial_carry)}, expected those of the "
+                        f"parameters' computation: {dtypes(want)}.")
+    return initial_carry
+
+
+def _run(cell, params, xs, *, lengths, initial_carry, reverse, precompute_inputs, unroll):
+    """The scan of `rnn` over time-major `xs`: `(ys, carry, out_of_range)`, the last the
+    `[*batch]` flags of traced `lengths` outside [0, T] (None if none can be), left for the
+    caller to apply."""
     T, batch_shape = xs.shape[0], xs.shape[1:-1]
     mask, out_of_range = _lengths_mask(lengths, T, batch_shape)
     if lengths is not None:
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     default = functools.partial(cell.initial_carry, batch_shape, _carry_dtype(params, xs))
-    if initial_carry is None:
-        initial_carry = default()
-    else:
-        want = jax.eval_shape(default)  # shapes only: nothing computed
-        shapes = lambda t: jax.tree.map(lambda a: tuple(jnp.shape(a)), t)  # noqa: E731
-        if jax.tree.structure(initial_carry) != jax.tree.structure(want) or shapes(initial_carry) != shapes(want):
-            raise ValueError(f"`initial_carry` has shapes {shapes(initial_carry)}, expected those of "
-                             f"`cell.initial_carry(batch_shape={batch_shape})`: {shapes(want)}.")
-        # The step's carry comes out in the parameters' dtype; scan needs it to go in so too.
-        dtypes = lambda t: jax.tree.map(lambda a: jnp.result_type(a).name, t)  # noqa: E731
-        if dtypes(initial_carry) != dtypes(want):
-            raise TypeError(f"`initial_carry` has dtypes {dtypes(initial_carry)}, expected those of the "
-                            f"parameters' computation: {dtypes(want)}.")
+    initial_carry = _checked_initial_carry(initial_carry, default, batch_shape)
     initial_carry = _varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)
@@ -527,18 +582,7 @@ def rnn(
         carry, ys = _masked_scan(lambda c, x: step(params, c, x), initial_carry, xs, mask, unroll)
     if reverse:
         ys = _reverse_within(ys, lengths)
-    if out_of_range is not None:
-        # Their sequences' outputs and carries become NaN, not silently those of a clipped
-        # length; per-sequence leaves only (a masked cell's outputs hold batch statistics too).
-        def poison(a, lead):
-            if not jnp.issubdtype(a.dtype, jnp.floating) or a.shape[lead:lead + out_of_range.ndim] != out_of_range.shape:
-                return a
-            return jnp.where(out_of_range.reshape(out_of_range.shape + (1,) * (a.ndim - lead - out_of_range.ndim)),
-                             jnp.nan, a)  # fmt: skip
-
-        ys = jax.tree.map(lambda a: poison(a, 1), ys)
-        carry = jax.tree.map(lambda a: poison(a, 0), carry)
-    return _from_time_major(ys, time_major), carry
+    return ys, carry, out_of_range
 
 
 def bidirectional_rnn(cells, params, xs, *, lengths=None, time_major=False, **kwargs):
@@ -635,6 +679,7 @@ class BNLSTMCell(_Cell):
     def __post_init__(self):
         super().__post_init__()
         _checks.positive_int(self.max_steps, "max_steps")
+        _check_forget_bias(self.forget_bias)
         for field in ("input_norm", "recurrent_norm", "cell_norm"):
             if getattr(self, field) is None:
                 raise TypeError(f"`{field}` must be a stateful normalizer (lnjax.norms.batch), got None.")
@@ -724,10 +769,18 @@ def bn_lstm_rnn(cell: BNLSTMCell, params, state: BNLSTMState, xs, *, training, l
     steps = _BNSteps(cell, state, training, axis_name)
     if initial_carry is not None:
         initial_carry = (initial_carry, jnp.zeros((), jnp.int32))
-    # The per-step statistics come out as `[T, n]` outputs, which the layout of `ys` leaves as
-    # they are (time is already their axis -2).
-    (ys, stats), (carry, _) = rnn(steps, params, xs, lengths=lengths, initial_carry=initial_carry,
-                                  time_major=time_major, unroll=unroll)  # fmt: skip
+    (ys, stats), (carry, _), bad = _run(steps, params, _to_time_major(xs, time_major), lengths=lengths,
+                                        initial_carry=initial_carry, reverse=False, precompute_inputs=None,
+                                        unroll=unroll)  # fmt: skip
+    if bad is not None:
+        ys, carry = _poison(ys, bad, 1), jax.tree.map(lambda a: _poison(a, bad, 0), carry)
+        # The batch statistics pool every sequence, a clipped one too: all of them become NaN,
+        # the same on every replica (never varying per example under `vmap`).
+        any_bad = jnp.any(bad)
+        if axis_name is not None:
+            any_bad = lax.pmax(any_bad.astype(jnp.int32), axis_name) > 0
+        stats = jax.tree.map(lambda a: jnp.where(any_bad, jnp.nan, a), stats)
+    ys = _from_time_major(ys, time_major, len(batch_shape))
     if training:
         # Steps no sequence reached (on any shard) keep their old statistics.
         mask, _ = _lengths_mask(lengths, T, batch_shape)

@@ -896,6 +896,19 @@ BAD = [
     ("group_norm-no-channel-axis", lambda: lnjax.group_norm(np.zeros(8, np.float32), 2), ValueError, r"`x` must have"),
     ("instance_norm-no-spatial", lambda: lnjax.instance_norm(np.zeros((4, 8), np.float32)), ValueError,
      r"`x` must be \[batch, \*spatial, channels\]"),
+    # A reduction over one value centres everything to exactly 0: an error, never silent zeros.
+    ("group_norm-one-value-per-group", lambda: lnjax.group_norm(np.arange(10.0).reshape(1, 10, 1), 10, axis=1),
+     ValueError, r"`x` of shape \(1, 10, 1\) gives each group statistic .* one value"),
+    ("layer_norm-size-1-axis", lambda: lnjax.layer_norm(np.ones((3, 1), np.float32)), ValueError,
+     r"`x` of shape \(3, 1\) gives each layer statistic .* one value"),
+    ("layer_norm-xla-size-1-axis", lambda: lnjax.layer_norm(np.ones((3, 1, 1)), axis=(1, 2), implementation="xla"),
+     ValueError, r"gives each layer statistic .* one value"),
+    ("batch_norm-batch-of-one", lambda: _bn(np.ones((1, 8), np.float32)), ValueError,
+     r"`x` of shape \(1, 8\) gives each batch statistic .* one value"),
+    *[(f"{op}-fast-variance-{v!r}", lambda f=f, v=v: f(XB, fast_variance=v), TypeError,
+       r"`fast_variance` must be a Python bool")
+      for op, f in ALL_X_OPS.items() if op in ("layer_norm", "batch_norm", "group_norm", "instance_norm", "moments")
+      for v in ["yes", 1, None]],
     ("moments-mask-shape", lambda: lnjax.moments(XB, mask=np.ones(7, bool)), ValueError, r"`mask` has shape"),
     ("moments-mask-full-shape", lambda: lnjax.moments(XB, mask=np.ones(SHAPE, bool)), ValueError, r"`mask` has shape"),
     ("batch_norm-mask-shape", lambda: _bn(mask=np.ones(4, bool)), ValueError, r"`mask` has shape"),

@@ -734,6 +734,51 @@ def test_user_defined_cell_with_only_call_and_initial_carry(batch):
     assert ys2.shape == (batch, T, 8)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunningSum:
+    """A user's cell whose carry is a dict of per-sequence scalars (`[*batch]`, an int counter
+    among them) and whose output is a per-sequence scalar."""
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return {"steps": jnp.zeros(batch_shape, jnp.int32), "total": jnp.zeros(batch_shape, dtype)}
+
+    def __call__(self, params, carry, x):
+        total = carry["total"] + params["w"] * jnp.sum(x, axis=-1)
+        return {"steps": carry["steps"] + 1, "total": total}, total
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_per_sequence_scalar_carries_and_outputs_keep_their_layout(time_major):
+    xs = rand(45, (3, T, F))
+    lengths = jnp.asarray([T, 2, 0], jnp.int32)
+    params = {"w": jnp.asarray(2.0, F64)}
+    want = 2 * np.cumsum(np.sum(np.asarray(xs), -1), axis=1)  # [batch, T]
+    for lens in (None, lengths):
+        ys, carry = rnn(RunningSum(), params, jnp.swapaxes(xs, 0, 1) if time_major else xs, lengths=lens,
+                        time_major=time_major)  # fmt: skip
+        ys = np.asarray(ys).T if time_major else np.asarray(ys)
+        assert ys.shape == (3, T)
+        steps = np.full(3, T) if lens is None else np.asarray(lens)
+        valid = np.arange(T)[None] < steps[:, None]
+        np.testing.assert_allclose(ys, np.where(valid, want, 0), **TIGHT)
+        np.testing.assert_array_equal(carry["steps"], steps)
+        np.testing.assert_allclose(carry["total"], [want[b, n - 1] if n else 0 for b, n in enumerate(steps)], **TIGHT)
+
+
+def test_a_carry_leaf_without_the_batch_axes_cannot_be_masked_by_lengths():
+    @dataclasses.dataclass(frozen=True)
+    class Shared:
+        def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+            return jnp.zeros((), dtype)
+
+        def __call__(self, params, carry, x):
+            return carry + jnp.sum(x), jnp.sum(x, axis=-1)
+
+    rnn(Shared(), {}, rand(46, (3, T, F)))  # fine without lengths
+    with pytest.raises(ValueError, match=r"carry leaf has shape \(\), but with `lengths` every carry leaf must start"):
+        rnn(Shared(), {}, rand(46, (3, T, F)), lengths=jnp.asarray([1, 2, 3], jnp.int32))
+
+
 @pytest.mark.parametrize("k", range(3), ids=["lstm-per-gate", "gru-rms", "rnn"])
 def test_no_time_steps_or_no_sequences_give_empty_outputs(k):
     cell = per_gate_gru_rnn_cells()[k]
@@ -854,6 +899,28 @@ def bn_setup():
     assert set(params["n_x"]) == {"scale", "bias"} and set(params["n_h"]) == {"scale"}
     state = random_bn_state(24, seen=3)
     return cell, params, state
+
+
+@pytest.mark.parametrize("traced_lengths", [False, True])
+def test_bn_lstm_under_vmap_with_axis_name_and_lengths_equals_the_whole_batch(bn_setup, traced_lengths):
+    cell, params, state = bn_setup
+    xs = rand(25, (3, BN_MAX, F))
+    lengths = jnp.asarray([BN_MAX, 3, 4], jnp.int32)
+    whole = lnjax.bn_lstm_rnn(cell, params, state, xs, training=True, lengths=lengths)
+    per_example = lambda x, n: lnjax.bn_lstm_rnn(cell, params, state, x, training=True, lengths=n,  # noqa: E731
+                                                 axis_name="b")  # fmt: skip
+    run = jax.vmap(per_example, in_axes=(0, 0), out_axes=(0, 0, None), axis_name="b")
+    got = (jax.jit(run) if traced_lengths else run)(xs, lengths)
+    assert_tree_close(got, whole)
+
+
+def test_bn_lstm_traced_length_out_of_range_makes_its_outputs_and_all_statistics_nan(bn_setup):
+    cell, params, state = bn_setup
+    ys, carry, new = jax.jit(lambda n: lnjax.bn_lstm_rnn(cell, params, state, rand(25, (3, BN_MAX, F)),
+                                                         training=True, lengths=n))(jnp.asarray([2, 9, 3]))
+    np.testing.assert_array_equal(np.isnan(ys).all(axis=(1, 2)), [False, True, False])
+    np.testing.assert_array_equal(np.isnan(carry.h).all(axis=1), [False, True, False])
+    assert all(np.isnan(leaf[:BN_MAX]).all() for leaf in jax.tree.leaves(new[:3]))
 
 
 def test_bn_lstm_init():
@@ -1010,6 +1077,8 @@ def test_one_input_feature_with_a_named_input_norm_is_an_error(cls):
         init_shapes(cls(H, None), 1)  # recurrent terms only
         init_shapes(cls(H), 9)  # many features: no warning
         init_shapes(RNNCell(H), 1)  # normalizes the sum (eq. 4): nothing lost
+        for unnormalized in ("none", "bias", "identity"):  # shortcuts that normalize nothing
+            init_shapes(cls(H, unnormalized), 1)
 
 
 def test_one_feature_sequence_task_trains_with_recurrent_only_normalization():
@@ -1110,6 +1179,19 @@ def test_bad_inputs_raise_clear_errors():
         BNLSTMCell(H, 0)
     with pytest.raises(ValueError, match="input_size"):
         make_cell("gru").init(jax.random.PRNGKey(0), 0)
+    # Settings that used to slip through (issue 30, item 7).
+    with pytest.raises(TypeError, match="`forget_bias` must be a real number"):
+        LSTMCell(H, forget_bias="1")
+    with pytest.raises(ValueError, match="`forget_bias` must be finite"):
+        LSTMCell(H, forget_bias=float("nan"))
+    with pytest.raises(TypeError, match="`forget_bias` must be a real number"):
+        BNLSTMCell(H, 4, forget_bias=None)
+    with pytest.raises(TypeError, match="`carry_normalized_cell` must be a Python bool"):
+        LSTMCell(H, carry_normalized_cell="yes")
+    for cls in (LSTMCell, GRUCell, RNNCell):
+        for dtype in (jnp.int32, jnp.int8, "int8", bool):
+            with pytest.raises(TypeError, match="`dtype` .*must be a floating dtype"):
+                cls(H, dtype=dtype)
 
 
 def per_gate_gru_rnn_cells(**options):

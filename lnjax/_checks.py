@@ -177,6 +177,21 @@ def more_than_one_value(x, ax, what: str, shape=None):
     return x
 
 
+def bound_axis_name(axis_name):
+    """Returns `axis_name` (a name or a tuple of names) after checking each is bound here: by
+    `vmap(axis_name=...)`, `pmap`, or `shard_map` over a mesh with that axis."""
+    for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"`axis_name`={axis_name!r}: no axis {name!r} is bound here. Batch statistics across "
+                "devices or examples need the call inside `jax.vmap(..., axis_name=...)`, `jax.pmap`, or "
+                "`shard_map` over a mesh with that axis; leave `axis_name` None for local statistics."
+            ) from None
+    return axis_name
+
+
 def batch_norm_state_check(state, fshape, x_shape, what="x.shape[axis]"):
     """Checks `state` is a `BatchNormState` whose arrays have the feature shape `fshape`
     (`what`, of `x` of shape `x_shape`)."""

@@ -119,7 +119,7 @@ def moments(x, ax, *, mask=None, axis_name=None, fast_variance=False):
         return s if axis_name is None else lax.psum(s, axis_name)
 
     if axis_name is not None:
-        count = lax.psum(count, axis_name)
+        count = lax.psum(count, _checks.bound_axis_name(axis_name))
     n = jnp.maximum(count, 1)
     if not fast_variance:
         return (*two_pass(xf, n, total, keep=keep), count)

@@ -1207,3 +1207,23 @@ def test_reductions_over_a_single_value_are_errors():
         lnjax.instance_norm(jnp.ones((2, 1, 1, 3), jnp.float32))
     with pytest.raises(TypeError, match="`momentum` must be a real number"):
         batch_norm(jnp.ones((4, 8), jnp.float32), None, None, batch_norm_state(8), training=True, momentum=jnp.ones(8))
+
+
+def test_an_unbound_axis_name_is_a_clear_error():
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.ones((4, 8), jnp.float32)
+    bn = lambda v: _bn(v, axis_name="x")[0]  # noqa: E731
+    mesh = jax.make_mesh((1,), ("data",))
+    runs = {
+        "outside any mapping": lambda: bn(x),
+        "vmap over another name": lambda: jax.vmap(bn, axis_name="b")(x[:, None]),
+        "shard_map over a mesh without it": lambda: jax.jit(jax.shard_map(bn, mesh=mesh, in_specs=P("data"),
+                                                                          out_specs=P("data")))(
+            jax.device_put(x, jax.NamedSharding(mesh, P("data")))),
+        "moments": lambda: jax.vmap(lambda v: lnjax.moments(v, axis_name=("b", "x")), axis_name="b")(x),
+    }
+    for what, run in runs.items():
+        with pytest.raises(ValueError, match=r"`axis_name`=.*no axis 'x' is bound here"):
+            run()
+    jax.vmap(bn, axis_name="x")(x[:, None])  # bound: fine

@@ -15,11 +15,17 @@ records (in its orbax custom metadata) the config that produced it and the SHA-2
 array: resuming under another config is refused even without config.json, and a corrupt or
 unreadable latest checkpoint is reported (a RuntimeWarning naming the step and the file), set
 aside into `<workdir>/corrupt_checkpoints/` and the previous valid one used; with none valid,
-`CheckpointError` names every file.
+`CheckpointError` names every file. A step directory holding another step's state (renamed or
+copied) counts as corrupt.
 
-The whole config is checked (`check_config`, with the size of the training set) before the
-first file is written; a bad value is a `ConfigError` naming the key and the allowed values,
-which the command line prints as one `error: ...` line (exit status 1, no traceback).
+The whole config is checked (`check_config`, with the task's data and its model traced on one
+batch, so that the normalizers check their option values) before the first file is written; a
+bad value is a `ConfigError` naming the key and the allowed values, which the command line
+prints as one `error: ...` line (exit status 1, no traceback). A workdir that cannot hold the
+run (not a directory, a file where the run keeps a directory or the reverse, a config.json or
+metrics.jsonl line that is not the run's, a failed write) is a `WorkdirError` naming the file,
+printed alike; what was saved is kept. While it runs, process 0 holds an exclusive lock on
+`<workdir>/.lock`, so a second run on the same workdir is refused.
 
 Devices: the training step runs under `jax.shard_map` on a 2-D mesh with axes ("sweep",
 "data") (`config.mesh`). The stacked members are split over "sweep"; within a member the batch
@@ -98,6 +104,8 @@ def build_task(cfg) -> Task:
     name = cfg.task.name
     if name in ("digits", "digits_rows", "digits_pixels", "mnist"):
         if name == "mnist":
+            if not cfg.task.data_dir:  # "" would read the current directory
+                raise ValueError("`task.name`='mnist' needs `task.data_dir`: the directory of MNIST's IDX files.")
             ds = data_lib.mnist_idx(cfg.task.data_dir)
         else:
             seq = {"digits": None, "digits_rows": "row", "digits_pixels": "pixel"}[name]
@@ -180,10 +188,13 @@ def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, 
     at most `max_steps` steps (RNN); for the GIN, `input_size` node features. Its normalizers get `norm_options(cfg.model)`.
 
     Raises ValueError for an unknown `model.kind`, `model.norm` or `model.cell`, and for an
-    option the normalizer does not take (naming `config.model.norm_args`)."""
+    option the normalizer does not take (naming `config.model.norm_args`), and for a graph
+    normalization outside the GIN."""
     m = cfg.model
     options = norm_options(m)
-    key = _defaults_key(m)
+    if m.kind != "gin" and isinstance(m.norm, str) and m.norm.startswith("graph"):
+        raise ValueError(f"`model.norm`={m.norm!r} normalizes over graphs: it needs `model.kind`='gin', "
+                         f"got {m.kind!r}.")
     try:
         if m.kind == "mlp":
             return models.mlp((input_size, *m.hidden, num_outputs), norm=m.norm, norm_args=options,
@@ -201,9 +212,13 @@ def build_model(cfg, *, input_size, num_outputs, in_channels=1, max_steps=None, 
             return models.gin((input_size, *m.hidden), num_outputs, norm=m.norm, readout=m.readout,
                               norm_args=options)  # fmt: skip
     except TypeError as e:  # an option the normalizer does not take
-        raise ValueError(f"config.model: {e} (the normalizer's options: the entries of "
-                         f"`config.model.norm_args` that are set, over `config.model.norm_defaults.{key}`)") from None
+        raise ValueError(f"config.model: {e} ({_options_hint(m)})") from None
     raise ValueError(f"`model.kind` must be mlp, convnet, rnn or gin, got {m.kind!r}.")
+
+
+def _options_hint(model_cfg) -> str:
+    return ("the normalizer's options: the entries of `config.model.norm_args` that are set, over "
+            f"`config.model.norm_defaults.{_defaults_key(model_cfg)}`")
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -474,18 +489,59 @@ def make_evaluate(task: Task, mesh: Mesh | None = None):
     return jax.jit(sharded)
 
 
+# Every row names its member and the step; the metrics are numbers (NaN/inf included).
+_ROW_INTS = ("step", "member", "seed", "diverged_at")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _row_problem(row) -> str | None:
+    """What makes `row` (a parsed line) no metrics row, or None."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key in (*_ROW_INTS, "learning_rate"):
+        if key not in row:
+            return f"no {key!r}"
+        if not (_is_number(row[key]) and (key == "learning_rate" or isinstance(row[key], int))):
+            return f"{key!r} is {row[key]!r}, not {'a number' if key == 'learning_rate' else 'an int'}"
+    for key, value in row.items():
+        if key.startswith(("train_", "test_")) and not _is_number(value):
+            return f"{key!r} is {value!r}, not a number"
+    return None
+
+
 def read_metrics(path, up_to_step: int | None = None) -> list[dict]:
-    """The rows of a `metrics.jsonl` (up to a step, if given); a torn last line (kill -9) is dropped."""
-    rows = []
+    """The rows of a `metrics.jsonl` (up to a step, if given).
+
+    Only an unterminated last line is dropped: the one a run killed while writing it leaves.
+    Any other line that is not a metrics row (not UTF-8, not JSON, not an object, a field
+    missing or of the wrong type) is a WorkdirError naming the file and the line: resuming
+    without it would silently lose that evaluation.
+    """
     path = pathlib.Path(path)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if up_to_step is None or row["step"] <= up_to_step:
-                rows.append(row)
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WorkdirError(f"cannot read {path}: {e.strerror or e}") from e
+    rows = []
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):  # the last piece: b"" or a torn line
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except ValueError as e:
+            problem = f"not JSON ({e})"
+        else:
+            problem = _row_problem(row)
+        if problem:
+            raise WorkdirError(f"{path}, line {number}: not a metrics row: {problem}. Repair or delete the line "
+                               "(each line is one member's evaluation, as the run wrote it).")
+        if up_to_step is None or row["step"] <= up_to_step:
+            rows.append(row)
     return rows
 
 
@@ -507,10 +563,27 @@ def _tensorboard_writers(logdir: pathlib.Path, members, step: int):
             for i, m in enumerate(members)]
 
 
+@contextlib.contextmanager
+def _writing(path, what="write"):
+    """An OSError inside (a full disk, a read-only workdir) as a WorkdirError naming the file
+    (`path`, unless the error names another)."""
+    try:
+        yield
+    except OSError as e:
+        raise WorkdirError(f"cannot {what} {e.filename or path}: {e.strerror or e}") from e
+
+
 def _write_atomic(path: pathlib.Path, text: str):
+    """Replaces `path` by `text` whole or not at all (a failed write leaves the old file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 class ConfigError(ValueError):
@@ -520,6 +593,12 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """No checkpoint of the workdir can be restored as saved (each one is corrupt)."""
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot hold the run: not a directory, in use by another run, one of its
+    files or directories not what the run wrote there, or a read or write that failed (a full
+    disk, no permission). The message names the file; nothing the run saved is changed."""
 
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
@@ -534,12 +613,8 @@ def _is_positive_float(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(v > 0)
 
 
-def check_config(cfg, num_examples: int | None = None):
-    """Rejects settings that would otherwise fail late or silently, each with a `ConfigError`
-    (a ValueError) of one line naming the key and its allowed values. Writes nothing.
-
-    `num_examples`: the size of the training set, if known (`fit` passes it): `batch_size`
-    may not exceed it."""
+def _check_values(cfg, num_examples=None):
+    """The checks of `check_config` that need no model: types, ranges and the schedule."""
     def need(ok, key, allowed, value):
         if not ok:
             raise ConfigError(f"`config.{key}` must be {allowed}, got {value!r}.")
@@ -574,14 +649,48 @@ def check_config(cfg, num_examples: int | None = None):
          "a tuple of ints >= 1" + ("" if cfg.model.kind == "mlp" else " (at least one)"), hidden)
     need(isinstance(cfg.model.norm, str) and cfg.model.norm in norms.names(), "model.norm",
          f"one of {norms.names()}", cfg.model.norm)
+
+
+def check_config(cfg, num_examples: int | None = None, task: "Task | None" = None):
+    """Rejects settings that would otherwise fail late or silently, each with a `ConfigError`
+    (a ValueError) of one line naming the key and its allowed values. Writes nothing.
+
+    `num_examples`: the size of the training set, if known (`fit` passes it): `batch_size`
+    may not exceed it. `task`: the task built from `cfg` (`fit` passes it). Its model is then
+    traced (not compiled) on one batch of the task's data, which runs every check the
+    normalizers make of their option values (eps, momentum, groups against the layer's
+    width, ...) and the cell's of `forget_bias`. Without it, a model is built for a dummy
+    input, which checks the names and the options taken, not their values."""
+    _check_values(cfg, num_examples)
     try:
         _check_mesh_config(cfg, len(sweep_members(cfg)))
-        # The model's normalizers are built (no data needed): a bad name or option fails here.
-        build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
+        if task is None:
+            build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
+        else:
+            _trace_task(task, cfg)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _trace_task(task: Task, cfg):
+    """Traces one training step's forward pass, and an evaluation, on a batch of the task's
+    shapes: the normalizers check their options when applied, so a bad value fails here
+    rather than after the workdir was written."""
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((cfg.batch_size, *a.shape[1:]), a.dtype),
+                         (task.data.x_train, task.data.y_train))
+
+    def forward(key, x, y):
+        params, state = task.model.init(key)
+        for training in (True, False):
+            out, _ = task.model.apply(params, state, x, training=training)
+            task.loss_fn(out, y)
+
+    try:
+        jax.eval_shape(forward, jax.random.PRNGKey(0), *batch)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e} ({_options_hint(cfg.model)})") from None
 
 
 def _check_extension(old: dict, new: dict, workdir, source="config.json"):
@@ -684,6 +793,12 @@ def _restore_verified(manager, step, abstract, mesh, config: dict, workdir):
     if wrong:
         raise _Corrupt(step, f"files under {step_dir / 'default'}",
                        f"SHA-256 mismatch of {len(wrong)} array(s), first `state{wrong[0]}`")
+    # A whole step directory moved or copied under another step's name verifies as saved:
+    # the state's own step counter tells, or the run would resume at a step it never reached.
+    held = sorted({int(s) for s in fetch(state.step, mesh)})
+    if held != [step]:
+        raise _Corrupt(step, f"files under {step_dir}", f"hold the state of step {', '.join(map(str, held))}, "
+                       f"not of step {step} (a step directory renamed or copied)")
     return state
 
 
@@ -710,14 +825,15 @@ def _set_aside(ckpt_dir: pathlib.Path, steps, primary: bool):
     that they are saved again; every process waits for it."""
     if primary:
         dest = ckpt_dir.parent / "corrupt_checkpoints"
-        dest.mkdir(exist_ok=True)
-        for step in steps:
-            target = dest / str(step)
-            n = 1
-            while target.exists():
-                target, n = dest / f"{step}.{n}", n + 1
-            shutil.move(str(ckpt_dir / str(step)), str(target))
-            print(f"moved corrupt checkpoint step {step} to {target}", file=sys.stderr)
+        with _writing(dest, "move a corrupt checkpoint to"):
+            dest.mkdir(exist_ok=True)
+            for step in steps:
+                target = dest / str(step)
+                n = 1
+                while target.exists():
+                    target, n = dest / f"{step}.{n}", n + 1
+                shutil.move(str(ckpt_dir / str(step)), str(target))
+                print(f"moved corrupt checkpoint step {step} to {target}", file=sys.stderr)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -751,76 +867,234 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
 
     Nothing is written before every check has passed: `ConfigError` for a bad config value or
     a workdir whose config.json or checkpoints hold another run, `CheckpointError` if no
-    checkpoint restores as saved (see `restore_latest_valid`).
+    checkpoint restores as saved (see `restore_latest_valid`), `WorkdirError` for a workdir
+    that cannot hold the run (see `_check_workdir`) or that another run is using: process 0
+    holds an exclusive lock on `workdir/.lock` while it runs. A write that fails later (a full
+    disk) is a `WorkdirError` naming the file; what was saved before it is kept.
     """
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as policies
-    from tqdm.auto import tqdm
+    workdir = _workdir_path(workdir)
+    task, members, mesh = _setup(cfg, task)
+    run = _Run(cfg, task, members, mesh, workdir, primary=jax.process_index() == 0)
+    _check_workdir(workdir)
+    with _workdir_lock(workdir) if run.primary else contextlib.nullcontext():
+        return _fit_locked(run, progress, desc)
 
-    # Everything is checked before the first file is written: the config (with the size of
-    # the training set), the mesh, config.json and the checkpoints' own record of the config.
-    check_config(cfg)
+
+class _Run(NamedTuple):
+    """What the stages of `fit` share."""
+
+    cfg: Any
+    task: Task
+    members: list
+    mesh: Mesh
+    workdir: pathlib.Path
+    primary: bool  # process 0: writes config.json and metrics.jsonl (orbax: checkpoints)
+
+
+def _setup(cfg, task):
+    """`(task, members, mesh)`, the task built once (unless given) after the checks that need
+    no data, and checked itself (`check_config` with the task)."""
+    _check_values(cfg)
     try:
         task = task or build_task(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_config(cfg, num_examples=task.data.y_train.shape[0])
+    except OSError as e:  # a data file that is missing or unreadable
+        key = {"mnist": "data_dir", "char_lm": "path"}.get(cfg.task.name)
+        if key is None:
+            raise
+        raise ConfigError(f"`config.task.{key}`={cfg.task[key]!r}: {e}") from None
+    check_config(cfg, num_examples=task.data.y_train.shape[0], task=task)
     members = sweep_members(cfg)
     try:
         mesh = make_mesh(cfg, len(members))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    primary = jax.process_index() == 0  # writes config.json and metrics.jsonl (orbax: checkpoints)
-    workdir = pathlib.Path(workdir).absolute()
+    return task, members, mesh
+
+
+def _fit_locked(run: _Run, progress, desc):
+    cfg, workdir = run.cfg, run.workdir
     config_json = cfg.to_json(sort_keys=True)
     config = json.loads(config_json)
-    saved = workdir / "config.json"
-    if saved.exists() and saved.read_text() != config_json:
-        _check_extension(json.loads(saved.read_text()), config, workdir)
+    _check_saved_config(workdir / "config.json", config, workdir)
 
     opt = make_optimizer(cfg.optimizer)
-    n_data = mesh.shape[DATA]
-    x_tr, y_tr = (put_on_mesh(a, mesh, P(DATA), pad_to=n_data) for a in task.data[:2])
-    x_te, y_te = (put_on_mesh(a, mesh, P()) for a in task.data[2:4])
-    state = init_state(task, opt, members, NamedSharding(mesh, P(SWEEP)))
-    chunk = make_train_chunk(task, opt, cfg.batch_size, cfg.steps_per_call, cfg.unroll, mesh=mesh)
-    evaluate = make_evaluate(task, mesh)
-
+    state = init_state(run.task, opt, run.members, NamedSharding(run.mesh, P(SWEEP)))
     ckpt_dir = workdir / "checkpoints"
+    manager, step, state = _resume(run, ckpt_dir, state, config)
+    with _writing(workdir, "create"):
+        workdir.mkdir(parents=True, exist_ok=True)
+    if run.primary:
+        _write_atomic(workdir / "config.json", config_json)
+    manager = manager or _checkpoint_manager(ckpt_dir, cfg)
+    try:
+        rows = _start_metrics(run, step)
+        state = _train(run, opt, state, step, rows, manager, config, progress, desc)
+    finally:
+        manager.close()
+    return state, rows, run.members
+
+
+def _workdir_path(workdir) -> pathlib.Path:
+    if not str(workdir).strip():  # pathlib would take "" for the current directory
+        raise WorkdirError(f"--workdir must name a directory, got {str(workdir)!r}.")
+    return pathlib.Path(workdir).absolute()
+
+
+LOCK_FILE = ".lock"
+# What a run keeps in its workdir, as a file (False) or a directory (True).
+_WORKDIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, LOCK_FILE: False, "checkpoints": True,
+                    "corrupt_checkpoints": True, "tensorboard": True}
+
+
+def _check_workdir(workdir: pathlib.Path):
+    """Refuses a workdir that is not a directory, or whose entries are not what a run writes
+    there (a WorkdirError naming the entry), before anything in it is read or written."""
+    with _writing(workdir, "read"):
+        if workdir.exists() and not workdir.is_dir():
+            raise WorkdirError(f"--workdir {workdir} is not a directory; name a new directory or a run's.")
+        for name, is_dir in _WORKDIR_ENTRIES.items():
+            path = workdir / name
+            if (path.exists() or path.is_symlink()) and not (path.is_dir() if is_dir else path.is_file()):
+                kind = "a directory" if is_dir else "a regular file"
+                raise WorkdirError(f"{path} must be {kind}, as a run writes it; move it away or use another --workdir.")
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+    """Holds `workdir/.lock` exclusively, so that a second run on the workdir is refused
+    rather than interleaving its checkpoints and metrics with this one's. flock: the kernel
+    releases it when the process ends, even on kill -9, so a stale lock cannot block a resume."""
+    import fcntl
+
+    path = workdir / LOCK_FILE
+    with _writing(workdir, "create"):
+        workdir.mkdir(parents=True, exist_ok=True)
+    with _writing(path, "open"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(f"--workdir {workdir} is in use by another run (it holds {path}); wait for that "
+                               "run to end or use another --workdir.") from None
+        except OSError as e:
+            raise WorkdirError(f"cannot lock {path}: {e.strerror or e}") from e
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_saved_config(path: pathlib.Path, config: dict, workdir):
+    """Refuses a config.json that is not a run's config, or that holds another run's."""
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_bytes())
+        why = None if isinstance(saved, dict) else f"a JSON {type(saved).__name__}, not an object"
+    except OSError as e:
+        raise WorkdirError(f"cannot read {path}: {e.strerror or e}") from e
+    except ValueError as e:  # not UTF-8, or not JSON
+        why = f"not JSON: {_first_line(e)}"
+    if why:
+        raise WorkdirError(f"{path} is not a run's config ({why}). Delete it to resume from the checkpoints, "
+                           "which record their config, or use another --workdir.")
+    _check_extension(saved, config, workdir)
+
+
+def _checkpoint_manager(ckpt_dir: pathlib.Path, cfg):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as policies
+
     save_steps = [policies.FixedIntervalPolicy(cfg.checkpoint_every), policies.SpecificStepsPolicy((cfg.num_steps,)),
                   policies.PreemptionCheckpointingPolicy()]  # the last one: JAX's preemption notice
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
                                            save_decision_policy=policies.AnySavePolicy(save_steps))
-    step = 0
-    if ckpt_dir.is_dir():
-        manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        step, restored, bad = restore_latest_valid(manager, abstract, mesh, config, workdir)
-        if restored is not None:
-            state = restored
-        if bad:
-            _set_aside(ckpt_dir, [e.step for e in bad], primary)
-            manager.reload()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        _write_atomic(saved, config_json)
-    if not ckpt_dir.is_dir():
-        manager = ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
+    with _writing(ckpt_dir, "open"):
+        return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
-    def save(step, state):
-        record = {"config": config, "sha256": state_digests(state, mesh)}
+
+def _resume(run: _Run, ckpt_dir: pathlib.Path, state, config: dict):
+    """`(manager, step, state)` of the newest valid checkpoint (`(None, 0, state)` without a
+    checkpoint directory); the corrupt ones met on the way are set aside."""
+    import orbax.checkpoint as ocp
+
+    if not ckpt_dir.is_dir():
+        return None, 0, state
+    manager = _checkpoint_manager(ckpt_dir, run.cfg)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    step, restored, bad = restore_latest_valid(manager, abstract, run.mesh, config, run.workdir)
+    if bad:
+        _set_aside(ckpt_dir, [e.step for e in bad], run.primary)
+        manager.reload()
+    return manager, step, state if restored is None else restored
+
+
+def _evaluates_at(step: int, cfg) -> bool:
+    return step % cfg.eval_every == 0 or step == cfg.num_steps
+
+
+def _start_metrics(run: _Run, step: int) -> list[dict]:
+    """The metrics rows up to `step`, rewritten as the whole metrics.jsonl (an interrupted
+    run's later rows go: they are computed again). Only the evaluations this config makes are
+    kept: a run extended from `num_steps` 150 to 300 evaluated at 150 as its last step, which
+    the longer run does not."""
+    path = run.workdir / "metrics.jsonl"
+    rows = [r for r in read_metrics(path, step) if _evaluates_at(r["step"], run.cfg)]
+    if run.primary:
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _save(manager, step, state, config, mesh):
+    import orbax.checkpoint as ocp
+
+    record = {"config": config, "sha256": state_digests(state, mesh)}
+    try:
         manager.save(step, args=ocp.args.StandardSave(state), custom_metadata={RECORD_KEY: record})
         manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (orbax and tensorstore wrap I/O errors in their own types)
+        raise WorkdirError(f"cannot save checkpoint step {step} in {manager.directory}: {_first_line(e)}") from e
 
-    metrics_path = workdir / "metrics.jsonl"
-    rows = read_metrics(metrics_path, step)
-    if primary:
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and primary), desc=desc or cfg.name,
+def _log_evaluation(run: _Run, log, writers, rows, step, ev, tl, div):
+    """Appends each member's row at `step` to metrics.jsonl and TensorBoard."""
+    with _writing(run.workdir / "metrics.jsonl"):
+        for i, member in enumerate(run.members):
+            row = {"step": step, "member": i, **member, "train_loss": float(tl[i]),
+                   **{f"test_{k}": float(v[i]) for k, v in ev.items()}, "diverged_at": int(div[i])}
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            if writers and row["diverged_at"] < 0:  # a frozen member's curves end where it diverged
+                for key, value in row.items():
+                    if key.startswith(("train_", "test_")):  # as train/loss, test/error, ...
+                        writers[i].add_scalar(key.replace("_", "/", 1), value, global_step=step)
+        log.flush()
+    with _writing(run.workdir / "tensorboard"):
+        for w in writers:
+            w.flush()
+
+
+def _train(run: _Run, opt, state, step, rows, manager, config, progress, desc):
+    """Trains from `step` to `config.num_steps` (or a preemption), evaluating, logging and
+    saving on the config's schedule; returns the final state."""
+    from tqdm.auto import tqdm
+
+    cfg, mesh, task = run.cfg, run.mesh, run.task
+    x_tr, y_tr = (put_on_mesh(a, mesh, P(DATA), pad_to=mesh.shape[DATA]) for a in task.data[:2])
+    x_te, y_te = (put_on_mesh(a, mesh, P()) for a in task.data[2:4])
+    chunk = make_train_chunk(task, opt, cfg.batch_size, cfg.steps_per_call, cfg.unroll, mesh=mesh)
+    evaluate = make_evaluate(task, mesh)
+    bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and run.primary), desc=desc or cfg.name,
                unit="step", leave=None)
-    with open(metrics_path if primary else os.devnull, "a") as log, contextlib.ExitStack() as closing:
-        tensorboard = _tensorboard_writers(workdir / "tensorboard", members, step) if primary else []
+    metrics_path = run.workdir / "metrics.jsonl"
+    with contextlib.ExitStack() as closing:
+        closing.callback(bar.close)  # also on an error, so that its message starts a line of its own
+        with _writing(metrics_path, "open"):
+            log = closing.enter_context(open(metrics_path if run.primary else os.devnull, "a"))
+        with _writing(run.workdir / "tensorboard", "create"):
+            tensorboard = _tensorboard_writers(run.workdir / "tensorboard", run.members, step) if run.primary else []
         writers = [closing.enter_context(w) for w in tensorboard]
         while step < cfg.num_steps:
             state, train_loss = chunk(state, x_tr, y_tr)
@@ -830,33 +1104,19 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
             jax.block_until_ready(state)
             step += cfg.steps_per_call
             tl = None
-            if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            if _evaluates_at(step, cfg):
                 ev, tl, div = fetch((evaluate(state, x_te, y_te), train_loss, state.diverged_at), mesh)
-                for i, member in enumerate(members):
-                    row = {"step": step, "member": i, **member, "train_loss": float(tl[i]),
-                           **{f"test_{k}": float(v[i]) for k, v in ev.items()},
-                           "diverged_at": int(div[i])}
-                    rows.append(row)
-                    log.write(json.dumps(row) + "\n")
-                    if writers and row["diverged_at"] < 0:  # a frozen member's curves end where it diverged
-                        for key, value in row.items():
-                            if key.startswith(("train_", "test_")):  # as train/loss, test/error, ...
-                                writers[i].add_scalar(key.replace("_", "/", 1), value, global_step=step)
-                log.flush()
-                for w in writers:
-                    w.flush()
+                _log_evaluation(run, log, writers, rows, step, ev, tl, div)
             if progress:  # on every process, as fetching is collective; one fetch per chunk
                 tl = fetch(train_loss, mesh) if tl is None else tl
                 bar.set_postfix_str(_loss_postfix(tl), refresh=False)
             bar.update(cfg.steps_per_call)
             if manager.should_save(step):
-                save(step, state)
+                _save(manager, step, state, config, mesh)
                 if manager.reached_preemption(step):
                     print(f"preempted: saved step {step}; the same command resumes there", file=sys.stderr)
                     break
-    bar.close()
-    manager.close()
-    return state, rows, members
+    return state
 
 
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None, *, auto=False) -> bool:
@@ -951,11 +1211,28 @@ def _print_help(argv):
         print(f"  {key:<{width}}  {t:<6} {v}")
 
 
+def _repeated_tuple_flag(flag_values, argv) -> str | None:
+    """The error for a tuple config key given more than once in `argv`, or None.
+    ml_collections joins the values of a repeated tuple flag (`--config.sweep.seed='(0,)'
+    --config.sweep.seed='(1,)'` trains both seeds), where every other flag takes the last
+    value: either reading would surprise someone, so neither is guessed."""
+    from absl import flags
+
+    names = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    for name in dict.fromkeys(names):
+        count = names.count(name)
+        if count > 1 and name in flag_values and isinstance(flag_values[name], flags.MultiFlag):
+            joined = str(tuple(flag_values[name].value)).replace(" ", "")
+            return f"--{name} is given {count} times: give the tuple once (all of them: --{name}='{joined}')"
+    return None
+
+
 def parse_flags(argv):
     """absl's flag parsing for the command line, made friendlier: `--help` also lists the config
     keys (of `--config`, else configs/base.py) with their types and defaults; a bare `-v` is
     `--verbosity=0` (INFO logs; absl's `-v` takes a level); an unknown key, a value that does
-    not parse or a config file that does not load is one `error: ...` line (exit status 2)."""
+    not parse, a tuple key given twice or a config file that does not load is one
+    `error: ...` line (exit status 2)."""
     from absl import flags
 
     argv = list(argv)
@@ -970,7 +1247,9 @@ def parse_flags(argv):
         cfg = flags.FLAGS.config
         if cfg is not None and not isinstance(cfg, ml_collections.ConfigDict):
             cfg.name  # ml_collections defers a failed load to the first access: raises it
-        return rest
+        message = _repeated_tuple_flag(flags.FLAGS, argv)
+        if message is None:
+            return rest
     except (KeyError, AttributeError) as e:  # ml_collections: a key the config does not have
         while e.args and isinstance(e.args[0], KeyError):  # AttributeError(KeyError(...))
             e = e.args[0]
@@ -984,6 +1263,11 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def _exit_with_error(e: BaseException):
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
     from absl import flags
 
@@ -995,9 +1279,10 @@ def main(argv):
     cfg = f.config
     try:
         state, rows, members = fit(cfg, f.workdir)
-    except (ConfigError, CheckpointError) as e:  # the user's to fix: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (ConfigError, CheckpointError, WorkdirError) as e:  # the user's to fix: one line, no traceback
+        _exit_with_error(e)
+    except OSError as e:  # an I/O failure `fit` does not wrap: its str() names the file
+        _exit_with_error(e)
     params = fetch(state.params, state.step.sharding.mesh)
     last = {r["member"]: r for r in rows}
     for i, m in enumerate(members):

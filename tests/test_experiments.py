@@ -462,9 +462,81 @@ def test_impossible_config_values_are_rejected_before_anything_is_written(tmp_pa
     assert not workdir.exists()  # nothing written, so the corrected command runs there
 
 
+def _rnn_config(**model):
+    cfg = rnn_digits.get_config()
+    cfg.model.hidden, cfg.batch_size, cfg.sweep.seed = (8,), 8, (0,)
+    for k, v in model.items():
+        cfg.model[k] = v
+    return cfg
+
+
+def _bad_option(norm, **options):
+    cfg = tiny_config(norm=norm)
+    for k, v in options.items():
+        cfg.model.norm_args[k] = v
+    return cfg
+
+
+def _bad_task(**task):
+    cfg = tiny_config()
+    for k, v in task.items():
+        cfg.task[k] = v
+    return cfg
+
+
+def _bad_option_rnn():
+    cfg = _rnn_config(cell="bn_lstm", forget_bias=1.0)
+    cfg.model.norm_args.bias = False
+    return cfg
+
+
+BAD_NORMALIZERS_AND_TASKS = [  # (id, config, what the error must say)
+    ("eps=-1", lambda: _bad_option("layer", eps=-1.0), r"config\.model: `eps` must be >= 0, got -1\.0"),
+    ("eps=nan", lambda: _bad_option("layer", eps=float("nan")), r"`eps` must be >= 0, got nan"),
+    ("momentum=1.5", lambda: _bad_option("batch", momentum=1.5), r"`momentum` must be in \[0, 1\], got 1\.5"),
+    ("groups=3", lambda: _bad_option("layer", groups=3), r"`groups`=3 does not divide"),
+    ("implementation=cuda", lambda: _bad_option("layer", implementation="cuda"), r"`implementation` must be"),
+    ("radius=-1", lambda: _bad_option("divisive", radius=-1), r"`radius` must be"),
+    ("sigma=-1", lambda: _bad_option("divisive", sigma=-1.0), r"`sigma` must be >= 0"),
+    ("batch_size=0", lambda: _bad_option("batch_layer", batch_size=0), r"`batch_size` must be a positive int"),
+    ("graph_norm_on_mlp", lambda: tiny_config(norm="graph_batch"), r"`model\.norm`='graph_batch' normalizes over graphs"),
+    ("mnist_without_data_dir", lambda: _bad_task(name="mnist"), r"`task\.name`='mnist' needs `task\.data_dir`"),
+    ("mnist_missing_data_dir", lambda: _bad_task(name="mnist", data_dir="/nonexistent/mnist"),
+     r"`config\.task\.data_dir`='/nonexistent/mnist': MNIST file not found"),
+    ("char_lm_missing_path", lambda: _bad_task(name="char_lm", path="/nonexistent/text.txt"),
+     r"`config\.task\.path`='/nonexistent/text\.txt': text file not found"),
+    ("bias=False_forget_bias", lambda: _bad_option_rnn(), r"`forget_bias`=1\.0 needs a bias"),
+]
+
+
+@pytest.mark.parametrize("make, message", [c[1:] for c in BAD_NORMALIZERS_AND_TASKS],
+                         ids=[c[0] for c in BAD_NORMALIZERS_AND_TASKS])
+def test_normalizer_values_and_missing_data_are_rejected_before_anything_is_written(tmp_path, jax_defaults, make,
+                                                                                    message):
+    """Checked by tracing the task's own model (built once) on a batch of its data."""
+    workdir = tmp_path / "run"
+    with pytest.raises(train.ConfigError, match=message) as info:
+        train.fit(make(), workdir, progress=False)
+    assert "\n" not in str(info.value)
+    assert not workdir.exists()
+
+
+def test_a_tuple_flag_given_twice_is_refused(tmp_path, subprocess_env):
+    """ml_collections joins a repeated tuple flag's values; every other flag takes the last."""
+    workdir = tmp_path / "run"
+    proc = run(train_cmd(workdir, "--config.model.hidden=(16,)", "--config.batch_size=8", "--config.num_steps=10",
+                         "--config.steps_per_call=10", "--config.eval_every=10", "--config.checkpoint_every=10",
+                         "--config.sweep.seed=(0,)", "--config.sweep.seed=(1,)"), subprocess_env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --config.sweep.seed is given 2 times: give the tuple once (all of them: --config.sweep.seed='(0,1)')"]
+    assert not workdir.exists()
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--config.optimizer.learning_rate=-1.0", "`config.optimizer.learning_rate` must be a number > 0"),
     ("--config.model.norm=lyer", "`config.model.norm` must be one of"),
+    ("--config.model.norm_args.eps=-1", "config.model: `eps` must be >= 0, got -1.0"),
 ])
 def test_cli_reports_an_impossible_config_in_one_line(tmp_path, subprocess_env, flag, message):
     workdir = tmp_path / "run"
@@ -532,6 +604,73 @@ def test_a_truncated_metadata_file_is_reported_by_name(tmp_path, jax_defaults, n
                                            progress=False, task=tiny_task())
     assert_trees_equal(member(state, 0), final)
     assert resumed_rows == rows
+
+
+def test_a_step_directory_holding_another_steps_state_is_not_resumed(tmp_path, jax_defaults):
+    """A step directory renamed or copied verifies as saved (its record travels with it); the
+    state's own step counter tells, and it is handled as any corrupt checkpoint."""
+    workdir, final, rows = _trained_run(tmp_path, jax_defaults)
+    ckpt = workdir / "checkpoints"
+    shutil.rmtree(ckpt / "20")
+    shutil.copytree(ckpt / "10", ckpt / "20")  # step 10's state under step 20's name
+    with pytest.warns(RuntimeWarning, match=r"corrupt checkpoint step 20: files under .*checkpoints/20: "
+                                            r"hold the state of step 10, not of step 20"):
+        state, resumed_rows, _ = train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir,
+                                           progress=False, task=tiny_task())
+    assert_trees_equal(member(state, 0), final)  # resumed from step 10, not finished at "20"
+    assert resumed_rows == rows
+    assert (workdir / "corrupt_checkpoints" / "20").is_dir()
+
+    # Both swapped: neither is valid, and the error names both (nothing is moved).
+    os.rename(ckpt / "10", ckpt / "tmp")
+    os.rename(ckpt / "20", ckpt / "10")
+    os.rename(ckpt / "tmp", ckpt / "20")
+    with pytest.warns(RuntimeWarning), pytest.raises(
+            train.CheckpointError, match=r"step 20: .*hold the state of step 10.*step 10: .*hold the state of step 20"):
+        train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir, progress=False, task=tiny_task())
+    assert finalized_steps(ckpt) == [10, 20]
+
+
+_ROW = {"step": 10, "member": 0, "seed": 0, "learning_rate": 1e-3, "train_loss": 0.5, "test_loss": 0.4,
+        "diverged_at": -1}
+
+
+@pytest.mark.parametrize("line, problem", [
+    (b"garbage", "not JSON"),
+    (b'\xff\xfe{"step": 10}', "not UTF-8"),
+    (b"[1, 2]", "a JSON list, not an object"),
+    (json.dumps({k: v for k, v in _ROW.items() if k != "member"}).encode(), "no 'member'"),
+    (json.dumps({**_ROW, "train_loss": "0.5"}).encode(), "'train_loss' is '0.5', not a number"),
+    (json.dumps({**_ROW, "step": 10.5}).encode(), "'step' is 10.5, not an int"),
+])
+def test_a_line_of_metrics_that_is_not_a_row_is_an_error_naming_it(tmp_path, line, problem):
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps(_ROW).encode() + b"\n"
+    path.write_bytes(good + line + b"\n" + good)
+    with pytest.raises(train.WorkdirError, match=f"{re.escape(str(path))}, line 2: not a metrics row: {re.escape(problem)}"):
+        train.read_metrics(path)
+    # Unterminated and last, it is the line a run killed while writing leaves: dropped.
+    path.write_bytes(good + line)
+    assert train.read_metrics(path) == [_ROW]
+
+
+def test_extending_a_finished_run_logs_the_rows_of_an_uninterrupted_run(tmp_path, jax_defaults):
+    """A run evaluates at its last step, on the schedule or not; extended, that evaluation is
+    not one the longer run makes, and goes."""
+    def config(num_steps):
+        cfg = tiny_config(num_steps=num_steps, checkpoint_every=30)
+        cfg.eval_every = 20
+        return cfg
+
+    _, rows, _ = train.fit(config(30), tmp_path / "extended", progress=False, task=tiny_task())
+    assert [r["step"] for r in rows] == [20, 30]
+    _, extended, _ = train.fit(config(60), tmp_path / "extended", progress=False, task=tiny_task())
+    _, whole, _ = train.fit(config(60), tmp_path / "whole", progress=False, task=tiny_task())
+    assert [r["step"] for r in extended] == [r["step"] for r in whole] == [20, 40, 60]
+    assert train.read_metrics(tmp_path / "extended" / "metrics.jsonl") == extended
+    for a, b in zip(extended, whole):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
 
 
 def test_checkpoints_keep_their_config(tmp_path, jax_defaults):

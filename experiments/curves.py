@@ -74,6 +74,8 @@ def plot_members(path, runs, keys=None, log=False):
         for name, rows in runs:
             for i in sorted({r["member"] for r in rows}):
                 mine = sorted((r for r in rows if r["member"] == i), key=lambda r: r["step"])
+                if key not in mine[0]:  # runs of other tasks (regression: no error rate)
+                    continue
                 label, diverged = f"{name} {train.member_name(mine[0])}", mine[-1]["diverged_at"]
                 if diverged >= 0:  # a frozen member's later rows repeat its last finite state
                     mine = [r for r in mine if r["step"] <= diverged]
@@ -139,8 +141,57 @@ def plot_lr_sweep(path, series, key, ylabel, title, scale=1.0):
     _finish(plt, fig, [ax], path, log=False, xlabel="learning rate")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error: ...` line (exit status 2), as
+    experiments.train's flags."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _image_format_problem(out: pathlib.Path) -> str | None:
+    """Why matplotlib could not write the figure to `out`, or None."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        return f"--out={out}: the file name must end in an image format matplotlib writes ({', '.join(sorted(formats))})"
+    if not out.parent.is_dir():
+        return f"--out={out}: no directory {out.parent}"
+    return None
+
+
+def _read_runs(parser, workdirs):
+    """`[(name, rows)]` of each workdir's metrics.jsonl."""
+    runs = []
+    for workdir in workdirs:
+        path = workdir / "metrics.jsonl"
+        if not path.is_file():
+            parser.error(f"{workdir} holds no metrics.jsonl (is it a run's --workdir?)")
+        rows = train.read_metrics(path)  # a row that is not a run's is a ValueError naming its line
+        if not rows:
+            parser.error(f"{path} holds no evaluation yet")
+        _check_same_metrics(path, rows)
+        runs.append((workdir.absolute().name, rows))
+    return runs
+
+
+def _check_same_metrics(path, rows):
+    """Every row of a run has the same metrics (row i is line i + 1: `read_metrics` drops no
+    line but an unterminated last one)."""
+    first = metric_keys(rows[:1])
+    for number, row in enumerate(rows, 1):
+        keys = metric_keys([row])
+        if keys != first:
+            raise ValueError(f"{path}, line {number}: the metrics {', '.join(keys) or 'none'} where line 1 has "
+                             f"{', '.join(first) or 'none'}; each row of a run has the same ones")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
+    """The command line: 0 when drawn; a bad argument is one `error:` line and exit status 2,
+    a metrics file that is not a run's or a figure that cannot be written one line and 1."""
+    parser = _Parser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path, metavar="WORKDIR",
                         help="a run's directory (holding metrics.jsonl)")
     parser.add_argument("--out", type=pathlib.Path, default=None,
@@ -148,24 +199,30 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default=None, help="comma-separated metric names (default: all of them)")
     parser.add_argument("--log", action="store_true", help="logarithmic y axes")
     args = parser.parse_args(argv)
-    runs = []
-    for workdir in args.workdirs:
-        path = workdir / "metrics.jsonl"
-        if not path.is_file():
-            parser.error(f"{workdir} holds no metrics.jsonl (is it a run's --workdir?)")
-        rows = train.read_metrics(path)
-        if not rows:
-            parser.error(f"{path} holds no evaluation yet")
-        runs.append((workdir.absolute().name, rows))
+    out = args.out or (args.workdirs[0] / "curves.png" if len(args.workdirs) == 1 else pathlib.Path("curves.png"))
+    problem = _image_format_problem(out)
+    if problem:
+        parser.error(problem)
+    try:
+        runs = _read_runs(parser, args.workdirs)
+    except (ValueError, OSError) as e:
+        return _fail(e)
     available = metric_keys([r for _, rows in runs for r in rows])
     keys = args.metrics.split(",") if args.metrics else available
     unknown = [k for k in keys if k not in available]
     if unknown:
         parser.error(f"--metrics: no metric {', '.join(map(repr, unknown))}; the runs have {', '.join(available)}")
-    out = args.out or (args.workdirs[0] / "curves.png" if len(args.workdirs) == 1 else pathlib.Path("curves.png"))
-    plot_members(out, runs, keys, log=args.log)
+    try:
+        plot_members(out, runs, keys, log=args.log)
+    except OSError as e:
+        return _fail(f"cannot write {e.filename or out}: {e.strerror or e}")
     print(out)
     return 0
+
+
+def _fail(e) -> int:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -747,6 +747,40 @@ def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, j
         assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_curves_reports_what_it_cannot_draw_in_one_line(tmp_path, capsys):
+    from experiments import curves
+
+    good = [json.dumps({**_ROW, "step": s}) for s in (10, 20)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "metrics.jsonl"
+    no_test_loss = json.dumps({k: v for k, v in _ROW.items() if k != "test_loss"} | {"step": 20})
+    cases = [  # (metrics lines, extra arguments, exit status, what the error line must say)
+        ([good[0], no_test_loss], [], 1, f"{path}, line 2: the metrics train_loss where line 1 has train_loss, test_loss"),
+        ([good[0], '{"step": 20}'], [], 1, f"{path}, line 2: not a metrics row: no 'member'"),
+        ([good[0], "[1, 2]"], [], 1, f"{path}, line 2: not a metrics row: a JSON list, not an object"),
+        ([good[0], json.dumps({**_ROW, "train_loss": "0.5"})], [], 1,
+         f"{path}, line 2: not a metrics row: 'train_loss' is '0.5', not a number"),
+        (good, [f"--out={tmp_path / 'no_such_dir' / 'c.png'}"], 2, f"no directory {tmp_path / 'no_such_dir'}"),
+        (good, [f"--out={tmp_path / 'c.foo'}"], 2, "the file name must end in an image format matplotlib writes"),
+    ]
+    for lines, extra, status, message in cases:
+        path.write_text("".join(line + "\n" for line in lines))
+        try:
+            code = curves.main([str(run_dir), *extra])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == status and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (message, err)
+    path.write_bytes(good[0].encode() + b"\n\xff\xfe\n")
+    assert curves.main([str(run_dir)]) == 1
+    assert f"{path}, line 2: not a metrics row: not UTF-8" in capsys.readouterr().err
+    assert not (run_dir / "curves.png").exists()
+    path.write_text("".join(line + "\n" for line in good))
+    assert curves.main([str(run_dir), f"--out={tmp_path / 'c.svg'}"]) == 0
+    assert (tmp_path / "c.svg").read_text().startswith("<?xml")
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e20, 1e37])
 def test_clip_by_global_norm_is_exact_for_every_finite_gradient(scale, jax_defaults):
     """optax's global norm overflows float32 beyond ~1e19 (and loses tiny gradients to

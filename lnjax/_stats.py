@@ -44,14 +44,14 @@ def inv_std(var, eps):
     return lax.rsqrt(var + jnp.asarray(eps, var.dtype))
 
 
-def expand_mask(mask, x, ax, name="mask"):
+def expand_mask(mask, x, ax, name="mask", *, elementwise=False):
     """Checks a boolean mask for a reduction of `x` over `ax` and returns it ready to broadcast
     against `x`. Two forms, each explicit (anything else is a ValueError):
 
     * per position, shape `x.shape[ax]`: one flag for all the entries of each reduced position;
       returned with size-1 kept axes;
-    * elementwise (Flax's), `x`'s rank with each dimension 1 or `x`'s: returned as `x.shape`,
-      so that every kept position counts its own unmasked entries.
+    * with `elementwise` (batch norm's, as Flax's), `x`'s rank with each dimension 1 or `x`'s:
+      returned as `x.shape`, so that every kept position counts its own unmasked entries.
     """
     if mask is None:
         return None
@@ -62,13 +62,13 @@ def expand_mask(mask, x, ax, name="mask"):
     expected = tuple(x.shape[a] for a in ax)
     if tuple(mask.shape) == expected:
         return broadcast_to_axes(mask, ax, x.ndim, jnp.bool_)
-    if mask.ndim == x.ndim and all(m in (1, n) for m, n in zip(mask.shape, x.shape)):
+    if elementwise and mask.ndim == x.ndim and all(m in (1, n) for m, n in zip(mask.shape, x.shape)):
         # Broadcast before any sum: a size-1 reduced axis must count all its entries.
         return jnp.broadcast_to(mask, x.shape)
     raise ValueError(
         f"`{name}` has shape {tuple(mask.shape)}; expected {expected} (one flag per position on the "
-        f"reduced axes {ax}) or an elementwise mask of x's rank, each dimension 1 or x's (x has shape "
-        f"{x.shape})."
+        f"reduced axes {ax})" + (f" or an elementwise mask of x's rank, each dimension 1 or x's (x has "
+                                 f"shape {x.shape})" if elementwise else "") + "."
     )
 
 

@@ -41,11 +41,39 @@ def dense(x, w, bias):
     return y if bias is None else y + jnp.broadcast_to(bias.astype(y.dtype), y.shape)
 
 
+def check_carry_init(carry_init):
+    """`carry_init` after checking it is None or an initializer."""
+    if carry_init is not None and not callable(carry_init):
+        raise TypeError(f"`carry_init` must be None or an initializer `(key, shape, dtype) -> array`, "
+                        f"got {carry_init!r}.")  # fmt: skip
+    return carry_init
+
+
+def cell_carry(cell, input_shape, dtype, carry_init, keys):
+    """The carry of the pure `cell` for inputs `[*batch, in_features]` (`input_shape`): zeros
+    (`cell.initial_carry`), or `carry_init(key, shape, dtype)` for each of its arrays (the
+    LSTM's `c`, then `h`, as Flax), with the keys `keys(n)` gives for n arrays (None entries for
+    initializers that need no key)."""
+    zeros = cell.initial_carry(tuple(input_shape[:-1]), dtype)
+    if check_carry_init(carry_init) is None:
+        return zeros
+    leaves, tree = jax.tree.flatten(zeros)
+    try:
+        carry = [jnp.asarray(carry_init(k, z.shape, z.dtype)) for k, z in zip(keys(len(leaves)), leaves)]
+    except TypeError as e:  # a random initializer given key None
+        raise TypeError(f"`carry_init`: {e}; a random initializer needs a key: pass `rngs`.") from e
+    for c, z in zip(carry, leaves):
+        if c.shape != z.shape:
+            raise ValueError(f"`carry_init` returned shape {c.shape} for the carry's {z.shape}.")
+    return jax.tree.unflatten(tree, carry)
+
+
 def flax_rnn(layer, cell, params, inputs, *, initial_carry, seq_lengths, **call):
     """`lnjax.rnn` under `flax.nnx.RNN`'s conventions, for the `RNN` layers of both frontends:
     the call's `return_carry`, `time_major`, `reverse`, `keep_order` (the `layer`'s attributes
     where None); outputs, or `(carry, outputs)`."""
     o = {k: getattr(layer, k) if v is None else v for k, v in call.items()}
+    inputs = _checks.floating(inputs, "inputs")  # named as the layer names it (`lnjax.rnn`'s is `xs`)
     ys, carry = recurrent.rnn(cell, params, inputs, lengths=seq_lengths, initial_carry=initial_carry,
                               reverse=o["reverse"], time_major=o["time_major"], unroll=layer.unroll,
                               precompute_inputs=layer.precompute_inputs)  # fmt: skip
@@ -64,6 +92,17 @@ MODULE_DEFAULTS = {
 }  # fmt: skip
 # Flax's names of the ops' arguments.
 OP_NAMES = {"epsilon": "eps", "use_fast_variance": "fast_variance"}
+# The options checked when the layer is built, under the layer's names (the op checks them
+# again, but its errors would name its own arguments: `eps` for `epsilon`).
+_BOOLS = ("use_bias", "use_scale", "use_fast_variance", "unbiased_running_var")
+
+
+def mode_flag(value, name: str = "use_running_average"):
+    """`value` after checking it is None or a Python bool (a string such as "no" is truthy, and
+    would silently select evaluation)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True, False or None, got {value!r}.")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +150,17 @@ class Spec:
         out = {k: params[self.op_name(k)].default if self.op_name(k) else MODULE_DEFAULTS[k] for k in self.options}
         return {**out, "use_bias": self.use_bias}
 
+    def check(self, settings: dict) -> None:
+        """Checks the options that need no input, naming them as the layer does (`epsilon`)."""
+        for k in _BOOLS:
+            if k in settings:
+                _checks.python_bool(settings[k], k)
+        if "epsilon" in settings:
+            _checks.nonnegative(settings["epsilon"], "epsilon")
+        if "momentum" in settings:
+            _checks.in_unit_interval(settings["momentum"], "momentum")
+        mode_flag(settings.get("use_running_average"))
+
     def param_shape(self, shape, settings) -> tuple[int, ...]:
         """The shape of `scale` and `bias` for inputs of `shape`: `shape` at the `axes` option."""
         return tuple(shape[a] for a in _checks.axes(settings[self.axes], len(shape), self.axes))
@@ -136,6 +186,7 @@ class Spec:
     def apply(self, x, scale, bias, settings: dict, state=None, **call):
         """The op on `x` with the layer's `settings`; the output in `settings["dtype"]`, else
         `x`'s dtype."""
+        self.check(settings)  # again: an nnx layer's attributes may have been set since
         shape = jnp.shape(x)
         args = ()
         if self.args:

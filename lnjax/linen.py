@@ -57,6 +57,8 @@ _MODE_ERROR = (
 
 def _mode(mdl: nn.Module, use_running_average) -> bool:
     """`training`, from the attribute or the call (exactly once, as in Linen's BatchNorm)."""
+    _modules.mode_flag(mdl.use_running_average)
+    _modules.mode_flag(use_running_average)
     if mdl.use_running_average is None and use_running_average is None:
         raise ValueError(_MODE_ERROR.replace("BatchNorm", type(mdl).__name__))
     return not nn.merge_param("use_running_average", mdl.use_running_average, use_running_average)
@@ -66,8 +68,10 @@ class _NormLayer(nn.Module):
     SPEC: ClassVar[_modules.Spec]
 
     def __post_init__(self):
+        settings = {k: getattr(self, k) for k in self.SPEC.options}
+        self.SPEC.check({**settings, "use_running_average": getattr(self, "use_running_average", None)})
         if self.SPEC.args:  # GroupNorm's num_groups / group_size, as far as known without x
-            self.SPEC.args({k: getattr(self, k) for k in self.SPEC.options})
+            self.SPEC.args(settings)
         super().__post_init__()
 
     def _normalize(self, x, use_running_average=None, **call):
@@ -101,8 +105,8 @@ class _BatchNorm(_NormLayer):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """`x` normalized, in `dtype` (None: `x`'s dtype); `use_running_average` here or as the
-        attribute (exactly once); `mask` (`x.shape` without `axis`) leaves False positions out
-        of the statistics."""
+        attribute (exactly once); `mask` (`x.shape` without `axis`, or elementwise as Flax's:
+        `x`'s rank, each dimension 1 or `x`'s) leaves False entries out of the statistics."""
         return self._normalize(x, use_running_average, mask=mask)
 
 
@@ -186,6 +190,7 @@ def _cell_fields(cell_cls, rename=(), **extra) -> dict:
 class _CellModule(nn.Module):
     def __post_init__(self):
         self.cell  # noqa: B018  (the pure cell checks the settings)
+        _modules.check_carry_init(getattr(self, "carry_init", None))
         super().__post_init__()
 
     @property
@@ -207,8 +212,14 @@ class _Cell(_CellModule, nn.RNNCellBase):
 
     @nn.nowrap
     def initialize_carry(self, rng, input_shape):
-        """Zeros for inputs `[*batch, in_features]` (`rng` is unused: the carry is constant)."""
-        return self.cell.initial_carry(tuple(input_shape[:-1]), self.param_dtype)
+        """`carry_init` (zeros by default) of each carry array for inputs `[*batch, in_features]`,
+        with `rng` (split for the LSTM's `c` and `h`, as Flax; None for constant initializers)."""
+        def keys(n):  # as Flax: the LSTM splits `rng` for `c` and `h`, the other cells use it as is
+            if rng is None:
+                return [None] * n
+            return [rng] if n == 1 else list(jax.random.split(rng, n))
+
+        return _modules.cell_carry(self.cell, input_shape, self.param_dtype, self.carry_init, keys)
 
     @property
     def num_feature_axes(self) -> int:
@@ -219,12 +230,12 @@ _CELL_DOC = """ cell: `lnjax.{}` as a Flax RNN cell (`nn.RNNCellBase`): one step
     `(carry, y_t) = cell(carry, x_t)`, so it runs in `nn.RNN` and `nn.Bidirectional`, and in
     `lnjax.linen.RNN`, which runs it with `lnjax.rnn`. Its attributes are the cell's fields
     (their meaning and defaults there), with `hidden_size` named `features` as in Flax, and
-    `param_dtype` (also the dtype of `initialize_carry`'s carry); `params` are exactly
-    `cell.init`'s tree."""
+    `param_dtype` (also the dtype of `initialize_carry`'s carry) and `carry_init` (its
+    initializer, zeros), as Flax; `params` are exactly `cell.init`'s tree."""
 
 
 def _cell(name, cell_cls, what):
-    ns = _cell_fields(cell_cls, {"hidden_size": "features"}, param_dtype=jnp.float32)
+    ns = _cell_fields(cell_cls, {"hidden_size": "features"}, param_dtype=jnp.float32, carry_init=zeros)
     return type(name, (_Cell,), {**ns, "__module__": __name__, "__doc__": what + _CELL_DOC.format(cell_cls.__name__)})
 
 
@@ -242,8 +253,9 @@ class RNN(nn.Module):
     outputs `[*batch, T, features]`, or `(carry, outputs)` if `return_carry`. `seq_lengths`
     `[*batch]`: steps past a sequence's length leave its carry as it is and output zeros.
     `reverse` runs each sequence backwards within its length; its outputs come in the order
-    computed unless `keep_order`. Every call argument left None takes the attribute. The
-    parameters are the cell's (`params/cell/...`).
+    computed unless `keep_order`. Every call argument left None takes the attribute. Without
+    `initial_carry`, the cell's `initialize_carry(init_key)` (key 0 by default, as `nn.RNN`).
+    The parameters are the cell's (`params/cell/...`).
 
     Attributes:
       cell: `lnjax.linen.LSTMCell`, `GRUCell` or `SimpleCell` (other cells: `nn.RNN`).
@@ -267,10 +279,12 @@ class RNN(nn.Module):
 
     def __call__(self, inputs, *, initial_carry=None, init_key=None, seq_lengths=None, return_carry: bool | None = None,
                  time_major: bool | None = None, reverse: bool | None = None, keep_order: bool | None = None):  # fmt: skip
-        del init_key  # the carry is constant
         x0 = jnp.take(inputs, 0, axis=0 if (self.time_major if time_major is None else time_major) else -2)
         # One step of the cell creates its parameters (in `init`) or reads them; XLA drops the step.
-        self.cell(self.cell.initialize_carry(None, jnp.shape(x0)), x0)
+        self.cell(self.cell.cell.initial_carry(jnp.shape(x0)[:-1], self.cell.param_dtype), x0)
+        if initial_carry is None:  # as nn.RNN: the cell's `carry_init`, with key 0 unless given
+            initial_carry = self.cell.initialize_carry(jax.random.key(0) if init_key is None else init_key,
+                                                       jnp.shape(x0))  # fmt: skip
         return _modules.flax_rnn(self, self.cell.cell, dict(self.cell.variables["params"]), inputs,
                                  initial_carry=initial_carry, seq_lengths=seq_lengths, return_carry=return_carry,
                                  time_major=time_major, reverse=reverse, keep_order=keep_order)  # fmt: skip

@@ -70,7 +70,7 @@ class _Mode(nnx.Module):
     """The train/eval switch of the modules with running statistics, as `nnx.BatchNorm`'s."""
 
     def _training(self, use_running_average) -> bool:
-        mode = self.use_running_average if use_running_average is None else use_running_average
+        mode = _modules.mode_flag(self.use_running_average if use_running_average is None else use_running_average)
         if mode is None:
             raise ValueError(_MODE_ERROR.replace("BatchNorm", type(self).__name__))
         return not mode
@@ -78,7 +78,7 @@ class _Mode(nnx.Module):
     def set_view(self, use_running_average: bool | None = None):
         """Used by `nnx.view(model, use_running_average=...)`, as in `nnx.BatchNorm`."""
         if use_running_average is not None:
-            self.use_running_average = use_running_average
+            self.use_running_average = _modules.mode_flag(use_running_average)
 
 
 class _NormLayer(nnx.Module):
@@ -107,7 +107,8 @@ class _Norm(_NormLayer):
 class _BatchNorm(_NormLayer, _Mode):
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """`x` normalized, in `dtype` (None: `x`'s dtype); `use_running_average` overrides the
-        attribute; `mask` (`x.shape` without `axis`) leaves False positions out of the statistics."""
+        attribute; `mask` (`x.shape` without `axis`, or elementwise as Flax's: `x`'s rank, each
+        dimension 1 or `x`'s) leaves False entries out of the statistics (`lnjax.batch_norm`)."""
         return self._normalize(x, use_running_average, mask=mask)
 
 
@@ -133,6 +134,7 @@ def _norm_layer(spec: _modules.Spec):
         del a["self"]
         rngs = a.pop("rngs")
         self.num_features = shape = _feature_shape(a.pop("num_features"))
+        spec.check(a)
         if spec.args:
             spec.args(a, math.prod(shape))
         for k, v in a.items():  # the options, as attributes of the same names
@@ -248,9 +250,10 @@ class _Cell(_CellParams, nnx.RNNCellBase):
     Args:
       in_features, hidden_features: the input size and H.
       param_dtype: of the parameters and of `initialize_carry`'s carry.
+      carry_init: the default initializer of `initialize_carry`'s carry (None: zeros), as Flax.
       rngs: required (random `w_x`, orthogonal `w_h`).
-      **cell_options: the fields of `lnjax.{}` by name ({}), so that they and their defaults
-        live in one place.
+      **cell_options: the fields of `lnjax.{}` by name ({}; Flax's `kernel_init`,
+        `recurrent_kernel_init`, `bias_init`), so that they and their defaults live in one place.
 
     Parameters: the attributes named as the top-level keys of `cell.init` (`w_x`, `w_h`, `n_x`,
     ...), exactly its tree; `cell` is the pure cell and `params` its arrays.
@@ -258,17 +261,23 @@ class _Cell(_CellParams, nnx.RNNCellBase):
 
     CELL: type
 
-    def __init__(self, in_features: int, hidden_features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 **cell_options):  # fmt: skip
+    def __init__(self, in_features: int, hidden_features: int, *, param_dtype=jnp.float32, carry_init=None,
+                 rngs: nnx.Rngs, **cell_options):  # fmt: skip
         self.hidden_features = _checks.positive_int(hidden_features, "hidden_features")
+        self.carry_init = _modules.check_carry_init(carry_init)
         self._init_cell(self.CELL(hidden_features, **cell_options), in_features, param_dtype, rngs)
 
     def __call__(self, carry, inputs):
         return self.cell(self.params, carry, inputs)
 
-    def initialize_carry(self, input_shape, rngs=None):
-        """Zeros for inputs `[*batch, in_features]` (`rngs` is unused: the carry is constant)."""
-        return self.cell.initial_carry(tuple(input_shape[:-1]), self.param_dtype)
+    def initialize_carry(self, input_shape, rngs=None, carry_init=None):
+        """The carry for inputs `[*batch, in_features]`, in `param_dtype`: `carry_init` (else the
+        constructor's; None: zeros) of each carry array, with keys from `rngs` (`nnx.Rngs`, whose
+        `carry` stream is used, or a stream; not needed by constant initializers)."""
+        stream = rngs.carry if isinstance(rngs, nnx.Rngs) else rngs
+        init = self.carry_init if carry_init is None else carry_init
+        return _modules.cell_carry(self.cell, input_shape, self.param_dtype, init,
+                                   lambda n: [None if stream is None else stream() for _ in range(n)])
 
     @property
     def num_feature_axes(self) -> int:
@@ -295,6 +304,8 @@ class RNN(nnx.Module):
     `seq_lengths` `[*batch]`: steps past a sequence's length leave its carry as it is and
     output zeros. `reverse` runs each sequence backwards within its length; its outputs come in
     the order computed unless `keep_order`. Every call argument left None takes the attribute.
+    Without `initial_carry`, the cell's `initialize_carry` (zeros, or its `carry_init` with the
+    call's `rngs`).
 
     Args:
       cell: `lnjax.nnx.LSTMCell`, `GRUCell` or `SimpleCell` (other cells: `nnx.RNN`).
@@ -314,7 +325,9 @@ class RNN(nnx.Module):
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None, return_carry: bool | None = None,
                  time_major: bool | None = None, reverse: bool | None = None, keep_order: bool | None = None,
                  rngs=None):  # fmt: skip
-        del rngs  # the cells draw no random numbers
+        if initial_carry is None and self.cell.carry_init is not None:  # as nnx.RNN: the cell's
+            t = 0 if (self.time_major if time_major is None else time_major) else -2
+            initial_carry = self.cell.initialize_carry(jnp.shape(jnp.take(inputs, 0, axis=t)), rngs)
         return _modules.flax_rnn(self, self.cell.cell, self.cell.params, inputs, initial_carry=initial_carry,
                                  seq_lengths=seq_lengths, return_carry=return_carry, time_major=time_major,
                                  reverse=reverse, keep_order=keep_order)  # fmt: skip

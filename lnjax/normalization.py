@@ -199,10 +199,12 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
       momentum: in [0, 1].
       eps: inside the square root.
       axis_name: named axis (vmap/shard_map/pmap) across which batch statistics are synchronized.
-      mask: optional boolean array of shape `x.shape` without `axis` (e.g. `[batch]` for
-        `[batch, features]`); False positions (padding) are left out of the statistics but
-        still normalized with them, and their values (even NaN) reach no gradient. A batch
-        with no data (empty, or all masked) leaves the running averages unchanged and is
+      mask: optional boolean array, of shape `x.shape` without `axis` (one flag per position,
+        e.g. `[batch]` for `[batch, features]`), or elementwise as Flax's: `x`'s rank, each
+        dimension 1 or `x`'s (e.g. `[batch, 1]`, or `x.shape`), each feature then counting its
+        own unmasked entries. False entries (padding) are left out of the statistics but still
+        normalized with them, and their values (even NaN) reach no gradient. A feature with no
+        data (an empty batch, or all its entries masked) keeps its running averages and is
         normalized with them, as in evaluation.
       fast_variance: one-pass variance (see `moments`).
       unbiased_running_var: the running variance averages the unbiased batch variance (True)
@@ -228,7 +230,7 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
     scale, bias, eps = _checks.param_check(x, feat, scale, bias, eps)
     momentum = _checks.in_unit_interval(momentum, "momentum")
     _checks.batch_norm_state_check(state, tuple(x.shape[a] for a in feat), x.shape)
-    m = _stats.expand_mask(mask, x, red)
+    m = _stats.expand_mask(mask, x, red, elementwise=True)
     if training and axis_name is None:
         _checks.more_than_one_value(x, red, f"batch statistic (over axes {red})")
     if not training:
@@ -301,20 +303,29 @@ def instance_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=
 
     Args:
       x: floating array `[batch, *spatial, channels]` with at least one spatial axis.
-      scale, bias: per-channel, shape `[channels]`, or None.
-      axis: the channel axis; must not be 0.
+      scale, bias: per-channel, shape `x.shape[axis]`, or None.
+      axis: the channel axis, or a tuple of them (Flax's `feature_axes`); not the batch axis 0.
+        The statistics are over every other axis but 0.
       eps: inside the square root.
       fast_variance: one-pass variance (see `moments`).
 
     Returns:
-      Array of `x`'s shape and dtype. Equal to `group_norm(x, channels, ...)`.
+      Array of `x`'s shape and dtype. With one channel axis, equal to `group_norm(x, channels, ...)`.
     """
     x = _checks.spatial(_checks.floating(x))
-    c = _checks.channel_axis(axis, x.ndim, batch_first=True)
-    if math.prod(x.shape[1:]) == x.shape[c]:
+    ch = _checks.axes(axis, x.ndim)
+    if 0 in ch:
+        raise ValueError(f"`axis`={axis!r} {'includes' if len(ch) > 1 else 'is'} the batch axis 0; expected "
+                         f"the channel axes, among 1..{x.ndim - 1} for x of shape {x.shape}.")  # fmt: skip
+    red = tuple(a for a in range(1, x.ndim) if a not in ch)
+    if math.prod(x.shape[a] for a in red) == 1:
         raise ValueError(f"`x` of shape {x.shape} has one spatial position: every instance statistic "
                          "would be over one value (the output would be `bias`).")  # fmt: skip
-    return group_norm(x, x.shape[c], scale, bias, axis=c, eps=eps, fast_variance=fast_variance)
+    scale, bias, eps = _checks.param_check(x, ch, scale, bias, eps)
+    xf = _stats.upcast(x)
+    mean, residual, var, _ = _stats.moments(xf, red, fast_variance=fast_variance)
+    y = _stats.normalize(xf, mean, residual, var, eps)
+    return _stats.scale_shift(y, scale, bias, ch, x.ndim).astype(x.dtype)
 
 
 def weight_norm(v, g, *, axis=-1, eps=1e-12):

@@ -67,11 +67,51 @@ def _orthogonal_blocks(key, size, blocks, dtype):
     return jnp.concatenate(list(q), axis=-1).astype(dtype)
 
 
-def _weights(key, input_size, hidden, blocks, dtype):
-    """`w_x` `[input_size, blocks * H]` (LeCun normal) and `w_h` (orthogonal per block)."""
+def _per_block(init, name, key, shape, blocks, dtype):
+    """`init(k_i, shape, dtype)` for each block (gate) `i`, keys `jax.random.split(key, blocks)`,
+    concatenated along the last axis (as Flax's cells, whose gates each have their own kernel)."""
+    if not callable(init):
+        raise TypeError(f"`{name}` must be an initializer `(key, shape, dtype) -> array`, got {init!r}.")
+    out = [jnp.asarray(init(k, shape, dtype)) for k in jax.random.split(key, blocks)]
+    for w in out:
+        if w.shape != tuple(shape):
+            raise ValueError(f"`{name}` returned shape {w.shape} for shape {tuple(shape)} (one gate).")
+    return jnp.concatenate(out, axis=-1).astype(dtype)
+
+
+def _weights(key, input_size, hidden, blocks, dtype, kernel_init=None, recurrent_kernel_init=None):
+    """`w_x` `[input_size, blocks * H]` and `w_h` `[H, blocks * H]`.
+
+    By default LeCun normal (one draw for the whole matrix) and orthogonal per block: Flax's
+    default distributions, with lnjax's draws. An initializer given is called per gate (block),
+    `(input_size, H)` and `(H, H)`, as in Flax's `LSTMCell`, see `_per_block`."""
     kx, kh = jax.random.split(key)
-    w_x = jax.nn.initializers.lecun_normal()(kx, (input_size, blocks * hidden), dtype)
-    return {"w_x": w_x, "w_h": _orthogonal_blocks(kh, hidden, blocks, dtype)}
+    if kernel_init is None:
+        w_x = jax.nn.initializers.lecun_normal()(kx, (input_size, blocks * hidden), dtype)
+    else:
+        w_x = _per_block(kernel_init, "kernel_init", kx, (input_size, hidden), blocks, dtype)
+    if recurrent_kernel_init is None:
+        w_h = _orthogonal_blocks(kh, hidden, blocks, dtype)
+    else:
+        w_h = _per_block(recurrent_kernel_init, "recurrent_kernel_init", kh, (hidden, hidden), blocks, dtype)
+    return {"w_x": w_x, "w_h": w_h}
+
+
+def _init_biases(params, bias_init, key, hidden, dtype, *terms):
+    """`params` with `bias_init` written into one bias per pre-activation: `terms` are
+    `(keys, blocks)`, the input-side term first; the first of `keys` whose normalizer has a bias
+    gets `bias_init` per gate (`(H,)` each, as Flax), the others keep theirs (0): the terms are
+    summed, so the initial total bias is `bias_init`'s. None leaves `params` as they are."""
+    if bias_init is None:
+        return params
+    for i, (keys, blocks) in enumerate(terms):
+        k = next((k for k in keys if "bias" in params.get(k, {})), None)
+        if k is None:
+            raise ValueError(f"`bias_init` needs a bias in one of the terms {keys}, but none of their "
+                             "normalizers has one.")  # fmt: skip
+        bias = _per_block(bias_init, "bias_init", jax.random.fold_in(key, i), (hidden,), blocks, dtype)
+        params = {**params, k: {**params[k], "bias": bias}}
+    return params
 
 
 def _check_input(x, w_x, name="x"):
@@ -250,6 +290,12 @@ class LSTMCell(_Cell):
       forget_bias: initial bias of the forget gate, in `N_x`'s bias (else `N_h`'s); 0 in the
         paper, 1 in Cooijmans et al.
       carry_normalized_cell: carry `N_c(c_t)` instead of `c_t` (TF-Addons LayerNormLSTMCell).
+      kernel_init, recurrent_kernel_init, bias_init (keyword-only): Flax's cell initializers,
+        `(key, shape, dtype) -> array`, called per gate as Flax's `LSTMCell` (`(input_size, H)`,
+        `(H, H)`, `(H,)`); `bias_init` sets the input term's bias (else the recurrent one's; the
+        terms are summed). None: LeCun normal, orthogonal per gate and 0, Flax's defaults
+        (drawn as lnjax always has; see `_weights`).
+        `forget_bias` is written over the forget gate's part of that bias.
     """
 
     input_norm: _TermSpec = "layer"
@@ -257,6 +303,9 @@ class LSTMCell(_Cell):
     cell_norm: _TermSpec = "layer"
     forget_bias: float = 0.0
     carry_normalized_cell: bool = False
+    kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    recurrent_kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    bias_init: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -268,9 +317,10 @@ class LSTMCell(_Cell):
         input_size = _checks.positive_int(input_size, "input_size")
         _check_input_norm(self, self.input_norm, input_size)
         H = self.hidden_size
-        params = _weights(key, input_size, H, 4, dtype)
+        params = _weights(key, input_size, H, 4, dtype, self.kernel_init, self.recurrent_kernel_init)
         params.update(n_x=self._input_norm.init(4 * H, dtype), n_h=self._recurrent_norm.init(4 * H, dtype),
                       n_c=self._cell_norm.init(H, dtype))  # fmt: skip
+        params = _init_biases(params, self.bias_init, key, H, dtype, (("n_x", "n_h"), 4))
         return _term_params(params, ("n_x", "n_h"), self.forget_bias, H)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
@@ -308,10 +358,18 @@ class GRUCell(_Cell):
       input_norm: `(N_2, N_3)`, or one normalizer (or name, or None) for both; as
         `LSTMCell.input_norm`.
       recurrent_norm: `(N_1, N_4)`, or one for both.
+      kernel_init, recurrent_kernel_init, bias_init (keyword-only): Flax's cell initializers,
+        `(key, shape, dtype) -> array`, called per gate as Flax's `LSTMCell` (`(input_size, H)`,
+        `(H, H)`, `(H,)`); `bias_init` sets the input term's bias (else the recurrent one's; the
+        terms are summed). None: LeCun normal, orthogonal per gate and 0, Flax's defaults
+        (drawn as lnjax always has; see `_weights`).
     """
 
     input_norm: _TermSpec | tuple = "layer"
     recurrent_norm: _TermSpec | tuple = "layer"
+    kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    recurrent_kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    bias_init: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -331,9 +389,11 @@ class GRUCell(_Cell):
             _check_input_norm(self, spec, input_size)
         H = self.hidden_size
         (n2, n3), (n1, n4) = self._input_norm, self._recurrent_norm
-        params = {**_weights(key, input_size, H, 3, dtype),
+        params = {**_weights(key, input_size, H, 3, dtype, self.kernel_init, self.recurrent_kernel_init),
                   "n_x_gates": n2.init(2 * H, dtype), "n_x_cand": n3.init(H, dtype),
                   "n_h_gates": n1.init(2 * H, dtype), "n_h_cand": n4.init(H, dtype)}  # fmt: skip
+        params = _init_biases(params, self.bias_init, key, H, dtype, (("n_x_gates", "n_h_gates"), 2),
+                              (("n_x_cand", "n_h_cand"), 1))  # fmt: skip
         return _term_params(params, (), 0, H)
 
     def project_inputs(self, params, x):
@@ -359,9 +419,20 @@ class RNNCell(_Cell):
 
     `norm` (gain and bias) is over the summed input `a_t`, its statistics recomputed at every
     step; None gives `tanh(W_h h + W_x x + b)`.
+
+    Attributes:
+      hidden_size, precision, dtype: see `_Cell`.
+      norm: `N`, a `lnjax.norms` value, a name, or None.
+      kernel_init, recurrent_kernel_init, bias_init (keyword-only): Flax's cell initializers,
+        `(key, shape, dtype) -> array`, called per gate as Flax's `LSTMCell` (`(input_size, H)`,
+        `(H, H)`, `(H,)`); `bias_init` sets `N`'s bias. None: LeCun normal, orthogonal and 0,
+        Flax's defaults (drawn as lnjax always has; see `_weights`).
     """
 
     norm: _TermSpec = "layer"
+    kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    recurrent_kernel_init: Any = dataclasses.field(default=None, kw_only=True)
+    bias_init: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -370,7 +441,9 @@ class RNNCell(_Cell):
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
         H = self.hidden_size
-        return _term_params({**_weights(key, input_size, H, 1, dtype), "n": self._norm.init(H, dtype)}, (), 0, H)
+        params = {**_weights(key, input_size, H, 1, dtype, self.kernel_init, self.recurrent_kernel_init),
+                  "n": self._norm.init(H, dtype)}  # fmt: skip
+        return _term_params(_init_biases(params, self.bias_init, key, H, dtype, (("n",), 1)), (), 0, H)
 
     def project_inputs(self, params, x):
         """`W_x x`, shape `[..., H]` (normalized after the recurrent term is added)."""

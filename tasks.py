@@ -5,7 +5,8 @@
     python3 tasks.py mintest [PYTEST ARGS...]  # the fast tests at the declared minimum versions
 
 The first two create `.venv/` on first use and install the project into it (again whenever
-pyproject.toml changes); `mintest` does the same in `.venv-min/`, with every `>=` bound of
+pyproject.toml, CMakeLists.txt or the kernels' sources in csrc/ change: the install compiles
+them); `mintest` does the same in `.venv-min/`, with every `>=` bound of
 pyproject.toml pinned to `==`. Only the Python standard library is used here.
 """
 
@@ -37,7 +38,9 @@ def minimum_pins() -> list[str]:
 
 def ensure_venv(extras: str, env: pathlib.Path = ROOT / ".venv", constraints: list[str] = ()) -> None:
     py, stamp = _python(env), env / ".lnjax-installed"
-    key = (ROOT / "pyproject.toml").read_bytes() + extras.encode() + "\n".join(constraints).encode()
+    # The native kernels are compiled at install time: their sources are part of the key.
+    sources = [ROOT / "pyproject.toml", ROOT / "CMakeLists.txt", *sorted((ROOT / "csrc").glob("*"))]
+    key = b"".join(p.read_bytes() for p in sources) + extras.encode() + "\n".join(constraints).encode()
     want = hashlib.sha256(key).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return

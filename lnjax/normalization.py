@@ -11,17 +11,20 @@ The numerical contract, shared by every op here:
 * parameters are never broadcast: `scale`/`bias` must have exactly the shape of the axes they
   apply to, and a mismatch is a ValueError at trace time.
 
-Layer, RMS and training-mode batch norm over the last axis (the common case: a Python `eps`,
-no `fast_variance`, `mask` or `axis_name`) have closed-form derivatives (`jax.custom_jvp`, in
-`lnjax._fused`): reverse mode then saves only `x` and the per-row statistics and runs the
-textbook backward (for float32, one cache-sized block of rows at a time): forward+backward on CPU measured
-1.0-1.75x faster than autodiff of the formula for layer norm, 0.93-1.45x for RMS norm and
-1.27-2.16x for batch norm (BENCHMARKS.md). Forward mode, second derivatives, vmap and
-checkpointing work as for any JAX function. It is the default wherever it applies;
-`implementation="xla"` forces autodiff of the formula, and `implementation="fused"` raises where
-the fused path cannot apply.
+Layer and RMS norm over the last axis (the common case: a Python `eps`, no `fast_variance`)
+run on CPU in the native kernels of `lnjax.native` (C++ through XLA's FFI: one pass over each
+row in cache, exact and overflow-safe statistics, bitwise batch-invariant), and on other
+platforms, or where the kernels were not built, in the fused path of `lnjax._fused`; the
+choice is made per platform when the program is lowered. Training-mode batch norm over every
+axis but the last, without `mask` or `axis_name`, takes the fused path. The fused path is a
+`jax.custom_jvp` whose tangent is the closed form: reverse mode then saves only `x` and the
+per-row statistics and runs the textbook backward (for float32, one cache-sized block of rows
+at a time). Forward mode, second derivatives, vmap and checkpointing work on every path.
+`implementation="xla"` forces autodiff of the formula; `"native"` and `"fused"` raise where
+they cannot apply. BENCHMARKS.md measures each.
 """
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -29,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from lnjax import _checks, _fused, _stats
+from lnjax import native as lnjax_native
 from lnjax._state import BatchNormState
 
 __all__ = [
@@ -73,32 +77,51 @@ def moments(x, axis=-1, *, keepdims=False, fast_variance=False, mask=None, axis_
     return mean, var
 
 
-def _wants_fused(implementation):
-    """True for "fused", False for "xla", None (either) for None; raises on anything else."""
-    if implementation is None:
-        return None
-    if implementation not in ("xla", "fused"):
-        raise ValueError(f'`implementation` must be None, "xla" or "fused", got {implementation!r}.')
-    return implementation == "fused"
+_IMPLEMENTATIONS = (None, "native", "fused", "xla")
 
 
-def _use_fused(implementation, x, ax, eps, **conditions) -> bool:
-    """Whether to route to `_fused`: by default wherever it applies; "fused" raises where not."""
-    wanted = _wants_fused(implementation)
-    if wanted is False:
-        return False
+def _checked_implementation(implementation):
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f'`implementation` must be None, "native", "fused" or "xla", got {implementation!r}.')
+    return implementation
+
+
+def _route(implementation, x, ax, eps, *, native: bool = False, **conditions) -> str:
+    """The path an op takes: "native" (the C++ kernels of `lnjax.native`, on CPU), "fused" (the
+    closed-form derivative of `lnjax._fused`) or "xla" (autodiff of the formula). None picks the
+    first that applies (`native`: whether the op has kernels); a named one raises where it
+    cannot apply."""
+    if _checked_implementation(implementation) == "xla":
+        return "xla"
     checks = [
         (ax == (x.ndim - 1,), ValueError, f"normalizes over the last axis only, got axes {ax}"),
         (isinstance(eps, (int, float, np.floating, np.integer)), TypeError,
          f"needs a Python-number `eps` (it is static), got {eps!r}"),
         *[(ok, ValueError, f"does not support {what.replace('_', ' ')}") for what, ok in conditions.items()],
     ]
+    if implementation == "native":
+        checks.append((native, ValueError, "has kernels for layer_norm and rms_norm only"))
     for ok, error, message in checks:
         if not ok:
-            if wanted:
-                raise error(f'implementation="fused" {message}.')
-            return False
-    return True
+            if implementation is not None:
+                raise error(f"implementation={implementation!r} {message}.")
+            return "xla"
+    if implementation == "fused" or not native or x.size == 0:
+        return "fused"
+    if lnjax_native.available():
+        return "native"
+    if implementation == "native":
+        raise ValueError('implementation="native": the native kernels were not built (see `lnjax.native`).')
+    return "fused"
+
+
+def _native_on_cpu(implementation, native_fn, fused_fn, *args):
+    """The native kernels on CPU, the fused path elsewhere: decided per platform when the
+    program is lowered, so one jitted function runs on CPU, GPU and TPU. Asked for by name,
+    the native kernels run wherever the program does (CPU only)."""
+    if implementation == "native":
+        return native_fn(*args)
+    return lax.platform_dependent(*args, cpu=native_fn, default=fused_fn)
 
 
 def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=False, implementation=None):
@@ -114,8 +137,9 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
       axis: int or tuple of ints, the axes normalized over (the "H units" of the paper).
       eps: added to the variance inside the square root; 1e-5 as in the authors' code.
       fast_variance: one-pass variance (see `moments`).
-      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
-        of the formula) or "fused" (closed-form derivative; see the module docstring).
+      implementation: None (default: "native" on CPU where it applies, else "fused" where it
+        applies, else "xla"), "native" (the C++ kernels), "fused" (closed-form derivative) or
+        "xla" (autodiff of the formula); see the module docstring.
 
     Returns:
       Array of `x`'s shape and dtype.
@@ -124,7 +148,12 @@ def layer_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-5, fast_variance=Fal
     ax = _checks.axes(axis, x.ndim)
     scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
     _checks.more_than_one_value(x, ax, f"layer statistic (over axes {ax})")
-    if _use_fused(implementation, x, ax, eps, fast_variance=not _checks.python_bool(fast_variance, "fast_variance")):
+    route = _route(implementation, x, ax, eps, native=True,
+                   fast_variance=not _checks.python_bool(fast_variance, "fast_variance"))
+    if route == "native":
+        return _native_on_cpu(implementation, functools.partial(lnjax_native.normalize, eps=float(eps), center=True),
+                              functools.partial(_fused.layer_norm_2d, eps=float(eps)), x, scale, bias)
+    if route == "fused":
         return _fused.layer_norm_2d(x, scale, bias, float(eps))
     xf = _stats.upcast(x)
     mean, residual, var, _ = _stats.moments(xf, ax, fast_variance=fast_variance)
@@ -151,7 +180,11 @@ def rms_norm(x, scale=None, bias=None, *, axis=-1, eps=1e-6, implementation=None
     x = _checks.floating(x)
     ax = _checks.axes(axis, x.ndim)
     scale, bias, eps = _checks.param_check(x, ax, scale, bias, eps)
-    if _use_fused(implementation, x, ax, eps):
+    route = _route(implementation, x, ax, eps, native=True)
+    if route == "native":
+        return _native_on_cpu(implementation, functools.partial(lnjax_native.normalize, eps=float(eps), center=False),
+                              functools.partial(_fused.rms_norm_2d, eps=float(eps)), x, scale, bias)
+    if route == "fused":
         return _fused.rms_norm_2d(x, scale, bias, float(eps))
     y, _ = _stats.rms_normalize(x, ax, eps)
     return _stats.scale_shift(y, scale, bias, ax, x.ndim).astype(x.dtype)
@@ -234,9 +267,9 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
     if training and axis_name is None:
         _checks.more_than_one_value(x, red, f"batch statistic (over axes {red})")
     if not training:
-        _wants_fused(implementation)  # validated; inference is elementwise, always the formula
-    elif _use_fused(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
-                    fast_variance=not _checks.python_bool(fast_variance, "fast_variance")):
+        _checked_implementation(implementation)  # inference is elementwise, always the formula
+    elif _route(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
+                fast_variance=not _checks.python_bool(fast_variance, "fast_variance")) == "fused":
         y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
         return y, _stats.ema_update(state, mean, var, count, momentum, unbiased_running_var)

@@ -1044,24 +1044,33 @@ def test_fused_implementation_check_grads_forward_and_reverse_second_order(op, m
 
 
 def _primitives(fn, *args):
-    return {str(e.primitive) for e in jax.make_jaxpr(fn)(*args).eqns}
+    """The primitives of `fn`'s jaxpr, those of its sub-jaxprs (cond branches, custom_jvp
+    calls) included."""
+    def walk(jaxpr):
+        yield from (str(e.primitive) for e in jaxpr.eqns)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            yield from walk(sub)
+    return set(walk(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "batch_norm"])
-def test_default_implementation_is_fused_where_it_applies(op):
+def test_default_implementation_is_native_or_fused_where_it_applies(op):
     x, s = jnp.ones((4, 8)), jnp.ones(8)
     xla, fused = _fused_pair(op)
     assert "custom_jvp_call" in _primitives(fused, x, s, None)
     assert "custom_jvp_call" not in _primitives(xla, x, s, None)
     default = (lambda x, s: lnjax.batch_norm(x, s, None, batch_norm_state(8), training=True)[0]) \
         if op == "batch_norm" else (lambda x, s: getattr(lnjax, op)(x, s))
-    assert "custom_jvp_call" in _primitives(default, x, s)
+    used = _primitives(default, x, s)
+    assert "custom_jvp_call" in used
+    # Layer and RMS norm: the native kernels on CPU, the fused path on other platforms.
+    assert ("ffi_call" in used and "platform_index" in used) == (op != "batch_norm" and lnjax.native.available())
     # Where it cannot apply, the default quietly uses the formula (no error).
     other_axis = (lambda x, s: lnjax.batch_norm(x, s, None, batch_norm_state(8), training=True,
                                                 mask=jnp.ones(4, bool))[0]) \
         if op == "batch_norm" else (lambda x, s: getattr(lnjax, op)(x, None, axis=0))
-    assert "custom_jvp_call" not in _primitives(other_axis, x, s)
-    assert "custom_jvp_call" not in _primitives(lambda x, e: lnjax.layer_norm(x, eps=e), x, 1e-5)
+    assert not {"custom_jvp_call", "ffi_call"} & _primitives(other_axis, x, s)
+    assert not {"custom_jvp_call", "ffi_call"} & _primitives(lambda x, e: lnjax.layer_norm(x, eps=e), x, 1e-5)
 
 
 FUSED_BAD = [

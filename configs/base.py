@@ -1,7 +1,7 @@
 """Defaults shared by every experiment config (Flax-examples convention: `get_config()`).
 
 Normalizers. Every model builds its normalizers with `lnjax.norms.get(model.norm, **options)`
-(`experiments.train.norm_options`), the options being
+(`experiments.tasks.norm_options`), the options being
 
 * `model.norm_defaults[model.norm]`: the experiment's own settings for that normalizer, the
   one place they are written down (set here and in `recurrent`), e.g. the momentum 0.9 of
@@ -12,7 +12,7 @@ Normalizers. Every model builds its normalizers with `lnjax.norms.get(model.norm
 Configs are locked on the command line, so `model.norm_args` declares the factory options one
 may set there (`NORM_OPTIONS`; each None, "unset"); another option is set in a config file
 (`c.model.norm_args.summation = False`). An option the normalizer does not take (e.g.
-`radius` with `norm=layer`) is an error before training (`experiments.train.check_config`).
+`radius` with `norm=layer`) is an error before training (`experiments.checks.check_config`).
 For the BN-LSTM (`model.cell="bn_lstm"`, whose batch normalizers `model.norm` does not choose)
 an experiment's defaults would be `model.norm_defaults.bn_lstm` (none is set), added to the
 cell's own (Cooijmans et al.'s: gains 0.1 and so on), and `model.norm_args` updates them.
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict({"seed": (0, 1, 2), "learning_rate": ()})
     # Device mesh (axes "sweep" x "data"): sweep members are split over the `sweep` axis, each
     # member's batch over the `data` axis (data parallelism). 0 = automatic: use as many of the
-    # visible devices as the sweep size and batch size divide (see experiments/train.py).
+    # visible devices as the sweep size and batch size divide (see experiments/mesh.py).
     c.mesh = ml_collections.ConfigDict({"sweep": 0, "data": 0})
     return c
 

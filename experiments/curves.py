@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from experiments import train
+from experiments import metrics
 
 
 # One colour per normalization, in every figure of the report (matplotlib's tab10/tab20).
@@ -76,7 +76,7 @@ def plot_members(path, runs, keys=None, log=False):
                 mine = sorted((r for r in rows if r["member"] == i), key=lambda r: r["step"])
                 if key not in mine[0]:  # runs of other tasks (regression: no error rate)
                     continue
-                label, diverged = f"{name} {train.member_name(mine[0])}", mine[-1]["diverged_at"]
+                label, diverged = f"{name} {metrics.member_name(mine[0])}", mine[-1]["diverged_at"]
                 if diverged >= 0:  # a frozen member's later rows repeat its last finite state
                     mine = [r for r in mine if r["step"] <= diverged]
                     label += f" (diverged at step {diverged})"
@@ -143,7 +143,7 @@ def plot_lr_sweep(path, series, key, ylabel, title, scale=1.0):
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one `error: ...` line (exit status 2), as
-    experiments.train's flags."""
+    experiments.main's flags."""
 
     def error(self, message):
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
@@ -169,7 +169,7 @@ def _read_runs(parser, workdirs):
         path = workdir / "metrics.jsonl"
         if not path.is_file():
             parser.error(f"{workdir} holds no metrics.jsonl (is it a run's --workdir?)")
-        rows = train.read_metrics(path)  # a row that is not a run's is a ValueError naming its line
+        rows = metrics.read_metrics(path)  # a row that is not a run's is a ValueError naming its line
         if not rows:
             parser.error(f"{path} holds no evaluation yet")
         _check_same_metrics(path, rows)

@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 
 from configs import mlp_digits
-from experiments import train
+from experiments import mesh as mesh_lib
+from experiments import main as cli
+from experiments import tasks, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds for one subprocess run (the machine may be loaded)
@@ -139,7 +141,7 @@ def tail(path, n=3000):
 ])
 def test_mesh_shape(mesh, members, batch, devices, want):
     cfg = tiny_config(seeds=tuple(range(members)), batch_size=batch, mesh=mesh)
-    assert train.mesh_shape(cfg, members, devices) == want
+    assert mesh_lib.mesh_shape(cfg, members, devices) == want
 
 
 @pytest.mark.parametrize("mesh, batch, match", [
@@ -157,7 +159,7 @@ def test_bad_mesh_is_rejected_before_training(tmp_path, mesh, batch, match):
 
 
 def test_cli_rejects_a_mesh_larger_than_the_machine(tmp_path, env):
-    cmd = [sys.executable, "-m", "experiments.train", "--config=configs/mlp_digits.py", "--config.mesh.data=4",
+    cmd = [sys.executable, "-m", "experiments.main", "--config=configs/mlp_digits.py", "--config.mesh.data=4",
            f"--workdir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
@@ -168,12 +170,12 @@ def test_cli_rejects_a_mesh_larger_than_the_machine(tmp_path, env):
 def test_multi_process_mesh_must_use_every_device():
     """Every process feeds its own devices, so a multi-process mesh leaves none out."""
     cfg = tiny_config(seeds=(0, 1, 2), batch_size=2)
-    assert train.mesh_shape(cfg, 3, 4) == (3, 1)  # one process: 3 of the 4 devices is fine
+    assert mesh_lib.mesh_shape(cfg, 3, 4) == (3, 1)  # one process: 3 of the 4 devices is fine
     with pytest.raises(ValueError, match=r"`config.mesh` resolves to sweep x data = 3 x 1 = 3 devices, but a run "
                                          r"over 2 processes must use all 4 devices"):
-        train.mesh_shape(cfg, 3, 4, num_processes=2)
+        mesh_lib.mesh_shape(cfg, 3, 4, num_processes=2)
     cfg.batch_size = 8
-    assert train.mesh_shape(cfg, 3, 4, num_processes=2) == (1, 4)
+    assert mesh_lib.mesh_shape(cfg, 3, 4, num_processes=2) == (1, 4)
 
 
 def test_init_distributed_is_a_no_op_without_settings(monkeypatch):
@@ -181,12 +183,12 @@ def test_init_distributed_is_a_no_op_without_settings(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     called = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a: called.append(a))
-    assert train.init_distributed() is False and not called
+    assert cli.init_distributed() is False and not called
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "host0:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
-    assert train.init_distributed(process_id=3) is True
+    assert cli.init_distributed(process_id=3) is True
     assert called == [("host0:1234", 4, 3)]  # flags first, then the environment
-    assert train.init_distributed(auto=True, coordinator_address="h:1") and called[-1] == ("h:1", 4, None)
+    assert cli.init_distributed(auto=True, coordinator_address="h:1") and called[-1] == ("h:1", 4, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,11 +202,11 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     from test_distributed import tiny_config, MESHES
-    from experiments import train
+    from experiments import tasks, train
 
     assert jax.device_count() == 8, jax.devices()
     out = {out!r}
-    task = train.build_task(tiny_config())
+    task = tasks.build_task(tiny_config())
     for mesh in MESHES:
         name = f"{{mesh[0]}}x{{mesh[1]}}"
         cfg = tiny_config(seeds=(0, 1, 2, 3), batch_size=16, mesh=mesh)
@@ -269,7 +271,7 @@ def two_processes(workdir, env, tag):
     """Runs the training entry point as 2 processes over 127.0.0.1; returns each one's summary
     lines (one JSON object per member)."""
     port = free_port()
-    cmds = [[sys.executable, "-m", "experiments.train", "--config=configs/mlp_digits.py", *TWO_PROCESS_FLAGS,
+    cmds = [[sys.executable, "-m", "experiments.main", "--config=configs/mlp_digits.py", *TWO_PROCESS_FLAGS,
              f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}"] for i in range(2)]
     logs = [workdir.parent / f"{tag}_{i}.log" for i in range(2)]

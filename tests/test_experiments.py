@@ -32,7 +32,9 @@ import pytest
 
 import lnjax
 from configs import base, char_lm, convnet_digits, gin_graphs, mlp_digits, rnn_adding, rnn_copying, rnn_digits
-from experiments import invariances, models, train
+from experiments import checkpoints, checks, invariances, metrics, models, optim, sweep, tasks, train
+from experiments import main as cli
+from experiments import workdir as workdir_lib
 from lnjax import norms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,7 +105,7 @@ _TASKS = {}
 def tiny_task(norm="layer"):
     """`build_task` of `tiny_config`, built once per norm (loading the data takes a while)."""
     if norm not in _TASKS:
-        _TASKS[norm] = train.build_task(tiny_config(norm=norm))
+        _TASKS[norm] = tasks.build_task(tiny_config(norm=norm))
     return _TASKS[norm]
 
 
@@ -165,7 +167,7 @@ def restore(ckpt_dir, step):
 
 
 def train_cmd(workdir, *overrides, config="configs/mlp_digits.py"):
-    return [sys.executable, "-m", "experiments.train", f"--config={config}", *overrides, f"--workdir={workdir}"]
+    return [sys.executable, "-m", "experiments.main", f"--config={config}", *overrides, f"--workdir={workdir}"]
 
 
 TINY_FLAGS = ("--config.model.hidden=(16,)", "--config.batch_size=8", "--config.sweep.seed=(0,1)")
@@ -233,12 +235,12 @@ def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path, subprocess_env, flag
 
 
 def test_cli_help_lists_the_config_keys_with_types_and_defaults(subprocess_env):
-    proc = run([sys.executable, "-m", "experiments.train", "--config=configs/rnn_adding.py", "--help"],
+    proc = run([sys.executable, "-m", "experiments.main", "--config=configs/rnn_adding.py", "--help"],
                subprocess_env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in proc.stdout.splitlines()
             if line.startswith("  --config.")}
-    keys = {f"--config.{k}": (t, v) for k, t, v in train.config_keys(rnn_adding.get_config())}
+    keys = {f"--config.{k}": (t, v) for k, t, v in cli.config_keys(rnn_adding.get_config())}
     assert rows.keys() == keys.keys() and len(rows) > 40
     assert rows["--config.optimizer.learning_rate"] == ["float", "0.003"]
     assert rows["--config.model.hidden"] == ["tuple", "(64,)"]
@@ -248,28 +250,28 @@ def test_cli_help_lists_the_config_keys_with_types_and_defaults(subprocess_env):
 
 
 def test_loss_postfix():
-    assert train._loss_postfix(np.array([0.5])) == "train loss 0.5"
-    assert train._loss_postfix(np.array([1.0, 2.0, np.nan])) == "train loss 1.5 (mean of 2 members; 1 diverged)"
-    assert train._loss_postfix(np.array([1.0, 2.0])) == "train loss 1.5 (mean of 2 members)"
-    assert train._loss_postfix(np.array([np.nan])) == "every member diverged"
+    assert metrics.loss_postfix(np.array([0.5])) == "train loss 0.5"
+    assert metrics.loss_postfix(np.array([1.0, 2.0, np.nan])) == "train loss 1.5 (mean of 2 members; 1 diverged)"
+    assert metrics.loss_postfix(np.array([1.0, 2.0])) == "train loss 1.5 (mean of 2 members)"
+    assert metrics.loss_postfix(np.array([np.nan])) == "every member diverged"
 
 
 @pytest.mark.parametrize("module", [mlp_digits, convnet_digits, rnn_adding, rnn_copying, rnn_digits, char_lm, gin_graphs])
 def test_shipped_configs_are_valid(module):
     cfg = module.get_config()
-    train.check_config(cfg)
+    checks.check_config(cfg)
     assert cfg.num_steps % cfg.steps_per_call == 0
     assert sorted(cfg.model.norm_args) == sorted(base.NORM_OPTIONS)  # declared, all unset
     assert all(v is None for v in cfg.model.norm_args.values())
 
 
 def parse_cli(module, *overrides):
-    """The config `experiments.train`'s command line gives (its own `--config` flag, locked)."""
+    """The config `experiments.main`'s command line gives (its own `--config` flag, locked)."""
     from absl import flags
 
     argv = ["train", f"--config={ROOT / 'configs' / (module.__name__.rsplit('.', 1)[1] + '.py')}", *overrides]
     flag_values = flags.FlagValues()
-    train.define_config_flag(flag_values, argv)
+    cli.define_config_flag(flag_values, argv)
     flag_values(argv)
     return flag_values.config
 
@@ -281,7 +283,7 @@ def test_normalizer_options_come_from_the_config():
         cfg = module.get_config()
         for k, v in model.items():
             cfg.model[k] = v
-        return train.norm_options(cfg.model)
+        return tasks.norm_options(cfg.model)
 
     assert options(mlp_digits) == {} and options(convnet_digits) == {}  # layer norm: lnjax's defaults
     for norm in ("batch", "switchable", "batch_layer"):  # batch statistics: momentum 0.9
@@ -294,7 +296,7 @@ def test_normalizer_options_come_from_the_config():
     cfg = mlp_digits.get_config()
     cfg.model.norm = "batch"
     cfg.model.norm_args.momentum, cfg.model.norm_args.eps = 0.5, 1e-3
-    assert train.norm_options(cfg.model) == {"momentum": 0.5, "eps": 1e-3}
+    assert tasks.norm_options(cfg.model) == {"momentum": 0.5, "eps": 1e-3}
 
 
 def _init_apply(model, x, training=True):
@@ -303,7 +305,7 @@ def _init_apply(model, x, training=True):
 
 
 def _mlp_output(cfg, x):
-    return _init_apply(train.build_model(cfg, input_size=x.shape[1], num_outputs=10), x)[1]
+    return _init_apply(tasks.build_model(cfg, input_size=x.shape[1], num_outputs=10), x)[1]
 
 
 @pytest.mark.filterwarnings("ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")  # config_flags
@@ -312,21 +314,21 @@ def test_cli_norm_args_reach_the_normalizer():
     normalizer: the model computes what the normalizer built with that option gives."""
     x = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
     cfg = parse_cli(mlp_digits, "--config.model.norm_args.eps=1e-6")
-    assert cfg.model.norm_args.eps == 1e-6 and train.norm_options(cfg.model) == {"eps": 1e-6}
+    assert cfg.model.norm_args.eps == 1e-6 and tasks.norm_options(cfg.model) == {"eps": 1e-6}
     got = _mlp_output(cfg, x)
     np.testing.assert_array_equal(got, _init_apply(models.mlp((64, 256, 256, 10), norm=norms.layer(eps=1e-6)), x)[1])
     assert not np.array_equal(got, _mlp_output(parse_cli(mlp_digits), x))  # eps 1e-5
 
     # A factory argument (divisive norm's radius) over the config's default (16).
     cfg = parse_cli(mlp_digits, "--config.model.norm=divisive", "--config.model.norm_args.radius=2")
-    assert train.norm_options(cfg.model) == {"radius": 2}
+    assert tasks.norm_options(cfg.model) == {"radius": 2}
     got = _mlp_output(cfg, x)
     np.testing.assert_array_equal(got, _init_apply(models.mlp((64, 256, 256, 10), norm=norms.divisive(2)), x)[1])
     assert not np.array_equal(got, _mlp_output(parse_cli(mlp_digits, "--config.model.norm=divisive"), x))
 
     # The RNN cells' terms: the initial gains of the recurrent and cell norms (input: none).
     cfg = parse_cli(rnn_adding, "--config.model.norm_args.scale_init=0.1")
-    params, _ = train.build_model(cfg, input_size=2, num_outputs=1, max_steps=5).init(jax.random.PRNGKey(0))
+    params, _ = tasks.build_model(cfg, input_size=2, num_outputs=1, max_steps=5).init(jax.random.PRNGKey(0))
     rnn = params["rnn"]
     assert set(rnn["n_x"]) == {"bias"}  # input_norm="none": W_x x + b
     np.testing.assert_array_equal(rnn["n_h"]["scale"], np.float32(0.1))
@@ -337,21 +339,21 @@ def test_unknown_normalizer_options_are_rejected_before_training(tmp_path):
     cfg = tiny_config()
     cfg.model.norm_args.radius = 3  # layer norm has no radius
     with pytest.raises(ValueError, match=r"config\.model.*`radius` is not an option.*norm_args"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
     with pytest.raises(ValueError, match="`radius` is not an option"):
         train.fit(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing written
     cfg = tiny_config(norm="none")
     cfg.model.norm_args.eps = 1e-6  # no normalizer, so no options
     with pytest.raises(ValueError, match="takes no options"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
     cfg = tiny_config(norm="bogus")
     with pytest.raises(ValueError, match=r"`config\.model\.norm` must be one of \('none', 'layer'.*got 'bogus'"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
     cfg = rnn_adding.get_config()
     cfg.model.norm_defaults.layer = {"momentum": 0.9}  # a wrong default is caught alike
     with pytest.raises(ValueError, match="`momentum` is not an option"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
 
 
 @pytest.mark.parametrize("key, value", [
@@ -366,7 +368,7 @@ def test_check_config_rejects_bad_schedules(key, value):
     cfg = tiny_config()
     cfg[key] = value
     with pytest.raises(ValueError, match=f"`config.{key}`"):
-        train.check_config(cfg)
+        checks.check_config(cfg)
 
 
 def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
@@ -386,14 +388,14 @@ def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
     cfg = tiny_config()
     cfg.model.kind = "transformer"
     with pytest.raises(ValueError, match="model.kind"):
-        train.build_task(cfg)
+        tasks.build_task(cfg)
     cfg = tiny_config()
     cfg.task.name = "imagenet"
     with pytest.raises(ValueError, match="task.name"):
-        train.build_task(cfg)
+        tasks.build_task(cfg)
     cfg.optimizer.name = "lamb"
     with pytest.raises(ValueError, match="optimizer.name"):
-        train.make_optimizer(cfg.optimizer)
+        optim.make_optimizer(cfg.optimizer)
 
 
 def test_a_finished_run_extends_with_more_steps_only(tmp_path, jax_defaults, solo_runs):
@@ -416,11 +418,11 @@ def test_a_finished_run_extends_with_more_steps_only(tmp_path, jax_defaults, sol
 
 def test_sweep_members_order():
     cfg = tiny_config(seeds=(3, 4), lrs=(1e-3, 1e-2))
-    assert train.sweep_members(cfg) == [
+    assert sweep.sweep_members(cfg) == [
         {"seed": 3, "learning_rate": 1e-3}, {"seed": 4, "learning_rate": 1e-3},
         {"seed": 3, "learning_rate": 1e-2}, {"seed": 4, "learning_rate": 1e-2}]
     cfg = tiny_config(seeds=(), lrs=())
-    assert train.sweep_members(cfg) == [{"seed": 0, "learning_rate": cfg.optimizer.learning_rate}]
+    assert sweep.sweep_members(cfg) == [{"seed": 0, "learning_rate": cfg.optimizer.learning_rate}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,7 +458,7 @@ def test_impossible_config_values_are_rejected_before_anything_is_written(tmp_pa
         cfg.sweep.learning_rate = ()  # the optimizer's own rate is the sweep's
     _set(cfg, key, value)
     workdir = tmp_path / "run"
-    with pytest.raises(train.ConfigError, match=message) as info:
+    with pytest.raises(checks.ConfigError, match=message) as info:
         train.fit(cfg, workdir, progress=False, task=tiny_task())
     assert "\n" not in str(info.value)  # one line
     assert not workdir.exists()  # nothing written, so the corrected command runs there
@@ -515,7 +517,7 @@ def test_normalizer_values_and_missing_data_are_rejected_before_anything_is_writ
                                                                                     message):
     """Checked by tracing the task's own model (built once) on a batch of its data."""
     workdir = tmp_path / "run"
-    with pytest.raises(train.ConfigError, match=message) as info:
+    with pytest.raises(checks.ConfigError, match=message) as info:
         train.fit(make(), workdir, progress=False)
     assert "\n" not in str(info.value)
     assert not workdir.exists()
@@ -589,7 +591,7 @@ def test_corrupt_array_bytes_are_detected_and_the_previous_checkpoint_used(tmp_p
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         data.write_bytes(bytes(raw))
-    with pytest.warns(RuntimeWarning), pytest.raises(train.CheckpointError, match=r"no valid checkpoint.*step 20.*step 10"):
+    with pytest.warns(RuntimeWarning), pytest.raises(checkpoints.CheckpointError, match=r"no valid checkpoint.*step 20.*step 10"):
         train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir, progress=False, task=tiny_task())
     assert finalized_steps(workdir / "checkpoints") == [10, 20]
 
@@ -626,7 +628,7 @@ def test_a_step_directory_holding_another_steps_state_is_not_resumed(tmp_path, j
     os.rename(ckpt / "20", ckpt / "10")
     os.rename(ckpt / "tmp", ckpt / "20")
     with pytest.warns(RuntimeWarning), pytest.raises(
-            train.CheckpointError, match=r"step 20: .*hold the state of step 10.*step 10: .*hold the state of step 20"):
+            checkpoints.CheckpointError, match=r"step 20: .*hold the state of step 10.*step 10: .*hold the state of step 20"):
         train.fit(tiny_config(num_steps=20, checkpoint_every=10), workdir, progress=False, task=tiny_task())
     assert finalized_steps(ckpt) == [10, 20]
 
@@ -647,11 +649,11 @@ def test_a_line_of_metrics_that_is_not_a_row_is_an_error_naming_it(tmp_path, lin
     path = tmp_path / "metrics.jsonl"
     good = json.dumps(_ROW).encode() + b"\n"
     path.write_bytes(good + line + b"\n" + good)
-    with pytest.raises(train.WorkdirError, match=f"{re.escape(str(path))}, line 2: not a metrics row: {re.escape(problem)}"):
-        train.read_metrics(path)
+    with pytest.raises(workdir_lib.WorkdirError, match=f"{re.escape(str(path))}, line 2: not a metrics row: {re.escape(problem)}"):
+        metrics.read_metrics(path)
     # Unterminated and last, it is the line a run killed while writing leaves: dropped.
     path.write_bytes(good + line)
-    assert train.read_metrics(path) == [_ROW]
+    assert metrics.read_metrics(path) == [_ROW]
 
 
 def test_extending_a_finished_run_logs_the_rows_of_an_uninterrupted_run(tmp_path, jax_defaults):
@@ -667,7 +669,7 @@ def test_extending_a_finished_run_logs_the_rows_of_an_uninterrupted_run(tmp_path
     _, extended, _ = train.fit(config(60), tmp_path / "extended", progress=False, task=tiny_task())
     _, whole, _ = train.fit(config(60), tmp_path / "whole", progress=False, task=tiny_task())
     assert [r["step"] for r in extended] == [r["step"] for r in whole] == [20, 40, 60]
-    assert train.read_metrics(tmp_path / "extended" / "metrics.jsonl") == extended
+    assert metrics.read_metrics(tmp_path / "extended" / "metrics.jsonl") == extended
     for a, b in zip(extended, whole):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-5)
@@ -678,7 +680,7 @@ def test_checkpoints_keep_their_config(tmp_path, jax_defaults):
     workdir, _, _ = _trained_run(tmp_path, jax_defaults)
     (workdir / "config.json").unlink()
     other = tiny_config(lrs=(3e-4,), num_steps=20, checkpoint_every=10)
-    with pytest.raises(train.ConfigError, match=r"different config \(sweep\.learning_rate: \[0\.001\] -> \[0\.0003\]\) "
+    with pytest.raises(checks.ConfigError, match=r"different config \(sweep\.learning_rate: \[0\.001\] -> \[0\.0003\]\) "
                                                 r"according to its checkpoint step 20"):
         train.fit(other, workdir, progress=False, task=tiny_task())
     assert not (workdir / "config.json").exists()  # nothing written under the new label
@@ -733,7 +735,7 @@ def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, j
     workdir = tmp_path / "sweep"
     train.fit(tiny_config(seeds=(0, 1), lrs=(1e-3, 1e38), num_steps=20), workdir, progress=False,
               task=tiny_task())
-    rows = train.read_metrics(workdir / "metrics.jsonl")
+    rows = metrics.read_metrics(workdir / "metrics.jsonl")
     assert curves.metric_keys(rows) == ["train_loss", "test_error", "test_loss"]
     assert {r["member"] for r in rows if r["diverged_at"] >= 0} == {2, 3}  # the lr=1e38 members
     assert curves.main([str(workdir), "--log"]) == 0
@@ -790,7 +792,7 @@ def test_clip_by_global_norm_is_exact_for_every_finite_gradient(scale, jax_defau
     grads = {"a": rng.normal(size=(7, 5)), "b": rng.normal(size=(3,)) * 1e-3}
     g32 = jax.tree.map(lambda g: jnp.asarray(g * scale, jnp.float32), grads)
     for max_norm in (1e-3, 10.0):
-        got, _ = train.clip_by_global_norm(max_norm).update(g32, ())
+        got, _ = optim.clip_by_global_norm(max_norm).update(g32, ())
         g64 = jax.tree.map(lambda g: np.asarray(g, np.float64), g32)
         norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(g64)))
         want = jax.tree.map(lambda g: g * min(1.0, max_norm / norm), g64)
@@ -809,15 +811,15 @@ def test_ln_lstm_from_the_zero_state_trains_despite_a_global_norm_beyond_float32
     from configs import pixel_digits
     cfg = pixel_digits.get_config()
     cfg.task.permute, cfg.model.hidden = True, (16,)
-    task = train.build_task(cfg)
+    task = tasks.build_task(cfg)
     params, _ = task.model.init(jax.random.key(0))
     x, y = jnp.asarray(task.data.x_train[:64]), jnp.asarray(task.data.y_train[:64])
     grads = jax.grad(lambda p: task.loss_fn(task.model.apply(p, None, x, training=True)[0], y)[0])(params)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert not np.isfinite(optax.tree.norm(grads))  # the case is exercised
 
-    opt = train.make_optimizer(cfg.optimizer)
-    members = train.sweep_members(cfg)
+    opt = optim.make_optimizer(cfg.optimizer)
+    members = sweep.sweep_members(cfg)
     state = train.init_state(task, opt, members)
     chunk = train.make_train_chunk(task, opt, cfg.batch_size, 2)
     state, loss = chunk(state, jnp.asarray(task.data.x_train), jnp.asarray(task.data.y_train))
@@ -834,9 +836,9 @@ def test_init_and_evaluate_work_under_strict_promotion():
     dtype-clean: the stacked init and the evaluation run with x64 and strict promotion on
     (conftest) and agree with JAX's defaults."""
     cfg = tiny_config(seeds=(0, 1))
-    task, members = tiny_task(), train.sweep_members(cfg)
+    task, members = tiny_task(), sweep.sweep_members(cfg)
     x, y = jnp.asarray(task.data.x_test), jnp.asarray(task.data.y_test)
-    state = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    state = train.init_state(task, optim.make_optimizer(cfg.optimizer), members)
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     metrics = jax.tree.map(np.asarray, train.make_evaluate(task)(state, x, y))
     assert set(metrics) == {"loss", "error"}
@@ -897,7 +899,7 @@ def test_diverged_member_is_frozen_and_isolated(tmp_path, jax_defaults, solo_run
     # at step 0, exactly its initial state).
     for i in (2, 3):
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(member(state, i).params))
-    init = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    init = train.init_state(task, optim.make_optimizer(cfg.optimizer), members)
     assert_trees_equal(member(state, 3).params, member(init, 3).params)
     assert_trees_equal(member(state, 3).opt_state, member(init, 3).opt_state)
     assert not bitwise_equal(member(state, 2).params, member(init, 2).params)  # one step was taken
@@ -931,7 +933,7 @@ def test_batch_norm_state_is_carried_and_checkpointed(tmp_path, jax_defaults):
     cfg = tiny_config(seeds=(0, 1), norm="batch", checkpoint_every=20)
     task = tiny_task("batch")
     full, rows, members = train.fit(cfg, tmp_path / "full", progress=False, task=task)
-    init = train.init_state(task, train.make_optimizer(cfg.optimizer), members)
+    init = train.init_state(task, optim.make_optimizer(cfg.optimizer), members)
     assert len(jax.tree.leaves(init.model_state)) == 4  # mean and var of both BN layers
     for got, start in zip(jax.tree.leaves(full.model_state), jax.tree.leaves(init.model_state)):
         assert np.isfinite(got).all()
@@ -1222,7 +1224,7 @@ def test_copying_and_char_lm_tasks_train(tmp_path, jax_defaults):
         ("copying", _token_config(rnn_copying, length=5, train_size=256, test_size=64)),
         ("char_lm", _token_config(char_lm, path=str(text), length=16, train_size=1600, test_size=200)),
     ]:
-        task = train.build_task(cfg)
+        task = tasks.build_task(cfg)
         assert task.data.x_train.dtype == np.int32 and task.data.y_train.shape == task.data.x_train.shape
         _, rows, _ = train.fit(cfg, tmp_path / name, progress=False, task=task)
         first, last = rows[0], rows[-1]
@@ -1235,11 +1237,11 @@ def test_copying_and_char_lm_tasks_train(tmp_path, jax_defaults):
 def test_char_lm_task_reports_a_missing_file(tmp_path):
     cfg = _token_config(char_lm, path=str(tmp_path / "nope.txt"))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        train.build_task(cfg)
+        tasks.build_task(cfg)
     text = tmp_path / "short.txt"
     text.write_text("too short for a million characters", encoding="utf-8")
     with pytest.raises(ValueError, match=r"`task.train_size` \+ `task.test_size` = 1100000 characters, but text file .*short.txt.* has 34"):
-        train.build_task(_token_config(char_lm, path=str(text)))
+        tasks.build_task(_token_config(char_lm, path=str(text)))
 
 
 def test_models_reject_bad_names():
@@ -1348,7 +1350,7 @@ def test_quick_reproduction_end_to_end(tmp_path, subprocess_env):
         assert json.loads((run_dir / "config.json").read_text()) == json.loads(cfg.to_json())
         rows = read_rows(run_dir / "metrics.jsonl")
         assert (out / "metrics" / f"{name}.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
-        members = len(train.sweep_members(cfg))
+        members = len(sweep.sweep_members(cfg))
         steps = sorted({r["step"] for r in rows})
         assert steps[-1] == cfg.num_steps
         assert len(rows) == len({(r["step"], r["member"]) for r in rows}) == len(steps) * members

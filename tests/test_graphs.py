@@ -15,7 +15,7 @@ import pytest
 import lnjax
 from configs import gin_graphs
 from experiments import data as data_lib
-from experiments import models, train
+from experiments import models, tasks, train
 from lnjax import norms
 
 GRAPH_NORMS = ("none", "graph_node", "graph_adjacency", "graph", "graph_batch", "graph_learned")
@@ -219,7 +219,7 @@ def test_forward_backward_every_norm(data, norm, jax_defaults):
     @jax.jit
     def loss_fn(params, state):
         logits, new_state = model.apply(params, state, x, training=True)
-        return train.classification_loss(logits, y)[0], (logits, new_state)
+        return tasks.classification_loss(logits, y)[0], (logits, new_state)
 
     (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state)
     assert logits.shape == (8, 2) and logits.dtype == jnp.float32 and np.isfinite(loss)
@@ -243,14 +243,14 @@ def test_config_builds_the_registrys_normalizers_with_the_experiments_momentum()
     for norm in GRAPH_NORMS[1:]:
         cfg.model.norm = norm
         momentum = {"momentum": 0.9} if norm in ("graph_batch", "graph_learned") else {}
-        assert train.norm_options(cfg.model) == momentum
+        assert tasks.norm_options(cfg.model) == momentum
         cfg.model.norm_args.eps = 1e-3
-        assert train.norm_options(cfg.model) == {**momentum, "eps": 1e-3}
-        assert models.normalizer(norm, train.norm_options(cfg.model)) is norms.get(norm, eps=1e-3, **momentum)
+        assert tasks.norm_options(cfg.model) == {**momentum, "eps": 1e-3}
+        assert models.normalizer(norm, tasks.norm_options(cfg.model)) is norms.get(norm, eps=1e-3, **momentum)
         cfg.model.norm_args.eps = None
     cfg.model.norm, cfg.model.norm_args.momentum = "graph", 0.5
     with pytest.raises(ValueError, match="`momentum` is not an option"):
-        train.build_task(cfg)
+        tasks.build_task(cfg)
 
 
 def test_bad_arguments(data, jax_defaults):
@@ -261,7 +261,7 @@ def test_bad_arguments(data, jax_defaults):
     cfg = gin_graphs.get_config()
     cfg.model.kind = "mlp"
     with pytest.raises(ValueError, match="needs `model.kind`='gin'"):
-        train.build_task(cfg)
+        tasks.build_task(cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Fault injection for `python -m experiments.train`: a workdir that cannot hold the run (not
+"""Fault injection for `python -m experiments.main`: a workdir that cannot hold the run (not
 a directory, a file or directory where the run keeps the other, a file it cannot read back,
 another run holding it, no permission, a full disk) ends in one `error:` line naming the
 file, exit status 1 and no traceback, and leaves every file it held as it was.
@@ -30,7 +30,7 @@ INJECT = r"""
 import builtins, errno, io, os, runpy, sys
 
 mode, root = sys.argv[1], os.path.abspath(sys.argv[2])
-sys.argv = ["experiments.train", *sys.argv[3:]]
+sys.argv = ["experiments.main", *sys.argv[3:]]
 real_open, real_os_open = io.open, os.open
 
 
@@ -73,7 +73,7 @@ def fake_os_open(path, flags, *args, **kwargs):
 
 io.open = builtins.open = fake_open
 os.open = fake_os_open
-runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+runpy.run_module("experiments.main", run_name="__main__", alter_sys=True)
 """
 
 
@@ -92,7 +92,7 @@ def env(tmp_path_factory):
 
 def train(workdir, env, *extra, inject=None, cwd=ROOT):
     argv = [*FLAGS, *extra, f"--workdir={workdir}"]
-    cmd = [sys.executable, "-m", "experiments.train", *argv]
+    cmd = [sys.executable, "-m", "experiments.main", *argv]
     if inject:
         cmd = [sys.executable, "-c", INJECT, inject, str(workdir), *argv]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)

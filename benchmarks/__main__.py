@@ -29,7 +29,8 @@ def plan(quick: bool, only: list[str]):
     jobs = []
     sel = set(only or SECTIONS)
     if "norms" in sel:
-        from benchmarks.norms import DTYPES, OPS, SHAPES
+        from benchmarks.contenders import OPS
+        from benchmarks.norms import DTYPES, SHAPES
 
         # Freed memory reused (`reuse`), as a training loop's steady state has it: with glibc's
         # defaults every output of 32 MiB or more is page-faulted in afresh on each call, a cost

@@ -26,9 +26,11 @@ import time
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks import contenders as C
 from benchmarks import norms as N
 from benchmarks import rnn as R
-from benchmarks.report import FLAX, LNJAX, XLA, _ms, _table
+from benchmarks import rnn_builders
+from benchmarks.markdown import FLAX, ms, table
 
 PALLAS = "pallas ops.gpu.layer_norm"
 
@@ -41,7 +43,7 @@ def _pallas(op):
         from jax.experimental.pallas.ops.gpu import layer_norm as pl_ln
     except Exception as e:  # noqa: BLE001 - any import failure is a reason to report
         return None, f"import failed: {type(e).__name__}: {e}"
-    return (lambda x, s, b: pl_ln.layer_norm(x, s, b, eps=N.EPS["layer"])), "Triton kernel, its own VJP"
+    return (lambda x, s, b: pl_ln.layer_norm(x, s, b, eps=C.EPS["layer"])), "Triton kernel, its own VJP"
 
 
 def norm_job(op, shape, dtype, *, reps, warmup):
@@ -49,11 +51,11 @@ def norm_job(op, shape, dtype, *, reps, warmup):
     import jax
     import jax.numpy as jnp
 
-    x, g, s, b = N._data(shape, dtype)
+    x, g, s, b = N.data(shape, dtype)
     dt = jnp.dtype(dtype)
     xj, gj, sj, bj = (jnp.asarray(a, dt) for a in (x, g, s, b))
     rounded = [np.asarray(a.astype(jnp.float32)) for a in (xj, gj, sj, bj)]
-    fns = {k: v for k, v in N._jax_fns(op, shape[1], dtype).items() if k in (LNJAX[op], XLA[op], FLAX[op][0])}
+    fns = N.jax_fns(op, shape[1], dtype, roles=("lnjax", "xla"), extra=(FLAX[op][0],))
     pallas, why = _pallas(op)
     skipped = {}
     if pallas is not None:
@@ -95,44 +97,14 @@ def norm_job(op, shape, dtype, *, reps, warmup):
 
 
 def rnn_job(cfg, *, reps, warmup):
-    """Training-step time of lnjax's LN-LSTM, its plain LSTM and Flax's OptimizedLSTMCell."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+    """Training-step time of the registry's lnjax LN-LSTM and plain LSTM and Flax's
+    OptimizedLSTMCell (no agreement check: the GPU's matmuls may round differently)."""
+    import dataclasses
 
-    import lnjax
-
-    T, B, Hd, I = cfg["T"], cfg["B"], cfg["H"], cfg["I"]
-    rng = np.random.default_rng(0)
-    xs = jnp.asarray(rng.standard_normal((B, T, I), dtype=np.float32))
-    tgt = jnp.asarray((0.5 * rng.standard_normal((B, T, Hd))).astype(np.float32))
-    cons = []
-
-    def add(name, loss_fn, params):
-        def step(p, xs, tgt):
-            loss, grads = jax.value_and_grad(loss_fn)(p, xs, tgt)
-            return jax.tree.map(lambda a, d: a - R.LR * d, p, grads), loss
-
-        compiled, cs = H.timed_compile(jax.jit(step, donate_argnums=0), params, xs, tgt)
-        state = {"p": jax.tree.map(jnp.copy, params)}
-
-        def run():
-            state["p"], loss = compiled(state["p"], xs, tgt)
-            return H.block(loss)
-
-        cons.append(H.Contender(name, run, cs, check=False))
-
-    for label, cell in (("lnjax LN-LSTM", lnjax.LSTMCell(Hd)), ("lnjax LSTM (no norm)", lnjax.LSTMCell(Hd, None, None, None))):
-        p = cell.init(jax.random.key(0), I)
-        for pre in (True, False):
-            def loss_fn(p, xs, tgt, cell=cell, pre=pre):
-                return jnp.mean((lnjax.rnn(cell, p, xs, precompute_inputs=pre)[0] - tgt) ** 2)
-
-            add(f"{label}, precompute_inputs={pre}", loss_fn, p)
-    flax_rnn = nn.RNN(nn.OptimizedLSTMCell(Hd))
-    add("flax nn.RNN(OptimizedLSTMCell)", lambda p, xs, tgt: jnp.mean((flax_rnn.apply(p, xs) - tgt) ** 2),
-        flax_rnn.init(jax.random.key(0), xs))
-    rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=0.0, atol_frac=0.0, gap_s=0.0)  # check=False
+    ctx = rnn_builders.context(cfg["T"], cfg["B"], cfg["H"], cfg["I"])
+    cons = [dataclasses.replace(e.build(ctx), check=False)
+            for group in ("LN-LSTM", "LSTM") for e in C.of("rnn", group, "lnjax", "flax")]
+    rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=0.0, atol_frac=0.0, gap_s=0.0)
     return dict(config=cfg, rows=rows, meta=meta)
 
 
@@ -154,21 +126,21 @@ def render(header, norms, rnns) -> str:
             rr = {r["name"]: r for r in res["modes"][mode]["rows"]}
             copy = rr.pop("copy: jax.jit(x + 0)")["median_s"]
             bw = 2 * res["nbytes"] / copy
-            rows = [[name, _ms(r["median_s"]), f"{least * res['nbytes'] / r['median_s'] / 1e9:.0f}",
+            rows = [[name, ms(r["median_s"]), f"{least * res['nbytes'] / r['median_s'] / 1e9:.0f}",
                      f"{100 * least * res['nbytes'] / r['median_s'] / bw:.0f}%"] for name, r in rr.items()]
             rows += [[name, "skipped", why, ""] for name, why in res["skipped"].items()]
             lines += [f"### {k}, {mode}", "",
                       f"A jitted copy moves {bw / 1e9:.0f} GB/s here; the op must move {least} arrays of x.", "",
-                      _table(["contender", "median ms", "GB/s (least bytes / time)", "of the copy's bandwidth"],
+                      table(["contender", "median ms", "GB/s (least bytes / time)", "of the copy's bandwidth"],
                              rows), ""]
     for res in rnns:
         c = res["config"]
         rr = {r["name"]: r for r in res["rows"]}
-        flax = rr["flax nn.RNN(OptimizedLSTMCell)"]["median_s"]
-        rows = [[name, _ms(r["median_s"]), f"{c['B'] * c['T'] / r['median_s']:.0f}", f"{flax / r['median_s']:.2f}x"]
+        flax = rr[C.FLAX_LSTM]["median_s"]
+        rows = [[name, ms(r["median_s"]), f"{c['B'] * c['T'] / r['median_s']:.0f}", f"{flax / r['median_s']:.2f}x"]
                 for name, r in rr.items()]
         lines += [f"### Training step, T={c['T']} B={c['B']} H={c['H']} I={c['I']}", "",
-                  _table(["contender", "median ms", "tokens/s", "speed vs Flax"], rows), ""]
+                  table(["contender", "median ms", "tokens/s", "speed vs Flax"], rows), ""]
     return "\n".join(lines)
 
 
@@ -191,7 +163,7 @@ def main(argv=None):
     reps, warmup = (2, 1) if args.quick else (30, 3)
     shapes = ((64, 128),) if args.quick else N.SHAPES
     norms = [norm_job(op, shape, dt, reps=reps, warmup=warmup)
-             for op in N.OPS for shape in shapes for dt in N.DTYPES]
+             for op in C.OPS for shape in shapes for dt in N.DTYPES]
     configs = (dict(T=5, B=2, H=8, I=16),) if args.quick else R.CONFIGS
     rnns = [rnn_job(cfg, reps=max(reps // 3, 2), warmup=warmup) for cfg in configs]
     header = dict(command="python -m benchmarks.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),

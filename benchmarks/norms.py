@@ -12,13 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks import _harness as H
-from benchmarks.report import FAST, XLA
+from benchmarks import contenders as C
+from benchmarks.contenders import EPS
 
-OPS = ("layer", "rms", "batch")
 SHAPES = ((8192, 1024), (32768, 256), (512, 8192))
 DTYPES = ("float32", "bfloat16")
-EPS = {"layer": 1e-5, "rms": 1e-6, "batch": 1e-5}
-MOMENTUM = 0.9  # Flax convention (weight of the old value); PyTorch's momentum=0.1
 
 # Added to the data for the exactness check (the data's standard deviation is 1.5).
 OFFSET = 1000.0
@@ -27,7 +25,7 @@ OFFSET = 1000.0
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 2e-2)}
 
 
-def _data(shape, dtype):
+def data(shape, dtype):
     rng = np.random.default_rng(0)
     n, h = shape
     x = (rng.standard_normal(shape, dtype=np.float32) * 1.5 + 0.3).astype(np.float32)
@@ -69,112 +67,11 @@ def reference(op, x, g, scale, bias, *, backward):
 # The JAX contenders: each is `fn(x, scale, bias) -> y` (batch norm: `-> (y, new_stats)`).
 
 
-def _jax_fns(op, h, dtype, *, with_xla=True, with_flax=True):
-    """{name: (fn, note)} for the JAX implementations of `op`; all in `dtype` end to end."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import lnjax
-
-    dt = jnp.dtype(dtype)
-    eps = EPS[op]
-    fns = {}
-    if op == "layer":
-        fns["lnjax.layer_norm"] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps),
-                                   "default: closed-form custom_jvp, exact variance")
-        if with_xla:
-            fns[XLA["layer"]] = (
-                lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, implementation="xla"),
-                "autodiff of the formula, exact variance",
-            )
-        fns[FAST["layer"]] = (lambda x, s, b: lnjax.layer_norm(x, s, b, eps=eps, fast_variance=True),
-                              "one-pass variance, as Flax's default")
-        lin = nn.LayerNorm(epsilon=eps, dtype=dt, param_dtype=dt)
-        fns["flax.linen.LayerNorm"] = (
-            lambda x, s, b: lin.apply({"params": {"scale": s, "bias": b}}, x),
-            "use_fast_variance=True (default)",
-        )
-        mod = nnx.LayerNorm(h, epsilon=eps, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
-    elif op == "rms":
-        fns["lnjax.rms_norm"] = (lambda x, s, b: lnjax.rms_norm(x, s, eps=eps), "default: closed-form custom_jvp")
-        if with_xla:
-            fns[XLA["rms"]] = (
-                lambda x, s, b: lnjax.rms_norm(x, s, eps=eps, implementation="xla"),
-                "autodiff of the formula",
-            )
-        lin = nn.RMSNorm(epsilon=eps, dtype=dt, param_dtype=dt)
-        fns["flax.linen.RMSNorm"] = (
-            lambda x, s, b: lin.apply({"params": {"scale": s}}, x),
-            "use_fast_variance=True (default; no effect without centring)",
-        )
-        mod = nnx.RMSNorm(h, epsilon=eps, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
-    else:
-        state0 = lnjax.batch_norm_state(h)
-        fns["lnjax.batch_norm"] = (
-            lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps),
-            "training=True, default: closed-form custom_jvp, exact variance",
-        )
-        if with_xla:
-            fns[XLA["batch"]] = (
-                lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps,
-                                                 implementation="xla"),
-                "autodiff of the formula, exact variance",
-            )
-        fns[FAST["batch"]] = (
-            lambda x, s, b: lnjax.batch_norm(x, s, b, state0, training=True, momentum=MOMENTUM, eps=eps,
-                                             fast_variance=True),
-            "one-pass variance, as Flax's default",
-        )
-        lin = nn.BatchNorm(use_running_average=False, momentum=MOMENTUM, epsilon=eps, dtype=dt, param_dtype=dt)
-        stats0 = {"mean": jnp.zeros((h,), jnp.float32), "var": jnp.ones((h,), jnp.float32)}
-
-        def linen_bn(x, s, b):
-            y, upd = lin.apply({"params": {"scale": s, "bias": b}, "batch_stats": stats0}, x,
-                               mutable=["batch_stats"])
-            return y, upd["batch_stats"]
-
-        fns["flax.linen.BatchNorm"] = (linen_bn, "use_fast_variance=True (default)")
-        mod = nnx.BatchNorm(h, use_running_average=False, momentum=MOMENTUM, epsilon=eps, dtype=dt,
-                            param_dtype=dt, rngs=nnx.Rngs(0))
-
-    graphdef, state = nnx.split(mod)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [jax.tree_util.keystr(p) for p, _ in paths_leaves]
-    leaves0 = [leaf for _, leaf in paths_leaves]
-
-    def nnx_fn(x, s, b):
-        new = {"scale": s, "bias": b}
-        vals = [next((v for k, v in new.items() if f"'{k}'" in nm), leaf) for nm, leaf in zip(names, leaves0)]
-        m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, vals))
-        y = m(x)
-        if op == "batch":
-            return y, (m.mean.value, m.var.value)
-        return y
-
-    cls = {"layer": "LayerNorm", "rms": "RMSNorm", "batch": "BatchNorm"}[op]
-    fns[f"flax.nnx.{cls}"] = (nnx_fn, "use_fast_variance=True (default); split/merge inside jax.jit")
-    if not with_flax:
-        fns = {k: v for k, v in fns.items() if not k.startswith("flax.")}
-    return fns
-
-
-def _torch_fns(op, h, dtype):
-    import torch
-    import torch.nn.functional as F
-
-    eps = EPS[op]
-    if op == "layer":
-        return lambda x, w, b: F.layer_norm(x, (h,), w, b, eps)
-    if op == "rms":
-        return lambda x, w, b: F.rms_norm(x, (h,), w, eps)
-    # PyTorch's CPU kernel wants running statistics in the input's dtype when the weights
-    # have it (as after `module.to(torch.bfloat16)`).
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    rm = torch.zeros(h, dtype=tdt)
-    rv = torch.ones(h, dtype=tdt)
-    return lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=True, momentum=1 - MOMENTUM, eps=eps)
+def jax_fns(op, h, dtype, *, roles=("lnjax", "xla", "fast", "flax"), extra=()):
+    """{name: (fn, note)}: the registered JAX contenders of `op` in `roles`, then those named
+    in `extra` (e.g. the attempts); all in `dtype` end to end."""
+    entries = C.of("norms", op, *roles) + [C.get(n) for n in extra]
+    return {e.name: (e.build(op, h, dtype), e.note) for e in entries}
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,19 +88,14 @@ def run(job):
     n, h = shape
     dt = jnp.dtype(dtype)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    x, g, s, b = _data(shape, dtype)
+    x, g, s, b = data(shape, dtype)
     xj, gj, sj, bj = (jnp.asarray(a, dt) for a in (x, g, s, b))
     xt, gt, st, bt = (torch.tensor(a).to(tdt) for a in (x, g, s, b))
     rtol, atol_frac = TOL[dtype]
-    fns = _jax_fns(op, h, dtype, with_xla=job.get("with_xla", True), with_flax=job.get("flax", True))
-    extra = job.get("extra_fns") or {}
-    if extra:
-        from benchmarks import attempts
-
-        for name in extra:
-            fns[name] = attempts.get(name, op)
-    tfn = _torch_fns(op, h, dtype)
-    torch_name = {"layer": "torch F.layer_norm", "rms": "torch F.rms_norm", "batch": "torch F.batch_norm"}[op]
+    roles = ("lnjax",) + ("xla",) * job.get("with_xla", True) + ("fast",) + ("flax",) * job.get("flax", True)
+    fns = jax_fns(op, h, dtype, roles=roles, extra=job.get("extra_fns") or ())
+    torch_name = C.name(op, "torch")
+    tfn = C.get(torch_name).build(op, h, dtype)
     has_bias = op != "rms"
     nbytes = x.size * dt.itemsize
     result = dict(op=op, shape=list(shape), dtype=dtype, out_mib=nbytes / 2**20, comparisons=[])
@@ -235,15 +127,9 @@ def run(job):
     cons.insert(0, H.Contender("float64 reference", lambda: reference(op, *rounded, backward=False),
                                reference=True, timed=False))
     cons.append(H.Contender(torch_name, torch_fwd, None, note="eager, no_grad"))
-    copy, cs = H.timed_compile(jax.jit(lambda a: a + 0), xj)
-    cons.append(H.Contender("copy: jax.jit(x + 0)", lambda: H.block(copy(xj)), cs, check=False,
-                            note="new output buffer, like the ops"))
-    src = np.asarray(xj).view(np.uint8)
-    dst = np.empty_like(src)
-    cons.append(H.Contender("copy: np.copyto (preallocated)", lambda: np.copyto(dst, src), None, check=False,
-                            note="no allocation: the bandwidth limit"))
-    cons.append(H.Contender("copy: torch.clone", lambda: xt.clone(), None, check=False,
-                            note="new output buffer"))
+    for copy in C.of("norms", op, "copy"):
+        copy_run, cs = copy.build(xj, xt)
+        cons.append(H.Contender(copy.name, copy_run, cs, check=False, note=copy.note))
     H.log(f"norms {op} {shape} {dtype}: forward")
     rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=rtol, atol_frac=atol_frac, labels=["y"],
                            budget_s=budget and budget["forward"])

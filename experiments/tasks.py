@@ -1,7 +1,7 @@
 """The tasks: a model, a loss and the data it trains on, built from a config."""
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,71 +30,118 @@ def regression_loss(outputs, targets):
     return jnp.mean((outputs[..., 0] - targets) ** 2), {}
 
 
-def build_task(cfg) -> Task:
-    """Builds the task that `cfg.task` and `cfg.model` describe."""
-    name = cfg.task.name
-    if name in ("digits", "digits_rows", "digits_pixels", "mnist"):
-        if name == "mnist":
-            if not cfg.task.data_dir:  # "" would read the current directory
-                raise ValueError("`task.name`='mnist' needs `task.data_dir`: the directory of MNIST's IDX files.")
-            ds = data_lib.mnist_idx(cfg.task.data_dir)
-        else:
-            seq = {"digits": None, "digits_rows": "row", "digits_pixels": "pixel"}[name]
-            flat = cfg.model.kind == "mlp"
-            ds = data_lib.digits(as_sequence=seq, flatten=flat, permute=cfg.task.permute)
-            if cfg.model.kind == "convnet":
-                ds = ds._replace(x_train=ds.x_train[..., None], x_test=ds.x_test[..., None])
-        loss_fn, n_out = classification_loss, ds.num_classes
-    elif name == "adding":
-        xtr, ytr = data_lib.adding_problem(cfg.task.seed, cfg.task.train_size, cfg.task.length)
-        xte, yte = data_lib.adding_problem(cfg.task.seed + 1, cfg.task.test_size, cfg.task.length)
-        ds = data_lib.Dataset(xtr, ytr, xte, yte, 0)
-        loss_fn, n_out = regression_loss, 1
-    elif name == "copying":
-        xtr, ytr = data_lib.copying_memory(cfg.task.seed, cfg.task.train_size, cfg.task.length)
-        xte, yte = data_lib.copying_memory(cfg.task.seed + 1, cfg.task.test_size, cfg.task.length)
-        ds = data_lib.Dataset(xtr, ytr, xte, yte, data_lib.COPY_VOCAB_SIZE)
-        loss_fn, n_out = classification_loss, ds.num_classes
-    elif name == "colour_graphs":
-        ds = data_lib.colour_graph_data(cfg.task.seed, num_train=cfg.task.train_size, num_test=cfg.task.test_size)
-        loss_fn, n_out = classification_loss, ds.num_classes
-    elif name == "char_lm":
-        if cfg.task.path:
-            text, source = data_lib.read_text(cfg.task.path), f"text file {cfg.task.path!r}"
-        else:
-            text, source = data_lib.bible_text(), "the bundled corpus"
-        n_train, n_val = cfg.task.train_size, cfg.task.test_size
-        if len(text) < n_train + n_val:
-            raise ValueError(f"`task.train_size` + `task.test_size` = {n_train + n_val} characters, "
-                             f"but {source} has {len(text)}.")
-        corpus = data_lib.text_corpus(text[: n_train + n_val], cfg.task.length, n_val, source=source)
-        xtr, ytr = data_lib.windows(corpus.train, cfg.task.length)
-        xte, yte = data_lib.windows(corpus.val, cfg.task.length) if corpus.val.size else (xtr, ytr)
-        ds = data_lib.Dataset(xtr, ytr, xte, yte, len(corpus.vocab))
-        loss_fn, n_out = classification_loss, ds.num_classes
-    else:
-        raise ValueError(
-            "`task.name` must be digits, digits_rows, digits_pixels, mnist, adding, copying, "
-            f"char_lm or colour_graphs, got {name!r}."
-        )
+def _digits(as_sequence):
+    """scikit-learn's digits: whole images (`as_sequence` None), rows or pixels as the steps."""
 
-    tokens = name in ("copying", "char_lm")  # int tokens in, one prediction per step out
-    if isinstance(ds.x_train, data_lib.Graphs):
-        if cfg.model.kind != "gin":
-            raise ValueError(f"`task.name`={name!r} needs `model.kind`='gin', got {cfg.model.kind!r}.")
-        input_size = in_channels = ds.x_train.nodes.shape[-1]  # node features
-        max_steps = None
+    def load(cfg):
+        ds = data_lib.digits(as_sequence=as_sequence, flatten=cfg.model.kind == "mlp", permute=cfg.task.permute)
+        if cfg.model.kind == "convnet":  # one channel
+            ds = ds._replace(x_train=ds.x_train[..., None], x_test=ds.x_test[..., None])
+        return ds
+
+    return load
+
+
+def _mnist(cfg):
+    if not cfg.task.data_dir:  # "" would read the current directory
+        raise ValueError("`task.name`='mnist' needs `task.data_dir`: the directory of MNIST's IDX files.")
+    return data_lib.mnist_idx(cfg.task.data_dir)
+
+
+def _sequences(make, num_classes):
+    """A synthetic sequence task: `make(seed, size, length)` for the train and test sets, from
+    seeds `task.seed` and `task.seed + 1`."""
+
+    def load(cfg):
+        t = cfg.task
+        return data_lib.Dataset(*make(t.seed, t.train_size, t.length), *make(t.seed + 1, t.test_size, t.length),
+                                num_classes)
+
+    return load
+
+
+def _colour_graphs(cfg):
+    return data_lib.colour_graph_data(cfg.task.seed, num_train=cfg.task.train_size, num_test=cfg.task.test_size)
+
+
+def _char_lm(cfg):
+    if cfg.task.path:
+        text, source = data_lib.read_text(cfg.task.path), f"text file {cfg.task.path!r}"
     else:
-        if cfg.model.kind == "gin":
-            raise ValueError(f"`model.kind`='gin' needs `task.name`='colour_graphs', got {name!r}.")
-        if cfg.model.kind == "rnn":
-            input_size = ds.num_classes if tokens else ds.x_train.shape[-1]
-        else:
-            input_size = int(np.prod(ds.x_train.shape[1:]))  # the MLP's flattened input
-        in_channels, max_steps = ds.x_train.shape[-1], ds.x_train.shape[1]
-    model = build_model(cfg, input_size=input_size, num_outputs=n_out, in_channels=in_channels,
-                        max_steps=max_steps, tokens=tokens)  # fmt: skip
-    return Task(model, loss_fn, ds)
+        text, source = data_lib.bible_text(), "the bundled corpus"
+    n_train, n_val = cfg.task.train_size, cfg.task.test_size
+    if len(text) < n_train + n_val:
+        raise ValueError(f"`task.train_size` + `task.test_size` = {n_train + n_val} characters, "
+                         f"but {source} has {len(text)}.")
+    corpus = data_lib.text_corpus(text[: n_train + n_val], cfg.task.length, n_val, source=source)
+    xtr, ytr = data_lib.windows(corpus.train, cfg.task.length)
+    xte, yte = data_lib.windows(corpus.val, cfg.task.length) if corpus.val.size else (xtr, ytr)
+    return data_lib.Dataset(xtr, ytr, xte, yte, len(corpus.vocab))
+
+
+class TaskSpec(NamedTuple):
+    """What a task declares: its data, its loss, its output size and its input layout."""
+
+    data: Callable[[Any], data_lib.Dataset]  # the config -> the train and test arrays
+    loss: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict]]
+    num_outputs: Callable[[data_lib.Dataset], int]
+    # "features": arrays of features (the MLP flattens them, the RNN reads the last axis per
+    # step); "tokens": int tokens in, one prediction per step out; "graphs": for the GIN.
+    layout: str = "features"
+    data_file: str | None = None  # the `config.task` key naming a file the data is read from
+
+
+def _classes(ds):
+    return ds.num_classes
+
+
+# Each task, in one place; a config names one (`config.task.name`) and sets its `config.task` keys.
+TASKS = {
+    "digits": TaskSpec(_digits(None), classification_loss, _classes),
+    "digits_rows": TaskSpec(_digits("row"), classification_loss, _classes),
+    "digits_pixels": TaskSpec(_digits("pixel"), classification_loss, _classes),
+    "mnist": TaskSpec(_mnist, classification_loss, _classes, data_file="data_dir"),
+    "adding": TaskSpec(_sequences(data_lib.adding_problem, 0), regression_loss, lambda ds: 1),
+    "copying": TaskSpec(_sequences(data_lib.copying_memory, data_lib.COPY_VOCAB_SIZE), classification_loss,
+                        _classes, layout="tokens"),
+    "char_lm": TaskSpec(_char_lm, classification_loss, _classes, layout="tokens", data_file="path"),
+    "colour_graphs": TaskSpec(_colour_graphs, classification_loss, _classes, layout="graphs"),
+}
+
+
+def task_spec(name) -> TaskSpec:
+    """The registry's entry `name`; an unknown name is a ValueError listing the registry."""
+    if name not in TASKS:
+        raise ValueError(f"`task.name` must be one of {', '.join(TASKS)}, got {name!r}.")
+    return TASKS[name]
+
+
+def _model_inputs(spec: TaskSpec, ds: data_lib.Dataset, cfg) -> dict:
+    """`build_model`'s input arguments for the task's data, checking that the model reads its layout."""
+    kind, name = cfg.model.kind, cfg.task.name
+    if (spec.layout == "graphs") != (kind == "gin"):
+        if kind == "gin":
+            graphs = [k for k, v in TASKS.items() if v.layout == "graphs"]
+            raise ValueError(f"`model.kind`='gin' needs a task of graphs ({', '.join(graphs)}), got {name!r}.")
+        raise ValueError(f"`task.name`={name!r} needs `model.kind`='gin', got {kind!r}.")
+    if spec.layout == "graphs":
+        nodes = ds.x_train.nodes.shape[-1]  # node features
+        return {"input_size": nodes, "in_channels": nodes, "max_steps": None}
+    tokens = spec.layout == "tokens"
+    if kind == "rnn":
+        input_size = ds.num_classes if tokens else ds.x_train.shape[-1]
+    else:
+        input_size = int(np.prod(ds.x_train.shape[1:]))  # the MLP's flattened input
+    return {"input_size": input_size, "in_channels": ds.x_train.shape[-1], "max_steps": ds.x_train.shape[1],
+            "tokens": tokens}
+
+
+def build_task(cfg) -> Task:
+    """Builds the task that `cfg.task` and `cfg.model` describe (its data read once)."""
+    spec = task_spec(cfg.task.name)
+    ds = spec.data(cfg)
+    model = build_model(cfg, num_outputs=spec.num_outputs(ds), **_model_inputs(spec, ds, cfg))
+    return Task(model, spec.loss, ds)
 
 
 def _defaults_key(model_cfg):

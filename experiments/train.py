@@ -206,7 +206,7 @@ def _setup(cfg, task):
     except ValueError as e:
         raise checks.ConfigError(str(e)) from None
     except OSError as e:  # a data file that is missing or unreadable
-        key = {"mnist": "data_dir", "char_lm": "path"}.get(cfg.task.name)
+        key = tasks.task_spec(cfg.task.name).data_file
         if key is None:
             raise
         raise checks.ConfigError(f"`config.task.{key}`={cfg.task[key]!r}: {e}") from None

@@ -398,6 +398,26 @@ def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
         optim.make_optimizer(cfg.optimizer)
 
 
+def test_tasks_are_a_registry(tmp_path, jax_defaults, monkeypatch):
+    """An unknown task's error lists the registry; a new task is one entry (and a config)."""
+    with pytest.raises(ValueError, match=re.escape(f"`task.name` must be one of {', '.join(tasks.TASKS)}, "
+                                                   "got 'imagenet'.")):
+        tasks.build_task(types.SimpleNamespace(task=types.SimpleNamespace(name="imagenet")))
+    assert {"digits", "mnist", "adding", "copying", "char_lm", "colour_graphs"} <= set(tasks.TASKS)
+    def parity(cfg):  # digits, labelled odd or even
+        ds = tasks.TASKS["digits"].data(cfg)
+        return ds._replace(y_train=ds.y_train % 2, y_test=ds.y_test % 2, num_classes=2)
+
+    monkeypatch.setitem(tasks.TASKS, "digit_parity", tasks.TaskSpec(parity, tasks.classification_loss,
+                                                                    lambda ds: ds.num_classes))
+    cfg = tiny_config(num_steps=10)
+    cfg.task.name = "digit_parity"
+    task = tasks.build_task(cfg)
+    assert task.model.apply(*task.model.init(jax.random.PRNGKey(0)), task.data.x_test, training=False)[0].shape[-1] == 2
+    _, rows, _ = train.fit(cfg, tmp_path, progress=False, task=task)
+    assert [r["step"] for r in rows] == [10]
+
+
 def test_a_finished_run_extends_with_more_steps_only(tmp_path, jax_defaults, solo_runs):
     workdir = tmp_path / "run"
     train.fit(tiny_config(num_steps=20, checkpoint_every=20), workdir, progress=False, task=tiny_task())

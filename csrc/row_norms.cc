@@ -20,68 +20,20 @@
 // a vmap that maps the parameters too).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "kernels.h"
 
 namespace ffi = xla::ffi;
+using namespace lnjax;  // NOLINT: this file's kernels are lnjax's
 
 namespace {
 
-// --- storage types and conversions ---------------------------------------------------------
-
-struct bf16 {
-  uint16_t bits;
-};
-
-inline float to_float(bf16 v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline bf16 to_bf16(float f) {  // round to nearest even, as XLA's convert
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{uint16_t(u >> 16)};
-}
-
-template <class T>
-using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <class T>
-inline Acc<T> load(T v) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    return to_float(v);
-  } else {
-    return static_cast<Acc<T>>(v);
-  }
-}
-
-template <class T>
-inline T store(Acc<T> v) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    return to_bf16(v);
-  } else {
-    return static_cast<T>(v);
-  }
-}
-
 // --- deterministic sums over a row: fixed lanes, combined in a fixed tree -------------------
 
-constexpr int kLanes = 16;
 
 template <class A, class F>
 inline A lane_sum(int64_t n, F term) {
@@ -90,18 +42,21 @@ inline A lane_sum(int64_t n, F term) {
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += term(i + j);
   for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  return acc[0];
+  return tree(acc);
 }
 
 template <class A>
 inline A max_abs(const A* v, int64_t n) {
   A acc[kLanes] = {};
   int64_t i = 0;
+  // `a > m ? a : m` rather than std::max, whose NaN rule keeps the loop from vectorizing; a
+  // NaN is passed over here, and reaches the output through the sums anyway.
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = std::max(acc[j], std::abs(v[i + j]));
-  for (int j = 0; i + j < n; ++j) acc[j] = std::max(acc[j], std::abs(v[i + j]));
+    for (int j = 0; j < kLanes; ++j) {
+      const A a = std::fabs(v[i + j]);
+      acc[j] = a > acc[j] ? a : acc[j];
+    }
+  for (int j = 0; i + j < n; ++j) acc[j] = std::max(acc[j], std::fabs(v[i + j]));
   return *std::max_element(acc, acc + kLanes);
 }
 
@@ -127,40 +82,6 @@ inline A scaled_rstd(A var, double eps, int e) {
   const double ve = double(var) + es * std::ldexp(1.0, -e);
   if (!(ve > 0)) return A(1) / std::sqrt(A(ve));
   return A(std::min(1.0 / std::sqrt(ve), double(std::numeric_limits<A>::max())));
-}
-
-// --- threads ------------------------------------------------------------------------------
-
-// Runs f(c) for c in [0, n) on the calling thread and XLA's intra-op pool. Chunks are claimed
-// dynamically; the caller waits only for chunks already claimed, so a pool without free
-// threads cannot deadlock, and a task that starts after all chunks are gone touches nothing
-// but the shared state it keeps alive.
-template <class F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F&& f) {
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), n);
-  if (threads <= 1) {
-    for (int64_t c = 0; c < n; ++c) f(c);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, n, &f] {
-    for (int64_t c; (c = state->next.fetch_add(1)) < n;) {
-      f(c);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
-  run();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
 // Rows per chunk: about 64 KiB of row data, a function of H only (never of the thread count).
@@ -247,20 +168,30 @@ void backward_row(const T* x, const T* dy, T* dx, const Acc<T>* g, const Acc<T>*
   const A mean = Center ? stats[0] : A(0), residual = Center ? stats[1] : A(0);
   const A rstd = Center ? stats[2] : stats[0];
   const int e = int(Center ? stats[3] : stats[1]);
-  for (int64_t i = 0; i < h; ++i) {
-    const A v = e == 0 ? load(x[i]) : std::ldexp(load(x[i]), -e);
-    xhat[i] = Center ? ((v - mean) - residual) * rstd : v * rstd;
-    const A d = load(dy[i]);
-    gs[i] = d * g[i];
-    dscale[i] += d * xhat[i];
-    dbias[i] += d;
+  if (e == 0) {
+    for (int64_t i = 0; i < h; ++i) xhat[i] = load(x[i]);
+  } else {  // a separate loop, so that the common one has no ldexp and vectorizes
+    for (int64_t i = 0; i < h; ++i) xhat[i] = std::ldexp(load(x[i]), -e);
   }
+  // One pass: xhat, gs = dy * scale, the parameter gradients and both row sums.
+  A sum_gs[kLanes] = {}, sum_gx[kLanes] = {};
+  auto step = [&](int64_t i, int j) {
+    const A xh = Center ? ((xhat[i] - mean) - residual) * rstd : xhat[i] * rstd;
+    const A d = load(dy[i]), gi = d * g[i];
+    xhat[i] = xh, gs[i] = gi;
+    dscale[i] += d * xh, dbias[i] += d;
+    sum_gs[j] += gi, sum_gx[j] += gi * xh;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= h; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) step(i + j, j);
+  for (int j = 0; i + j < h; ++j) step(i + j, j);
   const A n = A(h);
-  const A a = Center ? lane_sum<A>(h, [&](int64_t i) { return gs[i]; }) / n : A(0);
-  const A m = lane_sum<A>(h, [&](int64_t i) { return gs[i] * xhat[i]; }) / n;
-  for (int64_t i = 0; i < h; ++i) {
-    const A t = (gs[i] - a - xhat[i] * m) * rstd;
-    dx[i] = store<T>(e == 0 ? t : std::ldexp(t, -e));
+  const A a = Center ? tree(sum_gs) / n : A(0), m = tree(sum_gx) / n;
+  if (e == 0) {
+    for (int64_t i = 0; i < h; ++i) dx[i] = store<T>((gs[i] - a - xhat[i] * m) * rstd);
+  } else {
+    for (int64_t i = 0; i < h; ++i) dx[i] = store<T>(std::ldexp((gs[i] - a - xhat[i] * m) * rstd, -e));
   }
 }
 
@@ -293,32 +224,12 @@ void backward(ffi::ThreadPool& pool, const Layout& L, const T* x, const T* dy, T
 
 // --- FFI entry points ---------------------------------------------------------------------
 
-template <class T>
-T* data(ffi::AnyBuffer& b) {
-  return static_cast<T*>(b.untyped_data());
-}
-template <class T>
-T* data(ffi::Result<ffi::AnyBuffer>& b) {
-  return static_cast<T*>(b->untyped_data());
-}
-
-template <bool Center, class F>
-ffi::Error dispatch(ffi::DataType dtype, F&& f) {
-  switch (dtype) {
-    case ffi::DataType::F32: return f(float{});
-    case ffi::DataType::F64: return f(double{});
-    case ffi::DataType::BF16: return f(bf16{});
-    case ffi::DataType::F16: return f(_Float16{});
-    default: return ffi::Error::InvalidArgument("x must be float32, float64, bfloat16 or float16");
-  }
-}
-
 template <bool Center>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> stats, double eps) {
   Layout L;
   if (auto err = layout(x, scale, &L); !err.success()) return err;
-  return dispatch<Center>(x.element_type(), [&](auto tag) {
+  return dispatch(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
     forward<Center>(pool, L, data<T>(x), data<T>(y), data<A>(scale), data<A>(bias), eps, data<A>(stats));
@@ -332,7 +243,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, f
                     ffi::Result<ffi::AnyBuffer> dbias) {
   Layout L;
   if (auto err = layout(x, scale, &L); !err.success()) return err;
-  return dispatch<Center>(x.element_type(), [&](auto tag) {
+  return dispatch(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
     backward<Center>(pool, L, data<T>(x), data<T>(dy), data<T>(dx), data<A>(scale), data<A>(stats),

@@ -39,6 +39,8 @@ _TARGETS = {  # FFI target name: the C symbol of its handler
     "lnjax_layer_norm_backward": "LnjaxLayerNormBackward",
     "lnjax_rms_norm_forward": "LnjaxRmsNormForward",
     "lnjax_rms_norm_backward": "LnjaxRmsNormBackward",
+    "lnjax_batch_norm_forward": "LnjaxBatchNormForward",
+    "lnjax_batch_norm_backward": "LnjaxBatchNormBackward",
 }
 
 
@@ -69,27 +71,78 @@ def available() -> bool:
     return True
 
 
-def _kind(center: bool) -> str:
-    return "layer_norm" if center else "rms_norm"
+def _call(target, out, *args, **attrs):
+    return jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(*args, **attrs)
 
 
-def _stats_width(center: bool) -> int:
-    return 4 if center else 2  # [mean, residual, rstd, e] or [rstd, e], scaled units
+def _like(*arrays):
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
 
 
-def _forward(x, scale, bias, *, eps, center):
-    """`(y, stats)`: the native forward of `x` `[..., H]` with `[G, H]` parameters."""
-    stats = jax.ShapeDtypeStruct(x.shape[:-1] + (_stats_width(center),), scale.dtype)
-    call = jax.ffi.ffi_call(f"lnjax_{_kind(center)}_forward", (jax.ShapeDtypeStruct(x.shape, x.dtype), stats),
-                            vmap_method="broadcast_all")  # fmt: skip
-    return call(x, scale, bias, eps=np.float64(eps))
+# --- the tangents as primitives ----------------------------------------------------------------
 
 
-def _backward(x, dy, scale, stats, *, center):
-    """`(dx, dscale, dbias)` of the native backward."""
-    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), *[jax.ShapeDtypeStruct(scale.shape, scale.dtype)] * 2)
-    call = jax.ffi.ffi_call(f"lnjax_{_kind(center)}_backward", out, vmap_method="broadcast_all")
-    return call(x, dy, scale, stats)
+class _Tangent:
+    """A tangent `xla(x, scale, *aux, dx, dscale, dbias, **params)`, linear in its last three
+    inputs, as one primitive: evaluated or differentiated it is XLA's closed form `xla` (so
+    `jvp` and second derivatives run through XLA); transposed (the backward of `grad`) it is
+    `native(x, scale, *aux, ct, **params) -> (dx, dscale, dbias)`, the native kernel, itself
+    differentiable through XLA's transpose. Under `vmap` the mapped axis joins the rows and
+    the parameter groups, which every kernel takes."""
+
+    def __init__(self, name, xla, native):
+        self.xla, self.native = xla, native
+        self.p = Primitive(name)
+        self.p.def_impl(xla)
+        self.p.def_abstract_eval(lambda x, *args, **params: jax.core.ShapedArray(x.shape, x.dtype))
+        mlir.register_lowering(self.p, mlir.lower_fun(xla, multiple_results=False))
+        ad.primitive_jvps[self.p] = self._jvp
+        ad.primitive_transposes[self.p] = self._transpose
+        batching.primitive_batchers[self.p] = self._batch
+        self._vjps = {}
+
+    def bind(self, *args, **params):
+        return self.p.bind(*args, **params)
+
+    def _jvp(self, primals, tangents, **params):
+        tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+        return jax.jvp(functools.partial(self.xla, **params), primals, tangents)
+
+    def _backward_xla(self, primals, ct, params):
+        x, scale = primals[:2]
+        return jax.linear_transpose(functools.partial(self.xla, *primals, **params), x, scale, scale)(ct)
+
+    def _vjp(self, params):
+        """The native backward for these static `params`, with XLA's derivative."""
+        key = tuple(sorted(params.items()))
+        if key not in self._vjps:
+            @jax.custom_jvp
+            def vjp(primals, ct):
+                return self.native(*primals, ct, **params)
+
+            @vjp.defjvp
+            def vjp_jvp(args, tangents):
+                _, t = jax.jvp(lambda p, c: self._backward_xla(p, c, params), args, tangents)
+                return vjp(*args), t
+
+            self._vjps[key] = vjp
+        return self._vjps[key]
+
+    def _transpose(self, ct, *args, **params):
+        primals, linear = args[:-3], args[-3:]
+        if type(ct) is ad.Zero:
+            grads = [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in linear]
+        else:
+            grads = self._vjp(params)(tuple(primals), ct)
+            grads = [g if ad.is_undefined_primal(a) else None for g, a in zip(grads, linear)]
+        return [None] * len(primals) + list(grads)
+
+    def _batch(self, args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        lead = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+                for a, d in zip(args, dims)]  # fmt: skip
+        out = self.bind(*[a.reshape((-1,) + a.shape[2:]) for a in lead], **params)
+        return out.reshape((size, -1) + out.shape[1:]), 0
 
 
 def _grouped(a, groups):
@@ -104,25 +157,41 @@ def _times_pow2(a, k):
     return a * jnp.exp2(half.astype(a.dtype)) * jnp.exp2((k - half).astype(a.dtype))
 
 
+# --- layer and RMS norm over rows ------------------------------------------------------------
+# Per row the kernels save [mean, residual, rstd, e] (layer) or [rstd, e] (RMS), in the units of
+# the row scaled by 2^-e (e = 0 for all but extreme rows).
+
+
+def _row_kind(center):
+    return "layer_norm" if center else "rms_norm"
+
+
+def _row_forward(x, scale, bias, *, eps, center):
+    stats = jax.ShapeDtypeStruct(x.shape[:-1] + (4 if center else 2,), scale.dtype)
+    return _call(f"lnjax_{_row_kind(center)}_forward", (*_like(x), stats), x, scale, bias, eps=np.float64(eps))
+
+
+def _row_backward(x, scale, stats, ct, *, center):
+    return _call(f"lnjax_{_row_kind(center)}_backward", _like(x, scale, scale), x, ct, scale, stats)
+
+
 def _scaled(x, stats, center):
-    """`(v, xhat, rstd, e)` of the kernels, in the statistics dtype: `v = x * 2^-e` the scaled
-    rows, `rstd` in scaled units (true `rstd * 2^-e`), arrays broadcasting over `[..., H]`."""
+    """`(xhat, rstd, e)` of the kernels, in the statistics dtype: `rstd` in scaled units (the
+    true one is `rstd * 2^-e`), arrays broadcasting over `[..., H]`."""
     e = jax.lax.stop_gradient(stats[..., -1:]).astype(jnp.int32)
     v = _times_pow2(x.astype(stats.dtype), -e)
     if center:
         rstd = stats[..., 2:3]
-        return v, ((v - stats[..., 0:1]) - stats[..., 1:2]) * rstd, rstd, e
+        return ((v - stats[..., 0:1]) - stats[..., 1:2]) * rstd, rstd, e
     rstd = stats[..., 0:1]
-    return v, v * rstd, rstd, e
+    return v * rstd, rstd, e
 
 
-def _tangent_xla(x, scale, stats, dx, dscale, dbias, *, center):
-    """The tangent of the normalization in XLA: `scale * rstd * (d - mean_H(d) - xhat *
-    mean_H(d * xhat)) + dscale * xhat + dbias`, `d = dx` (RMS: without `mean_H(d)`), for `x`
-    `[rows, H]` and parameters `[G, H]`."""
+def _row_tangent_xla(x, scale, stats, dx, dscale, dbias, *, center):
+    """`scale * rstd * (d - mean_H(d) - xhat * mean_H(d * xhat)) + dscale * xhat + dbias`,
+    `d = dx` (RMS: without `mean_H(d)`), for `x` `[rows, H]` and parameters `[G, H]`."""
     g = scale.shape[0]
-    xg, sg = _grouped(x, g), _grouped(stats, g)
-    _, xhat, rstd, e = _scaled(xg, sg, center)
+    xhat, rstd, e = _scaled(_grouped(x, g), _grouped(stats, g), center)
     d = _grouped(dx, g).astype(stats.dtype)
     mean_d = jnp.mean(d, axis=-1, keepdims=True) if center else 0
     t = _times_pow2((d - mean_d - xhat * jnp.mean(d * xhat, axis=-1, keepdims=True)) * rstd, -e)
@@ -130,87 +199,97 @@ def _tangent_xla(x, scale, stats, dx, dscale, dbias, *, center):
     return t.reshape(x.shape).astype(x.dtype)
 
 
-def _stats_tangent(x, stats, dx, *, center):
+def _row_stats_tangent(x, stats, dx, *, center):
     """The tangent of the saved statistics (for second derivatives): `d mean = mean_H(dv)`,
-    `d residual = 0`, `d rstd = -rstd^3 mean_H(centred * dv)`, `e` constant, `dv = dx 2^-e`."""
-    v, xhat, rstd, e = _scaled(x, stats, center)
+    `d residual = 0`, `d rstd = -rstd^2 mean_H(xhat * dv)`, `e` constant, `dv = dx 2^-e`."""
+    xhat, rstd, e = _scaled(x, stats, center)
     dv = _times_pow2(dx.astype(stats.dtype), -e)
     d_rstd = -rstd * rstd * jnp.mean(xhat * dv, axis=-1, keepdims=True)
+    zero = jnp.zeros_like(d_rstd)
     if not center:
-        return jnp.concatenate([d_rstd, jnp.zeros_like(d_rstd)], axis=-1)
-    d_mean = jnp.mean(dv, axis=-1, keepdims=True)
-    zero = jnp.zeros_like(d_mean)
-    return jnp.concatenate([d_mean, zero, d_rstd, zero], axis=-1)
+        return jnp.concatenate([d_rstd, zero], axis=-1)
+    return jnp.concatenate([jnp.mean(dv, axis=-1, keepdims=True), zero, d_rstd, zero], axis=-1)
 
 
-# The tangent as a primitive, linear in (dx, dscale, dbias): XLA's closed form when evaluated
-# or differentiated, the native backward kernel when transposed.
-_tangent_p = Primitive("lnjax_native_norm_tangent")
-_tangent_p.def_impl(_tangent_xla)
-_tangent_p.def_abstract_eval(lambda x, *args, center: jax.core.ShapedArray(x.shape, x.dtype))
-mlir.register_lowering(_tangent_p, mlir.lower_fun(_tangent_xla, multiple_results=False))
-
-
-def _tangent_jvp(primals, tangents, *, center):
-    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
-    return jax.jvp(functools.partial(_tangent_xla, center=center), primals, tangents)
-
-
-def _backward_xla(x, ct, scale, stats, *, center):
-    """`(dx, dscale, dbias)`: the transpose of `_tangent_xla`, for derivatives of the backward."""
-    tangent = functools.partial(_tangent_xla, x, scale, stats, center=center)
-    return jax.linear_transpose(tangent, x, scale, scale)(ct)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _vjp(x, ct, scale, stats, center):
-    """The native backward, differentiable (through XLA's) for second derivatives."""
-    return _backward(x, ct, scale, stats, center=center)
-
-
-@_vjp.defjvp
-def _vjp_jvp(center, primals, tangents):
-    _, t = jax.jvp(functools.partial(_backward_xla, center=center), primals, tangents)
-    return _vjp(*primals, center), t
-
-
-def _tangent_transpose(ct, x, scale, stats, dx, dscale, dbias, *, center):
-    if type(ct) is ad.Zero:
-        return [None] * 3 + [None if not ad.is_undefined_primal(a) else ad.Zero(a.aval) for a in (dx, dscale, dbias)]
-    gx, gscale, gbias = _vjp(x, ct, scale, stats, center)
-    return [None] * 3 + [g if ad.is_undefined_primal(a) else None for g, a in
-                         ((gx, dx), (gscale, dscale), (gbias, dbias))]  # fmt: skip
-
-
-def _tangent_batch(args, dims, *, center):
-    """vmap: the mapped axis joins the rows (and the parameter groups), which the kernels take."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    lead = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-            for a, d in zip(args, dims)]  # fmt: skip
-    flat = [a.reshape((-1,) + a.shape[2:]) for a in lead]
-    out = _tangent_p.bind(*flat, center=center)
-    return out.reshape((size, -1) + out.shape[1:]), 0
-
-
-ad.primitive_jvps[_tangent_p] = _tangent_jvp
-ad.primitive_transposes[_tangent_p] = _tangent_transpose
-batching.primitive_batchers[_tangent_p] = _tangent_batch
+_row_tangent = _Tangent("lnjax_native_row_norm_tangent", _row_tangent_xla, _row_backward)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _norm(x, scale, bias, eps, center):
+def _row_norm(x, scale, bias, eps, center):
     """`(y, stats)` of the native forward, differentiable to any order."""
-    return _forward(x, scale, bias, eps=eps, center=center)
+    return _row_forward(x, scale, bias, eps=eps, center=center)
 
 
-@_norm.defjvp
-def _norm_jvp(eps, center, primals, tangents):
+@_row_norm.defjvp
+def _row_norm_jvp(eps, center, primals, tangents):
     x, scale, bias = primals
-    dx = tangents[0]
-    # Through `_norm` itself, so that under a second derivative its own rule applies.
-    y, stats = _norm(x, scale, bias, eps, center)
-    return (y, stats), (_tangent_p.bind(x, scale, stats, *tangents, center=center),
-                        _stats_tangent(x, stats, dx, center=center))
+    # Through `_row_norm` itself, so that under a second derivative its own rule applies.
+    y, stats = _row_norm(x, scale, bias, eps, center)
+    return (y, stats), (_row_tangent.bind(x, scale, stats, *tangents, center=center),
+                        _row_stats_tangent(x, stats, tangents[0], center=center))
+
+
+# --- batch norm over columns -------------------------------------------------------------------
+
+
+def _bn_forward(x, scale, bias, *, eps):
+    """`(y, mean, residual, var)`: the mean as a rounded `mean` and its `residual`."""
+    return _call("lnjax_batch_norm_forward", _like(x, scale, scale, scale), x, scale, bias, eps=np.float64(eps))
+
+
+def _bn_backward(x, scale, mean, residual, var, ct, *, eps):
+    return _call("lnjax_batch_norm_backward", _like(x, scale, scale), x, ct, scale, mean, residual, var,
+                 eps=np.float64(eps))
+
+
+def _bn_parts(x, scale, mean, residual, var, dx, eps):
+    """`(d, xhat, rstd, mean_N(d), d var)` per group, `[G, rows / G, C]` and `[G, 1, C]`."""
+    g = scale.shape[0]
+    xg, d = (_grouped(a, g).astype(scale.dtype) for a in (x, dx))
+    centred = (xg - mean[:, None]) - residual[:, None]
+    rstd = jax.lax.rsqrt(var[:, None] + jnp.asarray(eps, var.dtype))
+    # d(biased var) = 2 mean_N((x - mu) dx): the d mu term vanishes as sum(x - mu) = 0.
+    return d, centred * rstd, rstd, jnp.mean(d, axis=1, keepdims=True), 2 * jnp.mean(centred * d, axis=1, keepdims=True)
+
+
+def _bn_tangent_xla(x, scale, mean, residual, var, dx, dscale, dbias, *, eps):
+    d, xhat, rstd, dmean, dvar = _bn_parts(x, scale, mean, residual, var, dx, eps)
+    k = rstd * scale[:, None]
+    t = k * d - k * dmean - xhat * (k * rstd * dvar / 2) + xhat * dscale[:, None] + dbias[:, None]
+    return t.reshape(x.shape).astype(x.dtype)
+
+
+_bn_tangent = _Tangent("lnjax_native_batch_norm_tangent", _bn_tangent_xla, _bn_backward)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _bn(x, scale, bias, eps):
+    """`(y, mean, residual, var)` of the native training-mode forward, differentiable to any order."""
+    return _bn_forward(x, scale, bias, eps=eps)
+
+
+@_bn.defjvp
+def _bn_jvp(eps, primals, tangents):
+    x, scale, bias = primals
+    out = y, mean, residual, var = _bn(x, scale, bias, eps)
+    _, _, _, dmean, dvar = _bn_parts(x, scale, mean, residual, var, tangents[0], eps)
+    t = _bn_tangent.bind(x, scale, mean, residual, var, *tangents, eps=eps)
+    return out, (t, dmean[:, 0], jnp.zeros_like(residual), dvar[:, 0])
+
+
+def _params_2d(scale, bias, h, dtype):
+    scale = jnp.ones((1, h), dtype) if scale is None else scale.astype(dtype).reshape((1, h))
+    bias = jnp.zeros((1, h), dtype) if bias is None else bias.astype(dtype).reshape((1, h))
+    return scale, bias
+
+
+def batch_norm_train(x, scale, bias, eps: float):
+    """Training-mode batch norm of `x` `[..., C]` over every axis but the last, by the native
+    kernels: `(y, mean, var)`, the batch mean and biased variance `[C]` in the statistics
+    dtype. Callers check the arguments (`lnjax.batch_norm`) and that `available()`."""
+    c, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
+    y, mean, residual, var = _bn(x.reshape((-1, c)), *_params_2d(scale, bias, c, dtype), float(eps))
+    return y.reshape(x.shape), (mean + residual)[0], var[0]
 
 
 def normalize(x, scale, bias, eps: float, *, center: bool):
@@ -218,6 +297,4 @@ def normalize(x, scale, bias, eps: float, *, center: bool):
     native kernels; `scale`, `bias` `[H]` or None, `eps` a Python float. Callers check the
     arguments (`lnjax.layer_norm`, `lnjax.rms_norm`) and that `available()`."""
     h, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
-    scale = jnp.ones((1, h), dtype) if scale is None else scale.astype(dtype).reshape((1, h))
-    bias = jnp.zeros((1, h), dtype) if bias is None else bias.astype(dtype).reshape((1, h))
-    return _norm(x.reshape((-1, h)), scale, bias, float(eps), center)[0].reshape(x.shape)
+    return _row_norm(x.reshape((-1, h)), *_params_2d(scale, bias, h, dtype), float(eps), center)[0].reshape(x.shape)

@@ -100,7 +100,7 @@ def _route(implementation, x, ax, eps, *, native: bool = False, **conditions) ->
         *[(ok, ValueError, f"does not support {what.replace('_', ' ')}") for what, ok in conditions.items()],
     ]
     if implementation == "native":
-        checks.append((native, ValueError, "has kernels for layer_norm and rms_norm only"))
+        checks.append((native, ValueError, "has no kernels for this op"))
     for ok, error, message in checks:
         if not ok:
             if implementation is not None:
@@ -268,9 +268,14 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
         _checks.more_than_one_value(x, red, f"batch statistic (over axes {red})")
     if not training:
         _checked_implementation(implementation)  # inference is elementwise, always the formula
-    elif _route(implementation, x, feat, eps, mask=mask is None, axis_name=axis_name is None,
-                fast_variance=not _checks.python_bool(fast_variance, "fast_variance")) == "fused":
-        y, mean, var = _fused.batch_norm_train_2d(x, scale, bias, float(eps))
+    elif (route := _route(implementation, x, feat, eps, native=True, mask=mask is None, axis_name=axis_name is None,
+                          fast_variance=not _checks.python_bool(fast_variance, "fast_variance"))) != "xla":
+        fused = functools.partial(_fused.batch_norm_train_2d, eps=float(eps))
+        if route == "native":
+            y, mean, var = _native_on_cpu(implementation, functools.partial(lnjax_native.batch_norm_train, eps=float(eps)),
+                                          fused, x, scale, bias)  # fmt: skip
+        else:
+            y, mean, var = fused(x, scale, bias)
         count = jnp.asarray(math.prod(x.shape[:-1]), var.dtype)
         return y, _stats.ema_update(state, mean, var, count, momentum, unbiased_running_var)
     xf = _stats.upcast(x)

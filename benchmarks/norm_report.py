@@ -20,6 +20,47 @@ def _norm_results(results, section="norms", allocator="reuse"):
     return out
 
 
+def _times_table(op, mode, keys, norms):
+    """Median ms of every contender (but the copies) per shape and dtype, relative to PyTorch."""
+    names = []
+    for k in keys:
+        for r in M.comparison(norms[k], mode)["rows"]:
+            if r["name"] not in names and r["name"] not in COPIES:
+                names.append(r["name"])
+    rows = []
+    for k in keys:
+        comp = M.comparison(norms[k], mode)
+        rr = M.by_name(comp)
+        t = rr[TORCH[op]]["median_s"]
+        cells = [f"{M.ms(rr[n]['median_s'])} ({rr[n]['median_s'] / t:.2f})" if n in rr else "" for n in names]
+        rows.append([f"{M.shape(k[1])} {DT[k[2]]}", f"{norms[k]['out_mib']:.0f}", *cells,
+                     f"{comp['meta']['load_before']:.1f}"])
+    return [f"### {OPNAME[op]}, {mode}", "", M.table(["shape dtype", "output MiB", *names, "load"], rows), ""]
+
+
+def _bandwidth_table(op, keys, norms):
+    """The forward's time against copies of the same bytes."""
+    rows = []
+    for k in keys:
+        rr = M.by_name(M.comparison(norms[k], "forward"))
+        cj, cn, ct = (rr[n]["median_s"] for n in (C.COPY_JIT, C.COPY_NUMPY, C.COPY_TORCH))
+        impl = [n for n in (LNJAX[op], XLA.get(op), TORCH[op]) if n and n in rr]
+        cells = [f"{100 * cj / rr[n]['median_s']:.0f}% / {100 * cn / rr[n]['median_s']:.0f}%" for n in impl]
+        nbytes = 2 * norms[k]["out_mib"] * 2**20
+        rows.append([f"{M.shape(k[1])} {DT[k[2]]}", M.ms(cj), M.ms(cn), M.ms(ct), f"{nbytes / cn / 1e9:.1f}", *cells])
+    return [
+        f"### {OPNAME[op]}, forward as a fraction of the memory bandwidth",
+        "",
+        "The hardware limit of a forward pass is a copy of the same bytes (read x, write y). "
+        "Cells: copy time / op time, against a jitted `x + 0` (allocates its output like the "
+        "ops do) / against `np.copyto` into a preallocated buffer (no allocation at all).",
+        "",
+        M.table(["shape dtype", "copy jit ms", "np.copyto ms", "torch.clone ms", "np.copyto GB/s",
+                 *[f"{n} % of copy" for n in impl]], rows),
+        "",
+    ]
+
+
 def norm_tables(results):
     norms = _norm_results(results)
     if not norms:
@@ -35,60 +76,13 @@ def norm_tables(results):
         "brackets the time relative to PyTorch (below 1 is faster than PyTorch).",
         "",
     ]
-    status = {}
-    for op in ("layer", "rms", "batch"):
-        keys = [k for k in norms if k[0] == op]
+    for op in C.OPS:
+        keys = sorted((k for k in norms if k[0] == op), key=lambda k: (k[2] != "float32", k[1]))
         if not keys:
             continue
-        keys.sort(key=lambda k: (k[2] != "float32", k[1]))
-        for mode in ("forward", "forward+backward"):
-            names = []
-            for k in keys:
-                for r in M.comparison(norms[k], mode)["rows"]:
-                    if r["name"] not in names and r["name"] not in COPIES:
-                        names.append(r["name"])
-            rows = []
-            for k in keys:
-                comp = M.comparison(norms[k], mode)
-                rr = M.by_name(comp)
-                t = rr[TORCH[op]]["median_s"]
-                cells = []
-                for n in names:
-                    if n in rr:
-                        cells.append(f"{M.ms(rr[n]['median_s'])} ({rr[n]['median_s'] / t:.2f})")
-                    else:
-                        cells.append("")
-                mib = norms[k]["out_mib"]
-                load = comp["meta"]["load_before"]
-                rows.append([f"{M.shape(k[1])} {DT[k[2]]}", f"{mib:.0f}", *cells, f"{load:.1f}"])
-            lines += [f"### {OPNAME[op]}, {mode}", ""]
-            lines += [M.table(["shape dtype", "output MiB", *names, "load"], rows), ""]
-        # bandwidth
-        rows = []
-        for k in keys:
-            rr = M.by_name(M.comparison(norms[k], "forward"))
-            cj = rr[C.COPY_JIT]["median_s"]
-            cn = rr[C.COPY_NUMPY]["median_s"]
-            ct = rr[C.COPY_TORCH]["median_s"]
-            impl = [n for n in (LNJAX[op], XLA.get(op), TORCH[op]) if n and n in rr]
-            cells = []
-            for n in impl:
-                t = rr[n]["median_s"]
-                cells.append(f"{100 * cj / t:.0f}% / {100 * cn / t:.0f}%")
-            nbytes = 2 * norms[k]["out_mib"] * 2**20
-            rows.append([f"{M.shape(k[1])} {DT[k[2]]}", M.ms(cj), M.ms(cn), M.ms(ct),
-                         f"{nbytes / cn / 1e9:.1f}", *cells])
-        lines += [
-            f"### {OPNAME[op]}, forward as a fraction of the memory bandwidth",
-            "",
-            "The hardware limit of a forward pass is a copy of the same bytes (read x, write y). "
-            "Cells: copy time / op time, against a jitted `x + 0` (allocates its output like the "
-            "ops do) / against `np.copyto` into a preallocated buffer (no allocation at all).",
-            "",
-            M.table(["shape dtype", "copy jit ms", "np.copyto ms", "torch.clone ms", "np.copyto GB/s",
-                    *[f"{n} % of copy" for n in impl]], rows),
-            "",
-        ]
+        for mode in C.MODES:
+            lines += _times_table(op, mode, keys, norms)
+        lines += _bandwidth_table(op, keys, norms)
         lines += _traffic_table(op, keys, norms, first=not any("memory traffic" in ln for ln in lines))
     return lines, norms
 

@@ -9,6 +9,8 @@ random cotangent `g` with respect to x, scale and bias; PyTorch `y.backward(g)`)
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from benchmarks import _harness as H
@@ -77,116 +79,140 @@ def jax_fns(op, h, dtype, *, roles=("lnjax", "xla", "fast", "flax"), extra=()):
 # ----------------------------------------------------------------------------------------
 
 
-def run(job):
-    import jax
+@dataclasses.dataclass
+class _Job:
+    """One (op, shape, dtype): its data in JAX and PyTorch, its contenders and its settings."""
+
+    op: str
+    shape: tuple
+    dtype: str
+    arrays: tuple  # x, g, scale, bias as JAX arrays in dtype
+    tensors: tuple  # the same as torch tensors
+    rounded: list  # the same as float32 NumPy arrays, for the float64 reference
+    fns: dict  # the JAX contenders: {name: (fn, note)}
+    torch_name: str
+    torch_fn: object
+    settings: dict  # H.compare's warmup, reps, rtol and atol_frac
+
+    def first_y(self, out):
+        return out[0] if self.op == "batch" else out
+
+
+def _job(job) -> _Job:
     import jax.numpy as jnp
     import torch
 
     op, shape, dtype = job["op"], tuple(job["shape"]), job["dtype"]
-    reps, warmup = job.get("reps", 15), job.get("warmup", 2)
-    budget = job.get("budget_s", {"forward": 4.0, "forward+backward": 8.0})
-    n, h = shape
-    dt = jnp.dtype(dtype)
+    h, dt = shape[1], jnp.dtype(dtype)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    x, g, s, b = data(shape, dtype)
-    xj, gj, sj, bj = (jnp.asarray(a, dt) for a in (x, g, s, b))
-    xt, gt, st, bt = (torch.tensor(a).to(tdt) for a in (x, g, s, b))
-    rtol, atol_frac = TOL[dtype]
+    raw = data(shape, dtype)
+    arrays = tuple(jnp.asarray(a, dt) for a in raw)
     roles = ("lnjax",) + ("xla",) * job.get("with_xla", True) + ("fast",) + ("flax",) * job.get("flax", True)
-    fns = jax_fns(op, h, dtype, roles=roles, extra=job.get("extra_fns") or ())
     torch_name = C.name(op, "torch")
-    tfn = C.get(torch_name).build(op, h, dtype)
-    has_bias = op != "rms"
-    nbytes = x.size * dt.itemsize
-    result = dict(op=op, shape=list(shape), dtype=dtype, out_mib=nbytes / 2**20, comparisons=[])
+    rtol, atol_frac = TOL[dtype]
+    return _Job(op, shape, dtype, arrays, tuple(torch.tensor(a).to(tdt) for a in raw),
+                [np.asarray(a.astype(jnp.float32)) for a in arrays],
+                jax_fns(op, h, dtype, roles=roles, extra=job.get("extra_fns") or ()), torch_name,
+                C.get(torch_name).build(op, h, dtype),
+                dict(warmup=job.get("warmup", 2), reps=job.get("reps", 15), rtol=rtol, atol_frac=atol_frac))
 
-    def first_y(out):
-        return out[0] if op == "batch" else out
 
-    # Forward ---------------------------------------------------------------------------
-    cons, result["traffic"] = [], {"forward": {}, "forward+backward": {}}
+def _forward(j: _Job, result, budget_s):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    xj, gj, sj, bj = j.arrays
+    xt, _, st, bt = j.tensors
+    cons = [H.Contender("float64 reference", lambda: reference(j.op, *j.rounded, backward=False),
+                        reference=True, timed=False)]
     # Exactness where the mean dominates (OFFSET + the same data, float32): what a one-pass
     # E[x^2] - E[x]^2 variance gives up.
-    result["offset_error"] = {}
-    if dtype == "float32":
-        x_off = xj + jnp.asarray(OFFSET, dt)
-        ref_off = reference(op, *(np.asarray(a, np.float64) for a in (x_off, gj, sj, bj)), backward=False)[0]
-    for name, (fn, note) in fns.items():
+    if j.dtype == "float32":
+        x_off = xj + jnp.asarray(OFFSET, xj.dtype)
+        ref_off = reference(j.op, *(np.asarray(a, np.float64) for a in (x_off, gj, sj, bj)), backward=False)[0]
+    for name, (fn, note) in j.fns.items():
         compiled, cs = H.timed_compile(jax.jit(fn), xj, sj, bj)
         result["traffic"]["forward"][name] = H.traffic(compiled)
-        if dtype == "float32":
-            err = np.max(np.abs(np.asarray(first_y(compiled(x_off, sj, bj)), np.float64) - ref_off))
+        if j.dtype == "float32":
+            err = np.max(np.abs(np.asarray(j.first_y(compiled(x_off, sj, bj)), np.float64) - ref_off))
             result["offset_error"][name] = float(err / np.max(np.abs(ref_off)))
-        cons.append(H.Contender(name, lambda c=compiled: H.block(first_y(c(xj, sj, bj))), cs, note=note))
+        cons.append(H.Contender(name, lambda c=compiled: H.block(j.first_y(c(xj, sj, bj))), cs, note=note))
 
     def torch_fwd():
         with torch.no_grad():
-            return tfn(xt, st, bt if has_bias else None)
+            return j.torch_fn(xt, st, bt if j.op != "rms" else None)
 
-    rounded = [np.asarray(a.astype(jnp.float32)) for a in (xj, gj, sj, bj)]
-    cons.insert(0, H.Contender("float64 reference", lambda: reference(op, *rounded, backward=False),
-                               reference=True, timed=False))
-    cons.append(H.Contender(torch_name, torch_fwd, None, note="eager, no_grad"))
-    for copy in C.of("norms", op, "copy"):
+    cons.append(H.Contender(j.torch_name, torch_fwd, None, note="eager, no_grad"))
+    for copy in C.of("norms", j.op, "copy"):
         copy_run, cs = copy.build(xj, xt)
         cons.append(H.Contender(copy.name, copy_run, cs, check=False, note=copy.note))
-    H.log(f"norms {op} {shape} {dtype}: forward")
-    rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=rtol, atol_frac=atol_frac, labels=["y"],
-                           budget_s=budget and budget["forward"])
-    result["comparisons"].append(dict(mode="forward", rows=rows, meta=meta, bytes_moved=2 * nbytes))
+    H.log(f"norms {j.op} {j.shape} {j.dtype}: forward")
+    rows, meta = H.compare(cons, labels=["y"], budget_s=budget_s, **j.settings)
+    result["comparisons"].append(dict(mode="forward", rows=rows, meta=meta, bytes_moved=2 * xj.nbytes))
 
-    # Forward + backward ------------------------------------------------------------------
-    cons = []
-    for name, (fn, note) in fns.items():
-        if op == "batch":
 
-            def fb(x, s, b, g, fn=fn):
-                y, vjp, stats = jax.vjp(fn, x, s, b, has_aux=True)
-                return (y, *vjp(g)), stats
+def _vjp(op, fn):
+    """`(f(x, scale, bias, g) -> (y, dx, dscale[, dbias]) [, stats], its y and gradients)`."""
+    import jax
 
-            out = lambda o: o[0]  # noqa: E731
-        elif has_bias:
+    if op == "batch":
+        def fb(x, s, b, g):
+            y, vjp, stats = jax.vjp(fn, x, s, b, has_aux=True)
+            return (y, *vjp(g)), stats
+        return fb, lambda o: o[0]
+    if op == "rms":
+        def fb(x, s, b, g):
+            y, vjp = jax.vjp(lambda x, s: fn(x, s, None), x, s)
+            return (y, *vjp(g))
+        return fb, lambda o: o
 
-            def fb(x, s, b, g, fn=fn):
-                y, vjp = jax.vjp(fn, x, s, b)
-                return (y, *vjp(g))
+    def fb(x, s, b, g):
+        y, vjp = jax.vjp(fn, x, s, b)
+        return (y, *vjp(g))
+    return fb, lambda o: o
 
-            out = lambda o: o  # noqa: E731
-        else:
 
-            def fb(x, s, b, g, fn=fn):
-                y, vjp = jax.vjp(lambda x, s: fn(x, s, None), x, s)
-                return (y, *vjp(g))
+def _forward_backward(j: _Job, result, budget_s):
+    import jax
 
-            out = lambda o: o  # noqa: E731
-
+    xj, gj, sj, bj = j.arrays
+    cons = [H.Contender("float64 reference", lambda: reference(j.op, *j.rounded, backward=True),
+                        reference=True, timed=False)]
+    for name, (fn, note) in j.fns.items():
+        fb, out = _vjp(j.op, fn)
         compiled, cs = H.timed_compile(jax.jit(fb), xj, sj, bj, gj)
         result["traffic"]["forward+backward"][name] = H.traffic(compiled)
         cons.append(H.Contender(name, lambda c=compiled, out=out: H.block(out(c(xj, sj, bj, gj))), cs, note=note))
-
-    xg = xt.clone().requires_grad_(True)
-    sg = st.clone().requires_grad_(True)
-    bg = bt.clone().requires_grad_(True) if has_bias else None
-    leaves = [xg, sg] + ([bg] if has_bias else [])
+    has_bias = j.op != "rms"
+    xt, gt, st, bt = j.tensors
+    leaves = [xt.clone().requires_grad_(True), st.clone().requires_grad_(True)]
+    leaves += [bt.clone().requires_grad_(True)] if has_bias else []
 
     def torch_fb():
         for t in leaves:
             t.grad = None
-        y = tfn(xg, sg, bg)
+        y = j.torch_fn(*leaves[:2], leaves[2] if has_bias else None)
         y.backward(gt)
         return (y, *(t.grad for t in leaves))
 
-    cons.insert(0, H.Contender("float64 reference", lambda: reference(op, *rounded, backward=True),
-                               reference=True, timed=False))
     # PyTorch's bfloat16 kernels accumulate the parameter gradients in bfloat16 (errors of
     # several % of their scale, see BENCHMARKS.md); recorded, not fatal.
-    tolerate = ("dscale", "dbias") if dtype == "bfloat16" else ()
-    cons.append(H.Contender(torch_name, torch_fb, None, note="eager, y.backward(g)", tolerate=tolerate))
+    tolerate = ("dscale", "dbias") if j.dtype == "bfloat16" else ()
+    cons.append(H.Contender(j.torch_name, torch_fb, None, note="eager, y.backward(g)", tolerate=tolerate))
     labels = ["y", "dx", "dscale"] + (["dbias"] if has_bias else [])
-    H.log(f"norms {op} {shape} {dtype}: forward+backward")
-    rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=rtol, atol_frac=atol_frac, labels=labels,
-                           budget_s=budget and budget["forward+backward"])
+    H.log(f"norms {j.op} {j.shape} {j.dtype}: forward+backward")
+    rows, meta = H.compare(cons, labels=labels, budget_s=budget_s, **j.settings)
     result["comparisons"].append(dict(mode="forward+backward", rows=rows, meta=meta))
+
+
+def run(job):
+    j = _job(job)
+    budget = job.get("budget_s", {"forward": 4.0, "forward+backward": 8.0})
+    result = dict(op=j.op, shape=list(j.shape), dtype=j.dtype, out_mib=j.arrays[0].nbytes / 2**20, comparisons=[],
+                  traffic={"forward": {}, "forward+backward": {}}, offset_error={})
+    _forward(j, result, budget and budget["forward"])
+    _forward_backward(j, result, budget and budget["forward+backward"])
     return result
 
 

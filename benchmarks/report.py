@@ -14,10 +14,39 @@ from benchmarks import norm_report, run_report, targets
 # Header.
 
 
-def _header(h, results):
+def _machine(h, results):
+    """The machine, versions and settings table."""
     m, v = h["machine"], h["versions"]
     settings = results[0]["settings"] if results else {}
     allocs = sorted({r["allocator"] for r in results})
+    return M.table(["", ""], [
+        ["CPU", f"{m['cpu']} ({m['isa']})"],
+        ["caches (cpu0; the fused kernels' row blocks are the L2's size)", m.get("caches", "n/a")],
+        ["cores available", m["cores"]],
+        ["memory", m["memory"]],
+        ["kernel / transparent huge pages", f"{m['kernel']} / `{m['thp']}`"],
+        ["python", m["python"]],
+        ["jax / jaxlib", f"{v['jax']} / {v['jaxlib']}"],
+        ["flax", v["flax"]],
+        ["torch", v["torch"]],
+        ["numpy", v["numpy"]],
+        ["XLA devices / backend", f"{settings.get('jax_devices')} / {settings.get('jax_backend')}"],
+        ["XLA_FLAGS", "`" + (settings.get("XLA_FLAGS") or "(unset)") + "` except where a row says otherwise"],
+        ["torch threads (intra / inter-op)",
+         f"{settings.get('torch_threads')} / {settings.get('torch_interop_threads')} (defaults)"],
+        ["OMP_WAIT_POLICY", f"`{settings.get('OMP_WAIT_POLICY') or '(unset)'}` (see PyTorch's thread wait policy)"],
+        ["OMP_NUM_THREADS / MKL_NUM_THREADS", "unset (defaults)"],
+        ["allocator", "glibc malloc; the norm ops (`reuse`) with "
+         "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^46`, so that freed memory is reused; "
+         "the rest, and the `glibc` column of Allocation, with its defaults"
+         if "reuse" in allocs else "glibc malloc, default settings"],
+        ["load average (1 min) at start / end",
+         f"{h['load_start'][0]:.1f} / {h['load_end'][0]:.1f} on {m['cores']} cores"],
+    ])
+
+
+def _header(h, results):
+    m = h["machine"]
     loads = [c["meta"]["load_before"] for r in results for c in r.get("comparisons", [])]
     loads += [r["meta"]["load_before"] for r in results if "meta" in r]
     loads = loads or [h["load_start"][0]]
@@ -34,33 +63,7 @@ def _header(h, results):
     lines += [
         "## Machine, versions, settings",
         "",
-        M.table(
-            ["", ""],
-            [
-                ["CPU", f"{m['cpu']} ({m['isa']})"],
-                ["caches (cpu0; the fused kernels' row blocks are the L2's size)", m.get("caches", "n/a")],
-                ["cores available", m["cores"]],
-                ["memory", m["memory"]],
-                ["kernel / transparent huge pages", f"{m['kernel']} / `{m['thp']}`"],
-                ["python", m["python"]],
-                ["jax / jaxlib", f"{v['jax']} / {v['jaxlib']}"],
-                ["flax", v["flax"]],
-                ["torch", v["torch"]],
-                ["numpy", v["numpy"]],
-                ["XLA devices / backend", f"{settings.get('jax_devices')} / {settings.get('jax_backend')}"],
-                ["XLA_FLAGS", "`" + (settings.get("XLA_FLAGS") or "(unset)") + "` except where a row says otherwise"],
-                ["torch threads (intra / inter-op)",
-                 f"{settings.get('torch_threads')} / {settings.get('torch_interop_threads')} (defaults)"],
-                ["OMP_WAIT_POLICY", f"`{settings.get('OMP_WAIT_POLICY') or '(unset)'}` (see PyTorch's thread wait policy)"],
-                ["OMP_NUM_THREADS / MKL_NUM_THREADS", "unset (defaults)"],
-                ["allocator", "glibc malloc; the norm ops (`reuse`) with "
-                 "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^46`, so that freed memory is reused; "
-                 "the rest, and the `glibc` column of Allocation, with its defaults"
-                 if "reuse" in allocs else "glibc malloc, default settings"],
-                ["load average (1 min) at start / end",
-                 f"{h['load_start'][0]:.1f} / {h['load_end'][0]:.1f} on {m['cores']} cores"],
-            ],
-        ),
+        _machine(h, results),
         "",
         f"**Load.** This machine is shared with other processes; the 1-minute load average during "
         f"the comparisons ranged from {min(loads):.1f} to {max(loads):.1f} on {m['cores']} cores "

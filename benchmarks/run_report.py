@@ -71,6 +71,39 @@ def _shifted_summary(att):
     ]
 
 
+def _projection_form(rnn):
+    """`precompute_inputs` True against False for each cell, and whether the default is the faster."""
+    lines, rows, verdicts = [], [], []
+    for r in rnn:
+        c = r["config"]
+        rr = M.by_name(r)
+        for cellname in ("LN-LSTM", "LN-GRU"):
+            t_true = rr[C.cell_name(cellname, True)]["median_s"]
+            t_false = rr[C.cell_name(cellname, False)]["median_s"]
+            faster = "True" if t_true < t_false else "False"
+            default = r.get("default_precompute_inputs")
+            rows.append([f"T={c['T']}, B={c['B']}, H={c['H']}", cellname, M.ms(t_true), M.ms(t_false),
+                         M.x(t_true / t_false), faster, str(default)])
+            verdicts.append((faster == str(default), c, cellname, t_true / t_false, default))
+    lines += [
+        "### Projection form: `precompute_inputs` True vs False",
+        "",
+        "`True` computes `N_x(W_x x)` for all steps before the scan (one large matmul, then a "
+        "`[T, B, 4H]` array); `False` computes it inside the scan, step by step. "
+        "`lnjax.recurrent.default_precompute_inputs(batch_size)` picks the form `rnn` uses "
+        "(column `default`; on CPU, `True` up to 8 sequences per batch).",
+        "",
+        M.table(["config", "cell", "True ms", "False ms", "True / False", "faster", "default"], rows),
+        "",
+    ]
+    if verdicts:
+        bad = [f"{v[2]} at B={v[1]['B']} (True / False {M.x(v[3])}, default {v[4]})" for v in verdicts if not v[0]]
+        msg = ("The measurement supports the default form in every row." if not bad else
+               "**The measurement does not support the default form** for " + ", ".join(bad) + ".")
+        lines += [msg, ""]
+    return lines
+
+
 def rnn_tables(results):
     rnn = [r for r in results if r["section"] == "rnn"]
     if not rnn:
@@ -108,36 +141,7 @@ def rnn_tables(results):
         ]
         lines += _profile_table(r)
         info[(c["B"], c["T"])] = r
-    # Projection form.
-    rows = []
-    verdicts = []
-    for r in rnn:
-        c = r["config"]
-        rr = M.by_name(r)
-        for cellname in ("LN-LSTM", "LN-GRU"):
-            t_true = rr[C.cell_name(cellname, True)]["median_s"]
-            t_false = rr[C.cell_name(cellname, False)]["median_s"]
-            faster = "True" if t_true < t_false else "False"
-            default = r.get("default_precompute_inputs")
-            rows.append([f"T={c['T']}, B={c['B']}, H={c['H']}", cellname, M.ms(t_true), M.ms(t_false),
-                         M.x(t_true / t_false), faster, str(default)])
-            verdicts.append((faster == str(default), c, cellname, t_true / t_false, default))
-    lines += [
-        "### Projection form: `precompute_inputs` True vs False",
-        "",
-        "`True` computes `N_x(W_x x)` for all steps before the scan (one large matmul, then a "
-        "`[T, B, 4H]` array); `False` computes it inside the scan, step by step. "
-        "`lnjax.recurrent.default_precompute_inputs(batch_size)` picks the form `rnn` uses "
-        "(column `default`; on CPU, `True` up to 8 sequences per batch).",
-        "",
-        M.table(["config", "cell", "True ms", "False ms", "True / False", "faster", "default"], rows),
-        "",
-    ]
-    if verdicts:
-        bad = [f"{v[2]} at B={v[1]['B']} (True / False {M.x(v[3])}, default {v[4]})" for v in verdicts if not v[0]]
-        msg = ("The measurement supports the default form in every row." if not bad else
-               "**The measurement does not support the default form** for " + ", ".join(bad) + ".")
-        lines += [msg, ""]
+    lines += _projection_form(rnn)
     return lines, info
 
 

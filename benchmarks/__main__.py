@@ -2,6 +2,9 @@
 
     python -m benchmarks [--quick] [--only norms|rnn|sweep|memory|attempts] [--out BENCHMARKS.md]
 
+writes the Markdown and, beside it, the results it was rendered from (BENCHMARKS.json), which
+`python -m benchmarks --render BENCHMARKS.json` renders again.
+
 Every comparison runs in a fresh process (`python -m benchmarks.<section> '<job json>'`), so
 that no comparison inherits another's compiled programs, allocator state or thread pools.
 `--quick` runs tiny shapes with 1-2 repetitions: a smoke test of the code paths, whose
@@ -87,7 +90,8 @@ def main(argv=None):
     ap.add_argument("--only", action="append", choices=SECTIONS,
                     help="run only this section (repeatable); default: all")
     ap.add_argument("--out", default="BENCHMARKS.md", help="Markdown file to write (default: BENCHMARKS.md)")
-    ap.add_argument("--json", help="also save the raw results to this JSON file")
+    ap.add_argument("--json", help="save the raw results to this JSON file (default: --out with the suffix .json), "
+                                   "from which --render writes the same Markdown")
     ap.add_argument("--render", metavar="JSON", help="do not measure: re-render --out from results saved with --json")
     args = ap.parse_args(argv)
     if args.render:
@@ -126,9 +130,8 @@ def main(argv=None):
     header["wall_s"] = time.perf_counter() - started
     header["load_end"] = os.getloadavg()
     header["failures"] = failures
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, results=results), f)
+    with open(args.json or os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(dict(header=header, results=results), f)
     text = report.render(header, results)
     with open(args.out, "w") as f:
         f.write(text)

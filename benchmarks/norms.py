@@ -69,14 +69,18 @@ def reference(op, x, g, scale, bias, *, backward):
 # The JAX contenders: each is `fn(x, scale, bias) -> y` (batch norm: `-> (y, new_stats)`).
 
 
-def jax_fns(op, h, dtype, *, roles=("lnjax", "xla", "fast", "flax"), extra=()):
-    """{name: (fn, note)}: the registered JAX contenders of `op` in `roles`, then those named
-    in `extra` (e.g. the attempts); all in `dtype` end to end."""
-    entries = C.of("norms", op, *roles) + [C.get(n) for n in extra]
+# Roles timed by their own code here (PyTorch's eager calls, the copies) or only when a job
+# names them (the attempts).
+APART = ("torch", "copy", "attempt")
+
+
+def jax_fns(op, h, dtype, *, roles=None, skip=(), extra=()):
+    """{name: (fn, note)}: the registered JAX contenders of `op` in `roles` (default: every role
+    but those measured apart) less those in `skip`, then those named in `extra` (e.g. the
+    attempts); all in `dtype` end to end."""
+    entries = [e for e in C.of("norms", op, *(roles or ())) if e.role not in (*APART, *skip)]
+    entries += [C.get(n) for n in extra]
     return {e.name: (e.build(op, h, dtype), e.note) for e in entries}
-
-
-# ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -107,12 +111,12 @@ def _job(job) -> _Job:
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     raw = data(shape, dtype)
     arrays = tuple(jnp.asarray(a, dt) for a in raw)
-    roles = ("lnjax",) + ("xla",) * job.get("with_xla", True) + ("fast",) + ("flax",) * job.get("flax", True)
+    skip = ("xla",) * (not job.get("with_xla", True)) + ("flax",) * (not job.get("flax", True))
     torch_name = C.name(op, "torch")
     rtol, atol_frac = TOL[dtype]
     return _Job(op, shape, dtype, arrays, tuple(torch.tensor(a).to(tdt) for a in raw),
                 [np.asarray(a.astype(jnp.float32)) for a in arrays],
-                jax_fns(op, h, dtype, roles=roles, extra=job.get("extra_fns") or ()), torch_name,
+                jax_fns(op, h, dtype, skip=skip, extra=job.get("extra_fns") or ()), torch_name,
                 C.get(torch_name).build(op, h, dtype),
                 dict(warmup=job.get("warmup", 2), reps=job.get("reps", 15), rtol=rtol, atol_frac=atol_frac))
 

@@ -59,16 +59,27 @@ def test_a_name_is_registered_once():
 
 
 def test_a_new_contender_is_one_entry(monkeypatch):
-    """Registering one entry puts it in the norm ops' measured contenders, and a target may
+    """Registering one entry puts it among the norm ops' measured contenders, and a target may
     name it."""
+    before = list(norms.jax_fns("layer", 8, "float32"))
     monkeypatch.setattr(C, "REGISTRY", dict(C.REGISTRY))
     entry = C.register(C.Entry('lnjax.layer_norm(implementation="native")', "norms", ("layer",), C.MODES, "native",
                                lambda op, h, dtype: (lambda x, s, b: x), "a native kernel"))
-    fns = norms.jax_fns("layer", 8, "float32", roles=("lnjax", "native"))
-    assert list(fns) == ["lnjax.layer_norm", entry.name] and fns[entry.name][1] == "a native kernel"
-    assert "rms" not in entry.ops and entry.name not in norms.jax_fns("rms", 8, "float32", roles=("native",))
+    fns = norms.jax_fns("layer", 8, "float32")
+    assert list(fns) == [*before, entry.name] and fns[entry.name][1] == "a native kernel"
+    assert entry.name not in norms.jax_fns("rms", 8, "float32")
+    assert entry.name not in norms.jax_fns("layer", 8, "float32", skip=("native",))
     targets.Target("Layer norm forward <= 1.0x torch", "worst", "layer", "forward", (entry.name,),
                    ("torch F.layer_norm",), 1.0)
+
+
+def test_the_jobs_measure_the_same_contenders_as_before():
+    assert list(norms.jax_fns("layer", 8, "float32")) == [
+        "lnjax.layer_norm", 'lnjax.layer_norm(implementation="xla")', "lnjax.layer_norm(fast_variance=True)",
+        "flax.linen.LayerNorm", "flax.nnx.LayerNorm"]
+    assert list(norms.jax_fns("rms", 8, "float32", skip=("xla", "flax"))) == ["lnjax.rms_norm"]
+    assert list(norms.jax_fns("layer", 8, "float32", skip=("flax",), extra=("A closed-form custom_vjp",)))[-1] == \
+        "A closed-form custom_vjp"
 
 
 def test_the_registry_knows_each_role():

@@ -3,12 +3,15 @@
 Smoke test only: tiny shapes, 1-2 repetitions, no assertion on any timing.
 """
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from benchmarks import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,6 +43,9 @@ def test_quick_benchmarks_write_tables(tmp_path):
     for name in ("lnjax.layer_norm", "torch F.layer_norm", "flax.nnx.LayerNorm", "lnjax.batch_norm",
                  "flax nn.RNN(OptimizedLSTMCell)", "torch LN-LSTM, torch.jit.script", "jax.vmap"):
         assert name in text, name
+    # The results are saved beside the Markdown, which renders from them alone.
+    saved = json.loads((tmp_path / "BENCHMARKS.json").read_text())
+    assert report.render(saved["header"], saved["results"]) == text
 
 
 def test_quick_plan_is_small():

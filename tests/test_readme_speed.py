@@ -3,10 +3,13 @@ the ranges and ratios are recomputed from BENCHMARKS.md's tables (whose millisec
 rounded to 3-4 digits, hence the tolerance of one unit in the last place of README's figure)
 and the sentences it copies are found in it."""
 
+import json
 import pathlib
 import re
 
 import pytest
+
+from benchmarks import report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = (ROOT / "BENCHMARKS.md").read_text()
@@ -115,3 +118,12 @@ def test_the_exactness_and_one_pass_figures():
 def test_the_machine():
     assert "a 2-core AVX-512 AMD EPYC" in _speed()
     assert "| cores available | 2 |" in BENCH and re.search(r"\| CPU \| AMD EPYC \(.*avx512f", BENCH)
+
+
+def test_benchmarks_md_renders_from_its_json():
+    """BENCHMARKS.md is what `python -m benchmarks --render BENCHMARKS.json` writes."""
+    saved = ROOT / "BENCHMARKS.json"
+    if not saved.exists():  # the runs before the JSON was kept beside the Markdown
+        pytest.skip("no BENCHMARKS.json: the next full run (python -m benchmarks) writes it; commit it with BENCHMARKS.md")
+    results = json.loads(saved.read_text())
+    assert report.render(results["header"], results["results"]) == BENCH

@@ -48,6 +48,28 @@ def norm_args() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in NORM_OPTIONS.items()})
 
 
+def _float_keys(cfg: ml_collections.ConfigDict) -> dict:
+    """An empty tuple for every float key of `cfg`, nested as in `cfg` (`model.norm_defaults`
+    left out: `model.norm_args` overrides it)."""
+    out = {}
+    for k in cfg:
+        if isinstance(cfg[k], ml_collections.ConfigDict):
+            if k != "norm_defaults" and (nested := _float_keys(cfg[k])):
+                out[k] = nested
+        elif cfg.get_type(k) is float:
+            out[k] = ()
+    return out
+
+
+def sweep_axes(c: ml_collections.ConfigDict) -> dict:
+    """`sweep.<key>` for every float key of `c.model` and `c.optimizer`: the keys a sweep may
+    vary, declared because the config is locked on the command line (the learning rate's is
+    `sweep.learning_rate`)."""
+    optimizer = _float_keys(c.optimizer)
+    del optimizer["learning_rate"]
+    return {"model": _float_keys(c.model), "optimizer": optimizer}
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "experiment"
@@ -71,15 +93,24 @@ def base_config() -> ml_collections.ConfigDict:
             "divisive": {"radius": 16},  # the MLP's window over its hidden units
         },
     })
-    c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3, "grad_clip": 10.0})
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "adam", "learning_rate": 1e-3, "grad_clip": 10.0,
+        # None: the optimizer's own (adamw's 1e-4; none for adam and sgd, where a value is
+        # added to the gradient as L2 regularization, PyTorch's `weight_decay`)
+        "weight_decay": config_dict.placeholder(float),
+    })
     c.batch_size = 128
     c.num_steps = 1000
     c.steps_per_call = 50  # steps fused into one compiled call (a lax.scan)
     c.unroll = 1  # lax.scan unroll of those steps
     c.eval_every = 50
     c.checkpoint_every = 500
-    # Members of the vmapped sweep: the product of these (empty: the single default value).
+    # Members of the vmapped sweep: the product of these (empty: the config's own value), all
+    # trained as one compiled program (experiments/sweep.py): seeds, learning rates, and
+    # `sweep.<key>` for each float key of the model and optimizer, e.g.
+    # `--config.sweep.model.norm_args.eps='(1e-5,1e-3)'`.
     c.sweep = ml_collections.ConfigDict({"seed": (0, 1, 2), "learning_rate": ()})
+    c.sweep.update(sweep_axes(c))
     # Device mesh (axes "sweep" x "data"): sweep members are split over the `sweep` axis, each
     # member's batch over the `data` axis (data parallelism). 0 = automatic: use as many of the
     # visible devices as the sweep size and batch size divide (see experiments/mesh.py).

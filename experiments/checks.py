@@ -18,9 +18,13 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def _is_positive_float(v) -> bool:
     # inf is allowed: that member diverges and is frozen, as any diverging member (NaN is not > 0)
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(v > 0)
+    return _is_real(v) and bool(v > 0)
 
 
 def check_values(cfg, num_examples=None):
@@ -59,6 +63,26 @@ def check_values(cfg, num_examples=None):
          "a tuple of ints >= 1" + ("" if cfg.model.kind == "mlp" else " (at least one)"), hidden)
     need(isinstance(cfg.model.norm, str) and cfg.model.norm in norms.names(), "model.norm",
          f"one of {norms.names()}", cfg.model.norm)
+    decay = cfg.optimizer.get("weight_decay")
+    need(decay is None or _is_real(decay) and np.isfinite(decay) and decay >= 0, "optimizer.weight_decay",
+         "a finite number >= 0 (None: the optimizer's own)", decay)
+    _check_sweep(cfg)
+
+
+def _check_sweep(cfg):
+    """Each `config.sweep.<key>` varies a float key of the model or the optimizer, over finite
+    numbers (>= 0 for the optimizer's clip and decay); the model's own checks of each value
+    run when the model is traced (`check_config`)."""
+    # A float key, or an unset one declared float (a copy of the config may have lost the type).
+    floats = {k for k, t, v in sweep.config_keys(cfg) if t == "float" or (v is None and t == "NoneType")}
+    for key, values in sweep.axes(cfg).items():
+        if key not in floats or not key.startswith((sweep.MODEL, sweep.OPTIMIZER)):
+            raise ConfigError(f"`config.sweep.{key}`: a sweep varies float keys of `config.model` and "
+                              f"`config.optimizer` (and `config.sweep.seed`), and `config.{key}` is none.")
+        low = 0 if key.startswith(sweep.OPTIMIZER) else -np.inf
+        if not all(_is_real(v) and np.isfinite(v) and v >= low for v in values):
+            allowed = "finite numbers" + (" >= 0" if low == 0 else "")
+            raise ConfigError(f"`config.sweep.{key}` must be a tuple of {allowed}, got {values!r}.")
 
 
 def check_config(cfg, num_examples: int | None = None, task: "tasks.Task | None" = None):
@@ -69,32 +93,34 @@ def check_config(cfg, num_examples: int | None = None, task: "tasks.Task | None"
     may not exceed it. `task`: the task built from `cfg` (`fit` passes it). Its model is then
     traced (not compiled) on one batch of the task's data, which runs every check the
     normalizers make of their option values (eps, momentum, groups against the layer's
-    width, ...) and the cell's of `forget_bias`. Without it, a model is built for a dummy
-    input, which checks the names and the options taken, not their values."""
+    width, ...) and the cell's of `forget_bias`, for the config's values and for each value
+    a sweep gives a model option. Without it, a model is built for a dummy input, which checks
+    the names and the options taken, not their values."""
     check_values(cfg, num_examples)
     try:
         mesh_lib.check_mesh_config(cfg, len(sweep.sweep_members(cfg)))
-        if task is None:
-            tasks.build_model(cfg, input_size=1, num_outputs=1, max_steps=1)
-        else:
-            _trace_task(task, cfg)
+        for values in [{}, *({k: v} for k, vs in sweep.axes(cfg).items() if k.startswith(sweep.MODEL) for v in vs)]:
+            if task is None:
+                tasks.build_model(sweep.with_values(cfg, values), input_size=1, num_outputs=1, max_steps=1)
+            else:
+                _trace_task(task.model_for(values), task, cfg)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def _trace_task(task: tasks.Task, cfg):
-    """Traces one training step's forward pass, and an evaluation, on a batch of the task's
-    shapes: the normalizers check their options when applied, so a bad value fails here
+def _trace_task(model, task: tasks.Task, cfg):
+    """Traces `model`'s forward pass in one training step, and an evaluation, on a batch of the
+    task's shapes: the normalizers check their options when applied, so a bad value fails here
     rather than after the workdir was written."""
     batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct((cfg.batch_size, *a.shape[1:]), a.dtype),
                          (task.data.x_train, task.data.y_train))
 
     def forward(key, x, y):
-        params, state = task.model.init(key)
+        params, state = model.init(key)
         for training in (True, False):
-            out, _ = task.model.apply(params, state, x, training=training)
+            out, _ = model.apply(params, state, x, training=training)
             task.loss_fn(out, y)
 
     try:

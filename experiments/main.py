@@ -9,13 +9,13 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from experiments import checkpoints, checks, mesh as mesh_lib, train
+from experiments import checkpoints, checks, sweep, train
+from experiments import mesh as mesh_lib
 from experiments import workdir as workdir_lib
 
 
@@ -60,20 +60,6 @@ def define_config_flag(flag_values=None, sys_argv=None):
                                            sys_argv=sys_argv)  # fmt: skip
 
 
-def config_keys(cfg, prefix="") -> list[tuple[str, str, Any]]:
-    """`(dotted key, type name, value)` of every leaf of the ConfigDict `cfg`, in order (an
-    unset placeholder has value None and the type it was declared with)."""
-    out = []
-    for k in cfg:
-        v = cfg[k]
-        if isinstance(v, ml_collections.ConfigDict):
-            out += config_keys(v, f"{prefix}{k}.")
-        else:
-            t = cfg.get_type(k)
-            out.append((f"{prefix}{k}", getattr(t, "__name__", str(t)), v))
-    return out
-
-
 _HELP = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
 
@@ -96,7 +82,7 @@ def _print_help(argv):
     file, *arg = path.split(":", 1)  # ml_collections' `file.py:argument` form
     module = runpy.run_path(file)
     cfg = module["get_config"](*arg) if "get_config" in module else module["base_config"]()
-    rows = [(f"--config.{k}", t, repr(v)) for k, t, v in config_keys(cfg)]
+    rows = [(f"--config.{k}", t, repr(v)) for k, t, v in sweep.config_keys(cfg)]
     width = max(len(r[0]) for r in rows)
     print(f"\nconfig keys of {path} (set with --config.<key>=<value>; None: unset):")
     for key, t, v in rows:

@@ -24,7 +24,7 @@ def _divisors(n: int) -> list[int]:
 
 def check_mesh_config(cfg, num_members: int):
     """The device-independent checks of `config.mesh` (types and divisibility)."""
-    share = {SWEEP: (num_members, f"the number of sweep members ({num_members}: seeds x learning rates)"),
+    share = {SWEEP: (num_members, f"the number of sweep members ({num_members}: the product of the swept values)"),
              DATA: (cfg.batch_size, f"`config.batch_size`={cfg.batch_size}")}
     for axis, (total, what) in share.items():
         size = cfg.mesh[axis]

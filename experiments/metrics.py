@@ -26,7 +26,7 @@ def _row_problem(row) -> str | None:
         if not (_is_number(row[key]) and (key == "learning_rate" or isinstance(row[key], int))):
             return f"{key!r} is {row[key]!r}, not {'a number' if key == 'learning_rate' else 'an int'}"
     for key, value in row.items():
-        if key.startswith(("train_", "test_")) and not _is_number(value):
+        if (key.startswith(("train_", "test_")) or "." in key) and not _is_number(value):  # "." : a swept value
             return f"{key!r} is {value!r}, not a number"
     return None
 
@@ -65,8 +65,10 @@ def read_metrics(path, up_to_step: int | None = None) -> list[dict]:
 
 
 def member_name(member: dict) -> str:
-    """A sweep member (or a metrics row) as `lr=0.001,seed=0`."""
-    return f"lr={member['learning_rate']:g},seed={member['seed']}"
+    """A sweep member (or a metrics row) as `lr=0.001,seed=0`, then its other swept values by
+    the last part of their keys (`...,eps=1e-05,momentum=0.9`)."""
+    swept = "".join(f",{k.rsplit('.', 1)[-1]}={v:g}" for k, v in member.items() if "." in k)
+    return f"lr={member['learning_rate']:g},seed={member['seed']}{swept}"
 
 
 def tensorboard_writers(logdir: pathlib.Path, members, step: int):

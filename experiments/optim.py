@@ -22,24 +22,35 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
         m = jnp.where(m > 0, m, 1.0)
         unit = jax.tree.map(lambda g: g / m.astype(g.dtype), updates)  # max |entry| = 1
         n = optax.tree.norm(unit)  # the norm is m * n, which may itself overflow
-        clip = n > max_norm / m
+        clip = (max_norm > 0) & (n > max_norm / m)  # a swept max_norm of 0 is no clipping
         # g / (m n) = unit / n: the clipped gradient never forms m * n or a tiny max_norm / (m n).
         return jax.tree.map(lambda g, u: jnp.where(clip, u / n.astype(u.dtype) * max_norm, g), updates, unit), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-    """Gradient clipping then the optimizer, with the learning rate injected so that it can
-    differ across sweep members (it lives in the optimizer state)."""
+def make_optimizer(opt_cfg, swept: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """Gradient clipping, weight decay, then the optimizer. The learning rate, and the settings
+    named in `swept` (`grad_clip`, `weight_decay`: those that differ across the sweep's members),
+    are injected: they live in the optimizer state, one value per member.
+
+    `weight_decay` (None: the optimizer's own, 1e-4 for adamw and none for adam and sgd) is
+    adamw's decoupled decay, and for adam and sgd a decay added to the gradient (PyTorch's
+    `weight_decay`, L2 regularization)."""
     factories = {"adam": optax.adam, "sgd": optax.sgd, "adamw": optax.adamw}
     if opt_cfg.name not in factories:
         raise ValueError(f"`optimizer.name` must be one of {tuple(factories)}, got {opt_cfg.name!r}.")
+    fixed = {"grad_clip": opt_cfg.grad_clip, "weight_decay": opt_cfg.get("weight_decay")}
+    # The config's value (0 for an unset one) stands in until `train.init_state` sets each member's.
+    injected = {k: 0.0 if fixed[k] is None else fixed[k] for k in swept}
 
-    def build(learning_rate):
-        steps = [factories[opt_cfg.name](learning_rate)]
-        if opt_cfg.grad_clip > 0:
-            steps.insert(0, clip_by_global_norm(opt_cfg.grad_clip))
-        return optax.chain(*steps)
+    def build(learning_rate, **values):
+        clip, decay = ({**fixed, **values}[k] for k in ("grad_clip", "weight_decay"))
+        steps = [clip_by_global_norm(clip)] if "grad_clip" in values or clip > 0 else []
+        if opt_cfg.name == "adamw":
+            return optax.chain(*steps, optax.adamw(learning_rate, **({} if decay is None else {"weight_decay": decay})))
+        if decay is not None:
+            steps.append(optax.add_decayed_weights(decay))
+        return optax.chain(*steps, factories[opt_cfg.name](learning_rate))
 
-    return optax.inject_hyperparams(build)(learning_rate=opt_cfg.learning_rate)
+    return optax.inject_hyperparams(build)(learning_rate=opt_cfg.learning_rate, **injected)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from experiments import data as data_lib
-from experiments import models
+from experiments import models, sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +19,13 @@ class Task:
     model: models.Model
     loss_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, dict]]
     data: data_lib.Dataset
+    # The model with some config keys set otherwise (`{dotted key: value}`, traced or not), for
+    # a sweep's members (see experiments/sweep.py).
+    model_with: Callable[[dict], models.Model]
+
+    def model_for(self, values: dict) -> models.Model:
+        """The model with a member's swept model options; `model` itself for none."""
+        return self.model_with(values) if values else self.model
 
 
 def classification_loss(logits, labels):
@@ -140,8 +147,12 @@ def build_task(cfg) -> Task:
     """Builds the task that `cfg.task` and `cfg.model` describe (its data read once)."""
     spec = task_spec(cfg.task.name)
     ds = spec.data(cfg)
-    model = build_model(cfg, num_outputs=spec.num_outputs(ds), **_model_inputs(spec, ds, cfg))
-    return Task(model, spec.loss, ds)
+    inputs = {"num_outputs": spec.num_outputs(ds), **_model_inputs(spec, ds, cfg)}
+
+    def model_with(values):
+        return build_model(sweep.with_values(cfg, values), **inputs)
+
+    return Task(model_with({}), spec.loss, ds, model_with)
 
 
 def _defaults_key(model_cfg):

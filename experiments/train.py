@@ -29,6 +29,7 @@ Its curves:    python -m experiments.curves runs/mlp   (or: tensorboard --logdir
 """
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -57,24 +58,52 @@ class TrainState(NamedTuple):
     key: jax.Array  # raw uint32 key: saved by orbax as a plain array
     step: jax.Array
     diverged_at: jax.Array  # -1 while finite, else the step at which the member diverged
+    # The member's swept model options read by the step ({dotted key: scalar}; see
+    # experiments/sweep.py): traced values, so that the members share one program.
+    hparams: dict
+
+
+def _init_groups(members) -> dict[tuple, np.ndarray]:
+    """The members' indices by their values of the swept model options that only set initial
+    parameters (one group, all members, when none is swept)."""
+    groups = {}
+    for i, m in enumerate(members):
+        groups.setdefault(tuple((k, v) for k, v in m.items() if sweep.is_init_only(k)), []).append(i)
+    return {k: np.asarray(v) for k, v in groups.items()}
 
 
 def init_state(task: tasks.Task, opt, members, sharding=None) -> TrainState:
     """The stacked initial state of every member (leading axis = member), laid out as
-    `sharding` if given (e.g. `NamedSharding(mesh, P("sweep"))`)."""
+    `sharding` if given (e.g. `NamedSharding(mesh, P("sweep"))`). Each member's swept settings
+    go where the program reads them: the optimizer's into its injected hyperparameters, the
+    model options that set initial parameters into `init`, the others into `hparams`."""
     seeds = np.asarray([m["seed"] for m in members], np.uint32)
-    lrs = np.asarray([m["learning_rate"] for m in members], np.float32)
+    values = sweep.member_values(members)
+    hyper = {k.removeprefix(sweep.OPTIMIZER): v for k, v in values.items() if k.startswith(sweep.OPTIMIZER)}
+    traced = {k: v for k, v in values.items() if k.startswith(sweep.MODEL) and not sweep.is_init_only(k)}
+    groups = _init_groups(members)
 
-    def one(seed, lr):
+    def one(model, seed, hyper, hparams):
         init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-        params, model_state = task.model.init(init_key)
+        params, model_state = model.init(init_key)
         opt_state = opt.init(params)
-        opt_state.hyperparams["learning_rate"] = lr
-        return TrainState(params, model_state, opt_state, data_key, jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32))
+        opt_state.hyperparams.update(hyper)
+        return TrainState(params, model_state, opt_state, data_key, jnp.zeros((), jnp.int32),
+                          jnp.full((), -1, jnp.int32), hparams)
 
-    # Seeds and rates are constants of the program, so no host array has to be placed first
+    # Seeds and settings are constants of the program, so no host array has to be placed first
     # (with several processes, jit inputs must be global arrays).
-    return jax.jit(lambda: jax.vmap(one)(jnp.asarray(seeds), jnp.asarray(lrs)), out_shardings=sharding)()
+    def stacked():
+        parts = []
+        for init_values, idx in groups.items():
+            some = jax.tree.map(lambda a: jnp.asarray(a[idx]), (seeds, hyper, traced))
+            parts.append(jax.vmap(functools.partial(one, task.model_for(dict(init_values))))(*some))
+        if len(parts) == 1:
+            return parts[0]
+        order = np.argsort(np.concatenate(list(groups.values())))
+        return jax.tree.map(lambda *a: jnp.concatenate(a)[order], *parts)
+
+    return jax.jit(stacked, out_shardings=sharding)()
 
 
 def _batch_indices(key, step, n, batch_size):
@@ -101,15 +130,16 @@ def make_train_chunk(task: tasks.Task, opt, batch_size: int, num_steps: int, unr
     mesh = mesh or mesh_lib.single_device_mesh()
     num_examples = task.data.y_train.shape[0]  # the slices may hold padding beyond it
 
-    def loss(params, model_state, x, y):
-        out, new_state = task.model.apply(params, model_state, x, training=True, axis_name=DATA)
+    def loss(params, model_state, hparams, x, y):
+        out, new_state = task.model_for(hparams).apply(params, model_state, x, training=True, axis_name=DATA)
         value, _ = task.loss_fn(out, y)
         return lax.pmean(value, DATA), new_state
 
     def train_step(state: TrainState, x_shard, y_shard):
         idx = _batch_indices(state.key, state.step, num_examples, batch_size)
         x, y = mesh_lib.local_batch(x_shard, idx), mesh_lib.local_batch(y_shard, idx)
-        (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.model_state, x, y)
+        (value, model_state), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.model_state,
+                                                                                   state.hparams, x, y)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Finite entries, not a finite norm: a finite gradient's norm can overflow (see
@@ -118,7 +148,7 @@ def make_train_chunk(task: tasks.Task, opt, batch_size: int, num_steps: int, unr
         finite = jnp.isfinite(value) & jnp.stack(
             [jnp.isfinite(a).all() for a in jax.tree.leaves((grads, params, model_state))]).all()
         ok = finite & (state.diverged_at < 0)
-        new = TrainState(params, model_state, opt_state, state.key, state.step + 1, state.diverged_at)
+        new = TrainState(params, model_state, opt_state, state.key, state.step + 1, state.diverged_at, state.hparams)
         frozen = state._replace(
             step=state.step + 1,
             diverged_at=jnp.where(state.diverged_at < 0, state.step, state.diverged_at),
@@ -148,7 +178,7 @@ def make_evaluate(task: tasks.Task, mesh: Mesh | None = None):
     on the whole (replicated) test set."""
 
     def evaluate(state: TrainState, x, y):
-        out, _ = task.model.apply(state.params, state.model_state, x, training=False)
+        out, _ = task.model_for(state.hparams).apply(state.params, state.model_state, x, training=False)
         value, extra = task.loss_fn(out, y)
         return {"loss": value, **extra}
 
@@ -225,7 +255,7 @@ def _fit_locked(run: _Run, progress, desc):
     config = json.loads(config_json)
     workdir_lib.check_saved_config(workdir / "config.json", config, workdir)
 
-    opt = optim.make_optimizer(cfg.optimizer)
+    opt = optim.make_optimizer(cfg.optimizer, sweep.optimizer_keys(cfg))
     state = init_state(run.task, opt, run.members, NamedSharding(run.mesh, P(SWEEP)))
     ckpt_dir = workdir / "checkpoints"
     manager, step, state = checkpoints.resume(ckpt_dir, cfg, state, config, run.mesh, workdir, run.primary)

@@ -13,6 +13,7 @@ a second run of the same program loads its executable instead of compiling it ag
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -26,6 +27,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -240,7 +242,7 @@ def test_cli_help_lists_the_config_keys_with_types_and_defaults(subprocess_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in proc.stdout.splitlines()
             if line.startswith("  --config.")}
-    keys = {f"--config.{k}": (t, v) for k, t, v in cli.config_keys(rnn_adding.get_config())}
+    keys = {f"--config.{k}": (t, v) for k, t, v in sweep.config_keys(rnn_adding.get_config())}
     assert rows.keys() == keys.keys() and len(rows) > 40
     assert rows["--config.optimizer.learning_rate"] == ["float", "0.003"]
     assert rows["--config.model.hidden"] == ["tuple", "(64,)"]
@@ -274,6 +276,29 @@ def parse_cli(module, *overrides):
     cli.define_config_flag(flag_values, argv)
     flag_values(argv)
     return flag_values.config
+
+
+def test_any_float_key_of_the_model_or_optimizer_is_a_sweep_axis():
+    cfg = parse_cli(rnn_adding, "--config.sweep.model.norm_args.eps=(1e-5,1e-3)", "--config.sweep.seed=(0,1)",
+                    "--config.sweep.model.forget_bias=(0.0,1.0)")
+    floats = {k for k, t, _ in sweep.config_keys(cfg)
+              if t == "float" and k.startswith(("model.", "optimizer.")) and ".norm_defaults." not in k}
+    declared = {k.removeprefix("sweep.") for k, _, _ in sweep.config_keys(cfg) if k.startswith("sweep.")}
+    assert floats - {"optimizer.learning_rate"} <= declared  # (norm_args overrides norm_defaults)
+    assert {"model.norm_args.momentum", "model.norm_args.scale_init", "optimizer.weight_decay"} <= declared
+    assert sweep.axes(cfg) == {"model.forget_bias": (0.0, 1.0), "model.norm_args.eps": (1e-5, 1e-3)}
+    members = sweep.sweep_members(cfg)
+    assert len(members) == 8 and members[1] == {"seed": 1, "learning_rate": cfg.optimizer.learning_rate,
+                                                "model.forget_bias": 0.0, "model.norm_args.eps": 1e-5}
+    assert metrics.member_name(members[-1]) == "lr=0.003,seed=1,forget_bias=1,eps=0.001"
+    cfg = tiny_config(norm="batch")
+    cfg.sweep.model.norm_args.eps = (1e-5, -1.0)  # each value is checked as the config's own
+    with pytest.raises(checks.ConfigError, match="`eps` must be >= 0, got -1.0"):
+        checks.check_config(cfg, task=tiny_task("batch"))
+    cfg = mlp_digits.get_config()
+    cfg.sweep.task = ml_collections.ConfigDict({"length": (10, 20)})
+    with pytest.raises(checks.ConfigError, match=r"`config.sweep.task.length`: a sweep varies float keys"):
+        checks.check_config(cfg)
 
 
 def test_normalizer_options_come_from_the_config():
@@ -559,6 +584,9 @@ def test_a_tuple_flag_given_twice_is_refused(tmp_path, subprocess_env):
     ("--config.optimizer.learning_rate=-1.0", "`config.optimizer.learning_rate` must be a number > 0"),
     ("--config.model.norm=lyer", "`config.model.norm` must be one of"),
     ("--config.model.norm_args.eps=-1", "config.model: `eps` must be >= 0, got -1.0"),
+    ("--config.sweep.model.norm_args.eps=(1e-5,-1.0)", "config.model: `eps` must be >= 0, got -1.0"),
+    ("--config.sweep.optimizer.weight_decay=(-1.0,)",
+     "`config.sweep.optimizer.weight_decay` must be a tuple of finite numbers >= 0, got (-1.0,)"),
 ])
 def test_cli_reports_an_impossible_config_in_one_line(tmp_path, subprocess_env, flag, message):
     workdir = tmp_path / "run"
@@ -899,6 +927,70 @@ def test_vmapped_sweep_equals_members_trained_one_at_a_time(tmp_path, jax_defaul
     assert not bitwise_equal(p[0], p[1]) and not bitwise_equal(p[0], p[2])
     assert rows[-4]["test_loss"] < 2.3 or rows[-1]["test_loss"] < 2.3
     print(f"sweep members bitwise equal to their solo runs: {bitwise}")
+
+
+def _set(cfg, key, value):
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part]
+    node[last] = value
+
+
+def _sweep_equals_single_runs(tmp_path, cfg, axes, changed):
+    """Trains `cfg` with the sweep `axes` ({dotted key: values}) as one fit, and each member
+    alone with its values set in the config; asserts that each member equals its single run,
+    and that the values changed the leaves `changed(state)` of the members."""
+    swept = cfg.copy_and_resolve_references()
+    for key, values in axes.items():
+        _set(swept.sweep, key, tuple(values))
+    state, rows, members = train.fit(swept, tmp_path / "sweep", progress=False)
+    assert [tuple(m[k] for k in axes) for m in members] == list(itertools.product(*axes.values()))
+    for i, m in enumerate(members):
+        single = cfg.copy_and_resolve_references()
+        for key in axes:
+            _set(single, key, m[key])
+        want, single_rows, _ = train.fit(single, tmp_path / f"single_{i}", progress=False)
+        got, want = member(state, i), member(want, 0)
+        assert_trees_equal((got.params, got.model_state), (want.params, want.model_state), exact=False,
+                           rtol=1e-5, atol=1e-6)
+        # The leaves only: a single run without clipping has no clipping stage (stateless) at all.
+        assert_trees_equal(jax.tree.leaves(got.opt_state.inner_state), jax.tree.leaves(want.opt_state.inner_state),
+                           exact=False, rtol=1e-5, atol=1e-6)
+        mine = [r for r in rows if r["member"] == i]
+        assert [r["step"] for r in mine] == [r["step"] for r in single_rows]
+        for r, w in zip(mine, single_rows):
+            assert {k: r[k] for k in axes} == {k: m[k] for k in axes}
+            for k in ("train_loss", "test_loss", "test_error"):
+                np.testing.assert_allclose(r[k], w[k], rtol=1e-5, atol=1e-6)
+    leaves = [jax.tree.leaves(changed(member(state, i))) for i in range(len(members))]
+    assert all(not bitwise_equal(leaves[0], other) for other in leaves[1:])  # not vacuous
+    return state
+
+
+@pytest.mark.slow
+def test_an_eps_by_momentum_sweep_is_one_program_equal_to_its_single_runs(tmp_path, jax_defaults):
+    """Batch norm's eps x momentum as sweep axes: traced per-member values in one compiled
+    program (`TrainState.hparams`), each member equal to the run with that setting."""
+    axes = {"model.norm_args.eps": (1e-5, 1e-1), "model.norm_args.momentum": (0.9, 0.5)}
+    state = _sweep_equals_single_runs(tmp_path, tiny_config(num_steps=20, norm="batch"), axes,
+                                      lambda s: (s.params, s.model_state))
+    np.testing.assert_array_equal(state.hparams["model.norm_args.eps"], np.float32([1e-5, 1e-5, 1e-1, 1e-1]))
+    np.testing.assert_array_equal(state.hparams["model.norm_args.momentum"], np.float32([0.9, 0.5, 0.9, 0.5]))
+
+
+@pytest.mark.slow
+def test_gain_init_and_optimizer_sweeps_equal_their_single_runs(tmp_path, jax_defaults):
+    """The gain init (read by `init`, per member), weight decay and the gradient clip (the
+    optimizer's injected hyperparameters) as sweep axes."""
+    cfg = tiny_config(num_steps=20, norm="batch")
+    cfg.optimizer.name = "adamw"
+    axes = {"model.norm_args.scale_init": (1.0, 0.1), "optimizer.grad_clip": (0.0, 0.05),
+            "optimizer.weight_decay": (0.0, 0.5)}  # in the config's order, the members' order
+    state = _sweep_equals_single_runs(tmp_path, cfg, axes, lambda s: s.params)
+    assert state.hparams == {}
+    np.testing.assert_array_equal(state.opt_state.hyperparams["grad_clip"], np.float32([0, 0, 0.05, 0.05] * 2))
+    np.testing.assert_array_equal(state.opt_state.hyperparams["weight_decay"], np.float32([0, 0.5] * 4))
 
 
 @pytest.mark.slow

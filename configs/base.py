@@ -104,6 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.steps_per_call = 50  # steps fused into one compiled call (a lax.scan)
     c.unroll = 1  # lax.scan unroll of those steps
     c.eval_every = 50
+    c.log_every = 1  # the training loss to TensorBoard (tensorboard/<member>/steps/) every this many steps
     c.checkpoint_every = 500
     # Members of the vmapped sweep: the product of these (empty: the config's own value), all
     # trained as one compiled program (experiments/sweep.py): seeds, learning rates, and

@@ -33,7 +33,7 @@ def check_values(cfg, num_examples=None):
         if not ok:
             raise ConfigError(f"`config.{key}` must be {allowed}, got {value!r}.")
 
-    for name in ("num_steps", "steps_per_call", "batch_size", "eval_every", "checkpoint_every", "unroll"):
+    for name in ("num_steps", "steps_per_call", "batch_size", "eval_every", "checkpoint_every", "unroll", "log_every"):
         need(_is_int(cfg[name]) and cfg[name] >= 1, name, "an int >= 1", cfg[name])
     for name in ("eval_every", "checkpoint_every"):
         if cfg[name] % cfg.steps_per_call:

@@ -1,11 +1,16 @@
 """A run's metrics: `metrics.jsonl` (one row per member per evaluation), TensorBoard, the progress note."""
 
 import json
+import os
 import pathlib
 import time
+import warnings
 
+import jax
 import numpy as np
 
+from experiments import sweep
+from experiments.mesh import DATA
 from experiments import workdir as workdir_lib
 
 # Every row names its member and the step; the metrics are numbers (NaN/inf included).
@@ -71,17 +76,86 @@ def member_name(member: dict) -> str:
     return f"lr={member['learning_rate']:g},seed={member['seed']}{swept}"
 
 
-def tensorboard_writers(logdir: pathlib.Path, members, step: int):
-    """One tensorboardX writer per member, in `logdir/<index>_<member_name>`. Resuming at `step`,
-    TensorBoard drops what an interrupted run logged after it (`purge_step`)."""
+def tensorboard_writers(logdir: pathlib.Path, members, step: int, subdir: str = ""):
+    """One tensorboardX writer per member, in `logdir/<index>_<member_name>/<subdir>`. Resuming at
+    `step`, TensorBoard drops what an interrupted run logged after it (`purge_step`)."""
     from tensorboardX import SummaryWriter
 
     # tensorboardX names its file by the second and truncates it: a resume started within the
     # second of the last run would erase that run's events. Nanoseconds keep each file, in order.
     suffix = f".{time.time_ns()}"
-    return [SummaryWriter(str(logdir / f"{i:03d}_{member_name(m)}"), purge_step=step + 1 if step else None,
+    return [SummaryWriter(str(logdir / f"{i:03d}_{member_name(m)}" / subdir), purge_step=step + 1 if step else None,
                           filename_suffix=suffix)
             for i, m in enumerate(members)]
+
+
+def hparams(cfg, member: dict) -> dict:
+    """A member's hyperparameters for TensorBoard's hparams plugin: every config key (tuples as
+    text, unset ones left out) with the member's seed and swept values, by dotted key."""
+    values = {"optimizer.learning_rate": member["learning_rate"], "seed": member["seed"],
+              **{k: v for k, v in member.items() if "." in k}}
+    out = {k: v if isinstance(v, (bool, str, int, float)) else str(v)
+           for k, _, v in sweep.config_keys(cfg) if not k.startswith("sweep.") and v is not None}
+    return {**out, **values}
+
+
+class RunLog:
+    """What process 0 writes while a run trains: the metrics.jsonl rows, each member's
+    TensorBoard curves in `tensorboard/<member>/` (with its hyperparameters, for the hparams
+    plugin) and its training loss every `config.log_every` steps in `tensorboard/<member>/steps/`.
+    The other processes write nothing. Files are closed by `closing` (an ExitStack)."""
+
+    def __init__(self, workdir: pathlib.Path, cfg, members, step: int, primary: bool, closing):
+        self.workdir, self.cfg, self.members = workdir, cfg, members
+        path = workdir / "metrics.jsonl"
+        with workdir_lib.writing(path, "open"):
+            self.file = closing.enter_context(open(path if primary else os.devnull, "a"))
+        logdir = workdir / "tensorboard"
+        with workdir_lib.writing(logdir, "create"):
+            opened = [tensorboard_writers(logdir, members, step, sub) for sub in ("", "steps")] if primary else [[], []]
+            self.writers, self.step_writers = ([closing.enter_context(w) for w in ws] for ws in opened)
+            if step == 0:  # once per run: a resume would add a second session
+                from tensorboardX.summary import hparams as tb_hparams
+
+                for w, member in zip(self.writers, members):
+                    for summary in tb_hparams(hparams(cfg, member), {"train/loss": 0.0, "test/loss": 0.0}):
+                        w.file_writer.add_summary(summary)
+
+    def steps(self, first: int, losses):
+        """The training losses `[member, step]` of steps `first + 1, ...` at every `log_every`-th step."""
+        for j in range(losses.shape[1]):
+            if (first + j + 1) % self.cfg.log_every == 0:
+                for w, value in zip(self.step_writers, losses[:, j]):
+                    if np.isfinite(value):  # NaN: the member diverged
+                        w.add_scalar("train/loss", float(value), global_step=first + j + 1)
+        with workdir_lib.writing(self.workdir / "tensorboard"):
+            for w in self.step_writers:
+                w.flush()
+
+    def evaluation(self, rows, step, ev, tl, div):
+        """Appends each member's row at `step` to `rows`, metrics.jsonl and TensorBoard."""
+        with workdir_lib.writing(self.workdir / "metrics.jsonl"):
+            for i, member in enumerate(self.members):
+                row = {"step": step, "member": i, **member, "train_loss": float(tl[i]),
+                       **{f"test_{k}": float(v[i]) for k, v in ev.items()}, "diverged_at": int(div[i])}
+                rows.append(row)
+                self.file.write(json.dumps(row) + "\n")
+                if self.writers and row["diverged_at"] < 0:  # a frozen member's curves end where it diverged
+                    for key, value in row.items():
+                        if key.startswith(("train_", "test_")):  # as train/loss, test/error, ...
+                            self.writers[i].add_scalar(key.replace("_", "/", 1), value, global_step=step)
+            self.file.flush()
+        with workdir_lib.writing(self.workdir / "tensorboard"):
+            for w in self.writers:
+                w.flush()
+
+
+def chunk_means(losses):
+    """Each member's mean training loss over a chunk's steps (`losses`: `[member, step]`),
+    NaN for a member that diverged before the chunk."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's note on an all-NaN row
+        return np.nanmean(losses, axis=1)
 
 
 def loss_postfix(losses) -> str:
@@ -113,19 +187,22 @@ def start_metrics(workdir: pathlib.Path, cfg, step: int, primary: bool) -> list[
     return rows
 
 
-def log_evaluation(workdir: pathlib.Path, members, log, writers, rows, step, ev, tl, div):
-    """Appends each member's row at `step` to metrics.jsonl (the open file `log`) and TensorBoard."""
-    with workdir_lib.writing(workdir / "metrics.jsonl"):
-        for i, member in enumerate(members):
-            row = {"step": step, "member": i, **member, "train_loss": float(tl[i]),
-                   **{f"test_{k}": float(v[i]) for k, v in ev.items()}, "diverged_at": int(div[i])}
-            rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            if writers and row["diverged_at"] < 0:  # a frozen member's curves end where it diverged
-                for key, value in row.items():
-                    if key.startswith(("train_", "test_")):  # as train/loss, test/error, ...
-                        writers[i].add_scalar(key.replace("_", "/", 1), value, global_step=step)
-        log.flush()
-    with workdir_lib.writing(workdir / "tensorboard"):
-        for w in writers:
-            w.flush()
+def run_metadata(cfg, members, mesh) -> dict:
+    """What run.json records beside config.json: the members and the implementation choices
+    lnjax takes for this run on this machine, as its own functions decide them."""
+    import lnjax
+    from lnjax import _fused, native, recurrent
+
+    choices = {
+        "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+        "mesh": dict(mesh.shape), "lnjax": lnjax.__version__, "jax": jax.__version__,
+        "native_kernels": native.available(),  # implementation=None: native on CPU if loaded
+        "fused_block_bytes": _fused.block_bytes(),  # rows per block of the fused kernels
+        "norm_implementation_option": cfg.model.norm_args.get("implementation"),
+        # Traced per-member options (experiments/sweep.py): lnjax's fused and native paths need
+        # a Python eps, so the normalizers reading a swept eps take the XLA path.
+        "traced_options": sorted(k for k in members[0] if sweep.is_traced(k)),
+    }
+    if cfg.model.kind == "rnn":  # lnjax.rnn's projection form for each device's share of a batch
+        choices["rnn_precompute_inputs"] = recurrent.default_precompute_inputs(cfg.batch_size // mesh.shape[DATA])
+    return {"members": members, "implementation": choices}

@@ -66,6 +66,11 @@ def is_init_only(key: str) -> bool:
     return key.startswith(MODEL) and key.rsplit(".", 1)[-1] in INIT_ONLY
 
 
+def is_traced(key: str) -> bool:
+    """Whether the step reads the swept model option `key` as a traced value (`TrainState.hparams`)."""
+    return key.startswith(MODEL) and not is_init_only(key)
+
+
 def optimizer_keys(cfg) -> tuple[str, ...]:
     """The optimizer's settings that vary across the members (learning_rate not included)."""
     return tuple(k.removeprefix(OPTIMIZER) for k in axes(cfg) if k.startswith(OPTIMIZER))

@@ -31,7 +31,6 @@ Its curves:    python -m experiments.curves runs/mlp   (or: tensorboard --logdir
 import contextlib
 import functools
 import json
-import os
 import pathlib
 import sys
 from typing import Any, NamedTuple
@@ -80,7 +79,7 @@ def init_state(task: tasks.Task, opt, members, sharding=None) -> TrainState:
     seeds = np.asarray([m["seed"] for m in members], np.uint32)
     values = sweep.member_values(members)
     hyper = {k.removeprefix(sweep.OPTIMIZER): v for k, v in values.items() if k.startswith(sweep.OPTIMIZER)}
-    traced = {k: v for k, v in values.items() if k.startswith(sweep.MODEL) and not sweep.is_init_only(k)}
+    traced = {k: v for k, v in values.items() if sweep.is_traced(k)}
     groups = _init_groups(members)
 
     def one(model, seed, hyper, hparams):
@@ -122,7 +121,8 @@ def make_train_chunk(task: tasks.Task, opt, batch_size: int, num_steps: int, unr
     Inside `shard_map`, each device runs its members (vmapped) on its `batch_size / data`
     examples of each batch; the loss is the mean over the data axis, so gradients are those of
     the whole batch, and batch norm gets `axis_name="data"`. Returns the new state and each
-    member's mean training loss over the chunk.
+    member's training loss at each step, `[member, step]` (NaN once it diverged): the loss of
+    every step reaches the host with the state, without a transfer per step.
 
     `unroll` goes to the `lax.scan` over steps: XLA:CPU runs convolution gradients inside a
     while loop ~10x slower than unrolled (measured on the ConvNet config), so ConvNets unroll.
@@ -160,8 +160,7 @@ def make_train_chunk(task: tasks.Task, opt, batch_size: int, num_steps: int, unr
         def body(s, _):
             return train_step(s, x_shard, y_shard)
 
-        state, losses = jax.lax.scan(body, state, None, length=num_steps, unroll=unroll)
-        return state, jnp.nanmean(losses)
+        return jax.lax.scan(body, state, None, length=num_steps, unroll=unroll)
 
     # shard_map types the parameters as equal on every "data" device (they are not split over
     # it), so autodiff sums their per-device gradient contributions over "data" itself: the
@@ -263,6 +262,8 @@ def _fit_locked(run: _Run, progress, desc):
         workdir.mkdir(parents=True, exist_ok=True)
     if run.primary:
         workdir_lib.write_atomic(workdir / "config.json", config_json)
+        workdir_lib.write_atomic(workdir / "run.json", json.dumps(metrics.run_metadata(cfg, run.members, run.mesh),
+                                                                  indent=1))
     manager = manager or checkpoints.checkpoint_manager(ckpt_dir, cfg)
     try:
         rows = metrics.start_metrics(run.workdir, run.cfg, step, run.primary)
@@ -284,27 +285,25 @@ def _train(run: _Run, opt, state, step, rows, manager, config, progress, desc):
     evaluate = make_evaluate(task, mesh)
     bar = tqdm(total=cfg.num_steps, initial=step, disable=not (progress and run.primary), desc=desc or cfg.name,
                unit="step", leave=None)
-    metrics_path = run.workdir / "metrics.jsonl"
     with contextlib.ExitStack() as closing:
         closing.callback(bar.close)  # also on an error, so that its message starts a line of its own
-        with workdir_lib.writing(metrics_path, "open"):
-            log = closing.enter_context(open(metrics_path if run.primary else os.devnull, "a"))
-        with workdir_lib.writing(run.workdir / "tensorboard", "create"):
-            tensorboard = metrics.tensorboard_writers(run.workdir / "tensorboard", run.members, step) if run.primary else []
-        writers = [closing.enter_context(w) for w in tensorboard]
+        log = metrics.RunLog(run.workdir, cfg, run.members, step, run.primary, closing)
         while step < cfg.num_steps:
-            state, train_loss = chunk(state, x_tr, y_tr)
+            state, losses = chunk(state, x_tr, y_tr)
             # One chunk at a time: with a chunk queued behind a running one (async dispatch),
             # XLA:CPU (jax 0.10.2) deadlocked in the LN-LSTM's scan (all threads in futex wait).
             # A chunk is many steps, so nothing measurable is lost by waiting for it.
             jax.block_until_ready(state)
-            step += cfg.steps_per_call
-            tl = None
-            if metrics.evaluates_at(step, cfg):
-                ev, tl, div = mesh_lib.fetch((evaluate(state, x_te, y_te), train_loss, state.diverged_at), mesh)
-                metrics.log_evaluation(run.workdir, run.members, log, writers, rows, step, ev, tl, div)
-            if progress:  # on every process, as fetching is collective; one fetch per chunk
-                tl = mesh_lib.fetch(train_loss, mesh) if tl is None else tl
+            first, step = step, step + cfg.steps_per_call
+            evaluated = metrics.evaluates_at(step, cfg)
+            # Fetching is collective (every process takes part): at most one fetch per chunk.
+            if evaluated or progress or (step // cfg.log_every > first // cfg.log_every):
+                ev = evaluate(state, x_te, y_te) if evaluated else {}
+                ev, losses, div = mesh_lib.fetch((ev, losses, state.diverged_at), mesh)
+                log.steps(first, losses)
+                tl = metrics.chunk_means(losses)
+                if evaluated:
+                    log.evaluation(rows, step, ev, tl, div)
                 bar.set_postfix_str(metrics.loss_postfix(tl), refresh=False)
             bar.update(cfg.steps_per_call)
             if manager.should_save(step):

@@ -50,7 +50,7 @@ def workdir_path(workdir) -> pathlib.Path:
 
 LOCK_FILE = ".lock"
 # What a run keeps in its workdir, as a file (False) or a directory (True).
-_WORKDIR_ENTRIES = {"config.json": False, "metrics.jsonl": False, LOCK_FILE: False, "checkpoints": True,
+_WORKDIR_ENTRIES = {"config.json": False, "run.json": False, "metrics.jsonl": False, LOCK_FILE: False, "checkpoints": True,
                     "corrupt_checkpoints": True, "tensorboard": True}
 
 

@@ -777,6 +777,56 @@ def test_tensorboard_shows_every_member_once_per_step_after_a_resume(tmp_path, j
             np.testing.assert_allclose([v for _, v in events], [r[key] for r in mine], rtol=1e-6)
 
 
+def test_the_training_loss_of_every_step_reaches_tensorboard_once(tmp_path, jax_defaults):
+    """`log_every` steps apart (default 1), from the losses each chunk returns; after a resume
+    each step is still shown once. Each member's hyperparameters go to the hparams plugin."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    workdir = tmp_path / "run"
+    cfg = tiny_config(seeds=(0, 1), num_steps=30, checkpoint_every=10)
+    train.fit(cfg, workdir, progress=False, task=tiny_task())
+    shutil.rmtree(workdir / "checkpoints" / "30")  # resumes at 20 and logs 21..30 again
+    _, rows, members = train.fit(cfg, workdir, progress=False, task=tiny_task())
+    for i, member in enumerate(members):
+        run_dir = workdir / "tensorboard" / f"{i:03d}_{metrics.member_name(member)}"
+        steps = _tensorboard_scalars(run_dir / "steps")["train/loss"]
+        assert [s for s, _ in steps] == list(range(1, 31))
+        for row in (r for r in rows if r["member"] == i):  # a row's train_loss: its chunk's mean
+            chunk = [v for s, v in steps if row["step"] - 10 < s <= row["step"]]
+            np.testing.assert_allclose(np.mean(chunk), row["train_loss"], rtol=1e-5)
+        acc = EventAccumulator(str(run_dir))
+        acc.Reload()
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+        assert start.hparams["seed"].number_value == member["seed"]
+        assert start.hparams["model.norm"].string_value == "layer"
+        assert start.hparams["optimizer.learning_rate"].number_value == pytest.approx(1e-3)
+    cfg.log_every = 4
+    train.fit(cfg, tmp_path / "every_4", progress=False, task=tiny_task())
+    steps = _tensorboard_scalars(tmp_path / "every_4" / "tensorboard" / "000_lr=0.001,seed=0" / "steps")
+    assert [s for s, _ in steps["train/loss"]] == [4, 8, 12, 16, 20, 24, 28]
+
+
+def test_run_json_records_the_implementation_choices_taken(tmp_path, jax_defaults):
+    """run.json: the members, and what lnjax's own functions decide for this run and machine."""
+    from lnjax import _fused, native, recurrent
+
+    cfg = tiny_config(num_steps=10, norm="batch")
+    cfg.sweep.model.norm_args.eps = (1e-5, 1e-3)
+    train.fit(cfg, tmp_path / "run", progress=False, task=tiny_task("batch"))
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["members"] == sweep.sweep_members(cfg)
+    choices = meta["implementation"]
+    assert choices["native_kernels"] == native.available() and choices["fused_block_bytes"] == _fused.block_bytes()
+    assert choices["backend"] == jax.default_backend() and choices["mesh"] == {"sweep": 1, "data": 1}
+    assert choices["traced_options"] == ["model.norm_args.eps"] and "rnn_precompute_inputs" not in choices
+    cfg = rnn_adding.get_config()
+    cfg.batch_size = 8
+    got = metrics.run_metadata(cfg, sweep.sweep_members(cfg), jax.make_mesh((1, 1), ("sweep", "data")))
+    assert got["implementation"]["rnn_precompute_inputs"] == recurrent.default_precompute_inputs(8)
+
+
 def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, jax_defaults, capsys):
     from experiments import curves
 

@@ -423,6 +423,15 @@ def test_fit_rejects_bad_settings_before_training(tmp_path, jax_defaults):
         optim.make_optimizer(cfg.optimizer)
 
 
+def test_fit_builds_the_task_and_its_model_once(tmp_path, jax_defaults, monkeypatch):
+    """The model the config is checked with (traced on a batch) is the one that trains."""
+    built = []
+    real = tasks.build_model
+    monkeypatch.setattr(tasks, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    train.fit(tiny_config(num_steps=10), tmp_path, progress=False)
+    assert len(built) == 1
+
+
 def test_tasks_are_a_registry(tmp_path, jax_defaults, monkeypatch):
     """An unknown task's error lists the registry; a new task is one entry (and a config)."""
     with pytest.raises(ValueError, match=re.escape(f"`task.name` must be one of {', '.join(tasks.TASKS)}, "

@@ -25,129 +25,27 @@
 #include <limits>
 #include <vector>
 
-#include "kernels.h"
+#include "rows.h"
 
 namespace ffi = xla::ffi;
 using namespace lnjax;  // NOLINT: this file's kernels are lnjax's
 
 namespace {
 
-// --- deterministic sums over a row: fixed lanes, combined in a fixed tree -------------------
-
-
-template <class A, class F>
-inline A lane_sum(int64_t n, F term) {
-  A acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += term(i + j);
-  for (int j = 0; i + j < n; ++j) acc[j] += term(i + j);
-  return tree(acc);
-}
-
-template <class A>
-inline A max_abs(const A* v, int64_t n) {
-  A acc[kLanes] = {};
-  int64_t i = 0;
-  // `a > m ? a : m` rather than std::max, whose NaN rule keeps the loop from vectorizing; a
-  // NaN is passed over here, and reaches the output through the sums anyway.
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const A a = std::fabs(v[i + j]);
-      acc[j] = a > acc[j] ? a : acc[j];
-    }
-  for (int j = 0; i + j < n; ++j) acc[j] = std::max(acc[j], std::fabs(v[i + j]));
-  return *std::max_element(acc, acc + kLanes);
-}
-
-// The exponent e of the power-of-two scale 2^-e a row needs (0: none). Tiny rows need it only
-// if eps does not dwarf their variance (else var + eps is eps to working precision).
-template <class A>
-inline int row_exponent(A m, double eps) {
-  constexpr bool wide = std::is_same_v<A, double>;
-  const int lo = wide ? -256 : -16, hi = wide ? 256 : 32, digits = wide ? 53 : 24;
-  if (!(m > 0) || !std::isfinite(m)) return 0;
-  const int e = std::ilogb(m);
-  if (e >= hi) return e;
-  if (e < lo && (eps == 0 || std::ilogb(eps) < 2 * e + digits)) return e;
-  return 0;
-}
-
-// 1 / sqrt(var + eps * s^2) for a scaled row, computed in double so that eps * s^2 cannot
-// overflow, and capped at the largest finite A: a capped value only ever multiplies zeros
-// (a row with no spread), which then stay zeros rather than NaN.
-template <class A>
-inline A scaled_rstd(A var, double eps, int e) {
-  const double es = std::ldexp(eps, -e);
-  const double ve = double(var) + es * std::ldexp(1.0, -e);
-  if (!(ve > 0)) return A(1) / std::sqrt(A(ve));
-  return A(std::min(1.0 / std::sqrt(ve), double(std::numeric_limits<A>::max())));
-}
-
-// Rows per chunk: about 64 KiB of row data, a function of H only (never of the thread count).
-inline int64_t chunk_rows(int64_t h) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(h, 1)); }
-
-struct Layout {
-  int64_t rows, h, groups, per_group, per_chunk, chunks_per_group;
-  int64_t chunks() const { return groups * chunks_per_group; }
-  int64_t begin(int64_t c) const { return (c / chunks_per_group) * per_group + (c % chunks_per_group) * per_chunk; }
-  int64_t end(int64_t c) const {
-    return std::min(begin(c) + per_chunk, (c / chunks_per_group + 1) * per_group);
-  }
-  int64_t group(int64_t row) const { return row / per_group; }
-};
-
-ffi::Error layout(const ffi::AnyBuffer& x, const ffi::AnyBuffer& scale, Layout* out) {
-  auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("x must have a feature axis");
-  const int64_t h = dims.back();
-  const int64_t rows = h == 0 ? 0 : int64_t(x.element_count()) / h;
-  // scale: [..., H], its leading axes the groups (vmap adds them to x and scale alike).
-  auto sd = scale.dimensions();
-  if (sd.size() < 1 || sd.back() != h) return ffi::Error::InvalidArgument("scale must be [..., H]");
-  const int64_t groups = h == 0 ? 1 : int64_t(scale.element_count()) / h;
-  if (groups < 1 || rows % groups) return ffi::Error::InvalidArgument("groups must divide the rows");
-  const int64_t per_group = rows / groups, per_chunk = chunk_rows(h);
-  *out = Layout{rows, h, groups, per_group, per_chunk, (per_group + per_chunk - 1) / per_chunk};
-  return ffi::Error::Success();
-}
-
 // --- one row, forward ---------------------------------------------------------------------
 
 template <bool Center, class T>
 void forward_row(const T* x, T* y, const Acc<T>* g, const Acc<T>* b, int64_t h, double eps,
                  Acc<T>* stats, Acc<T>* buf) {
-  using A = Acc<T>;
   for (int64_t i = 0; i < h; ++i) buf[i] = load(x[i]);
-  const int e = row_exponent(max_abs(buf, h), eps);
-  if (e != 0)
-    for (int64_t i = 0; i < h; ++i) buf[i] = std::ldexp(buf[i], -e);
-  const A n = A(h);
-  A mean = 0, residual = 0, var;
-  if constexpr (Center) {
-    mean = lane_sum<A>(h, [&](int64_t i) { return buf[i]; }) / n;
-    residual = lane_sum<A>(h, [&](int64_t i) { return buf[i] - mean; }) / n;
-    const A sq = lane_sum<A>(h, [&](int64_t i) { A d = buf[i] - mean; return d * d; }) / n;
-    var = std::max(sq - residual * residual, A(0));
-  } else {
-    var = lane_sum<A>(h, [&](int64_t i) { return buf[i] * buf[i]; }) / n;
-  }
-  const A rstd = e == 0 ? A(1) / std::sqrt(var + A(eps)) : scaled_rstd(var, eps, e);
-  for (int64_t i = 0; i < h; ++i) {
-    const A xhat = Center ? ((buf[i] - mean) - residual) * rstd : buf[i] * rstd;
-    y[i] = store<T>(xhat * g[i] + b[i]);
-  }
-  if constexpr (Center) {
-    stats[0] = mean, stats[1] = residual, stats[2] = rstd, stats[3] = A(e);
-  } else {
-    stats[0] = rstd, stats[1] = A(e);
-  }
+  row_stats<Center>(buf, h, eps, stats);
+  for (int64_t i = 0; i < h; ++i) y[i] = store<T>(normalized<Center>(buf[i], stats) * g[i] + b[i]);
 }
 
 template <bool Center, class T>
 void forward(ffi::ThreadPool& pool, const Layout& L, const T* x, T* y, const Acc<T>* g, const Acc<T>* b,
              double eps, Acc<T>* stats) {
-  constexpr int k = Center ? 4 : 2;
+  constexpr int k = kStats<Center>;
   parallel_for(pool, L.chunks(), [&](int64_t c) {
     std::vector<Acc<T>> buf(L.h);
     for (int64_t r = L.begin(c); r < L.end(c); ++r) {
@@ -165,41 +63,21 @@ template <bool Center, class T>
 void backward_row(const T* x, const T* dy, T* dx, const Acc<T>* g, const Acc<T>* stats, int64_t h,
                   Acc<T>* dscale, Acc<T>* dbias, Acc<T>* xhat, Acc<T>* gs) {
   using A = Acc<T>;
-  const A mean = Center ? stats[0] : A(0), residual = Center ? stats[1] : A(0);
-  const A rstd = Center ? stats[2] : stats[0];
-  const int e = int(Center ? stats[3] : stats[1]);
-  if (e == 0) {
-    for (int64_t i = 0; i < h; ++i) xhat[i] = load(x[i]);
-  } else {  // a separate loop, so that the common one has no ldexp and vectorizes
-    for (int64_t i = 0; i < h; ++i) xhat[i] = std::ldexp(load(x[i]), -e);
-  }
-  // One pass: xhat, gs = dy * scale, the parameter gradients and both row sums.
-  A sum_gs[kLanes] = {}, sum_gx[kLanes] = {};
-  auto step = [&](int64_t i, int j) {
-    const A xh = Center ? ((xhat[i] - mean) - residual) * rstd : xhat[i] * rstd;
-    const A d = load(dy[i]), gi = d * g[i];
-    xhat[i] = xh, gs[i] = gi;
+  load_scaled<Center>(x, h, stats, xhat);
+  for (int64_t i = 0; i < h; ++i) {
+    const A xh = normalized<Center>(xhat[i], stats), d = load(dy[i]);
+    xhat[i] = xh, gs[i] = d * g[i];
     dscale[i] += d * xh, dbias[i] += d;
-    sum_gs[j] += gi, sum_gx[j] += gi * xh;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= h; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) step(i + j, j);
-  for (int j = 0; i + j < h; ++j) step(i + j, j);
-  const A n = A(h);
-  const A a = Center ? tree(sum_gs) / n : A(0), m = tree(sum_gx) / n;
-  if (e == 0) {
-    for (int64_t i = 0; i < h; ++i) dx[i] = store<T>((gs[i] - a - xhat[i] * m) * rstd);
-  } else {
-    for (int64_t i = 0; i < h; ++i) dx[i] = store<T>(std::ldexp((gs[i] - a - xhat[i] * m) * rstd, -e));
   }
+  input_grad<Center>(xhat, gs, h, stats, gs);
+  for (int64_t i = 0; i < h; ++i) dx[i] = store<T>(gs[i]);
 }
 
 template <bool Center, class T>
 void backward(ffi::ThreadPool& pool, const Layout& L, const T* x, const T* dy, T* dx, const Acc<T>* g,
               const Acc<T>* stats, Acc<T>* dscale, Acc<T>* dbias) {
   using A = Acc<T>;
-  constexpr int k = Center ? 4 : 2;
+  constexpr int k = kStats<Center>;
   const int64_t h = L.h;
   std::vector<A> partial(size_t(2 * L.chunks() * h), A(0));
   parallel_for(pool, L.chunks(), [&](int64_t c) {

@@ -29,7 +29,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from lnjax import _checks
+from lnjax import _checks, _sharding
 
 __all__ = ["available"]
 
@@ -41,6 +41,8 @@ _TARGETS = {  # FFI target name: the C symbol of its handler
     "lnjax_rms_norm_backward": "LnjaxRmsNormBackward",
     "lnjax_batch_norm_forward": "LnjaxBatchNormForward",
     "lnjax_batch_norm_backward": "LnjaxBatchNormBackward",
+    "lnjax_lstm_step_forward": "LnjaxLstmStepForward",
+    "lnjax_lstm_step_backward": "LnjaxLstmStepBackward",
 }
 
 
@@ -72,77 +74,107 @@ def available() -> bool:
 
 
 def _call(target, out, *args, **attrs):
-    return jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(*args, **attrs)
+    out = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(*args, **attrs)
+    return _sharding.varying_like(out, args)
 
 
 def _like(*arrays):
     return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
 
 
-# --- the tangents as primitives ----------------------------------------------------------------
+# --- primitives --------------------------------------------------------------------------------
+# Each kernel call is a primitive with its own JVP rule, so that every order of differentiation
+# finds a rule (a `custom_jvp` is inlined to its primal function once differentiated, inside a
+# `scan`, leaving a bare FFI call to the next order). Under `vmap` the mapped axis joins the rows
+# and the parameter groups, which every kernel takes.
+
+
+def _primitive(name, impl, *, multiple_results=False):
+    """A primitive evaluated and lowered by `impl`, batched by folding the mapped axis."""
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+    p.def_impl(impl)
+
+    def abstract(*avals, **params):
+        out = jax.eval_shape(functools.partial(impl, **params), *_like(*avals))
+        # The outputs vary over the mesh axes of the main input, inside `shard_map`.
+        shaped = lambda o: avals[0].update(shape=o.shape, dtype=o.dtype, weak_type=False)  # noqa: E731
+        return [shaped(o) for o in out] if multiple_results else shaped(out)
+
+    def batch(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        lead = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+                for a, d in zip(args, dims)]  # fmt: skip
+        out = p.bind(*[a.reshape((-1,) + a.shape[2:]) for a in lead], **params)
+        unfold = lambda o: o.reshape((size, -1) + o.shape[1:])  # noqa: E731
+        return ([unfold(o) for o in out], [0] * len(out)) if multiple_results else (unfold(out), 0)
+
+    p.def_abstract_eval(abstract)
+    mlir.register_lowering(p, mlir.lower_fun(impl, multiple_results=multiple_results))
+    batching.primitive_batchers[p] = batch
+    return p
 
 
 class _Tangent:
-    """A tangent `xla(x, scale, *aux, dx, dscale, dbias, **params)`, linear in its last three
-    inputs, as one primitive: evaluated or differentiated it is XLA's closed form `xla` (so
-    `jvp` and second derivatives run through XLA); transposed (the backward of `grad`) it is
-    `native(x, scale, *aux, ct, **params) -> (dx, dscale, dbias)`, the native kernel, itself
-    differentiable through XLA's transpose. Under `vmap` the mapped axis joins the rows and
-    the parameter groups, which every kernel takes."""
+    """A tangent `xla(*primals, *tangents, **params)`, linear in its last `num_linear` inputs,
+    as one primitive: evaluated or differentiated it is XLA's closed form `xla` (so `jvp` and
+    second derivatives run through XLA); transposed (the backward of `grad`) it is the native
+    kernel `native(*primals, ct, **params) -> grads`, itself a primitive whose derivative is
+    XLA's transpose."""
 
-    def __init__(self, name, xla, native):
-        self.xla, self.native = xla, native
-        self.p = Primitive(name)
-        self.p.def_impl(xla)
-        self.p.def_abstract_eval(lambda x, *args, **params: jax.core.ShapedArray(x.shape, x.dtype))
-        mlir.register_lowering(self.p, mlir.lower_fun(xla, multiple_results=False))
+    def __init__(self, name, xla, native, *, num_linear=3, multiple_results=False):
+        self.xla, self.num_linear, self.multiple = xla, num_linear, multiple_results
+        self.p = _primitive(name, xla, multiple_results=multiple_results)
         ad.primitive_jvps[self.p] = self._jvp
         ad.primitive_transposes[self.p] = self._transpose
-        batching.primitive_batchers[self.p] = self._batch
-        self._vjps = {}
+        # The backward: (*primals, *cts) -> grads; `linear` (static) holds the linear inputs' shapes.
+        self.backward = _primitive(f"{name}_backward", self._native_backward(native), multiple_results=True)
+        ad.primitive_jvps[self.backward] = self._backward_jvp
 
     def bind(self, *args, **params):
         return self.p.bind(*args, **params)
 
+    def _native_backward(self, native):
+        def backward(*args, linear, num_primals, **params):
+            primals, cts = args[:num_primals], args[num_primals:]
+            return tuple(native(*primals, tuple(cts) if self.multiple else cts[0], **params))
+
+        return backward
+
+    def _backward_xla(self, *args, linear, num_primals, **params):
+        primals, cts = args[:num_primals], args[num_primals:]
+        tangent = functools.partial(self.xla, *primals, **params)
+        return tuple(jax.linear_transpose(tangent, *linear)(tuple(cts) if self.multiple else cts[0]))
+
+    def _backward_jvp(self, primals, tangents, **params):
+        tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+        _, t = jax.jvp(functools.partial(self._backward_xla, **params), primals, tangents)
+        return self.backward.bind(*primals, **params), list(t)
+
     def _jvp(self, primals, tangents, **params):
         tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
-        return jax.jvp(functools.partial(self.xla, **params), primals, tangents)
-
-    def _backward_xla(self, primals, ct, params):
-        x, scale = primals[:2]
-        return jax.linear_transpose(functools.partial(self.xla, *primals, **params), x, scale, scale)(ct)
-
-    def _vjp(self, params):
-        """The native backward for these static `params`, with XLA's derivative."""
-        key = tuple(sorted(params.items()))
-        if key not in self._vjps:
-            @jax.custom_jvp
-            def vjp(primals, ct):
-                return self.native(*primals, ct, **params)
-
-            @vjp.defjvp
-            def vjp_jvp(args, tangents):
-                _, t = jax.jvp(lambda p, c: self._backward_xla(p, c, params), args, tangents)
-                return vjp(*args), t
-
-            self._vjps[key] = vjp
-        return self._vjps[key]
+        out, t = jax.jvp(functools.partial(self.xla, **params), primals, tangents)
+        return (list(out), list(t)) if self.multiple else (out, t)
 
     def _transpose(self, ct, *args, **params):
-        primals, linear = args[:-3], args[-3:]
-        if type(ct) is ad.Zero:
-            grads = [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in linear]
-        else:
-            grads = self._vjp(params)(tuple(primals), ct)
-            grads = [g if ad.is_undefined_primal(a) else None for g, a in zip(grads, linear)]
-        return [None] * len(primals) + list(grads)
+        primals, linear = args[:-self.num_linear], args[-self.num_linear:]
+        cts = list(ct) if self.multiple else [ct]
+        if all(type(c) is ad.Zero for c in cts):
+            return [None] * len(primals) + [ad.Zero(a.aval) if ad.is_undefined_primal(a) else None for a in linear]
+        shapes = tuple(jax.ShapeDtypeStruct(a.aval.shape, a.aval.dtype) if ad.is_undefined_primal(a) else _like(a)[0]
+                       for a in linear)  # fmt: skip
+        grads = self.backward.bind(*primals, *[ad.instantiate_zeros(c) for c in cts], linear=shapes,
+                                   num_primals=len(primals), **params)  # fmt: skip
+        return [None] * len(primals) + [g if ad.is_undefined_primal(a) else None for g, a in zip(grads, linear)]
 
-    def _batch(self, args, dims, **params):
-        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-        lead = [jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-                for a, d in zip(args, dims)]  # fmt: skip
-        out = self.bind(*[a.reshape((-1,) + a.shape[2:]) for a in lead], **params)
-        return out.reshape((size, -1) + out.shape[1:]), 0
+
+def _forward_primitive(name, impl, jvp):
+    """The forward kernel `impl` as a primitive with the JVP rule `jvp(primals, tangents,
+    **params) -> (outs, tangents_out)`."""
+    p = _primitive(name, impl, multiple_results=True)
+    ad.primitive_jvps[p] = lambda primals, tangents, **params: jvp(
+        p, primals, tuple(ad.instantiate_zeros(t) for t in tangents), **params)
+    return p
 
 
 def _grouped(a, groups):
@@ -214,19 +246,14 @@ def _row_stats_tangent(x, stats, dx, *, center):
 _row_tangent = _Tangent("lnjax_native_row_norm_tangent", _row_tangent_xla, _row_backward)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _row_norm(x, scale, bias, eps, center):
-    """`(y, stats)` of the native forward, differentiable to any order."""
-    return _row_forward(x, scale, bias, eps=eps, center=center)
+def _row_norm_jvp(p, primals, tangents, *, eps, center):
+    x, scale, _ = primals
+    y, stats = p.bind(*primals, eps=eps, center=center)
+    return [y, stats], [_row_tangent.bind(x, scale, stats, *tangents, center=center),
+                        _row_stats_tangent(x, stats, tangents[0], center=center)]
 
 
-@_row_norm.defjvp
-def _row_norm_jvp(eps, center, primals, tangents):
-    x, scale, bias = primals
-    # Through `_row_norm` itself, so that under a second derivative its own rule applies.
-    y, stats = _row_norm(x, scale, bias, eps, center)
-    return (y, stats), (_row_tangent.bind(x, scale, stats, *tangents, center=center),
-                        _row_stats_tangent(x, stats, tangents[0], center=center))
+_row_norm = _forward_primitive("lnjax_native_row_norm", _row_forward, _row_norm_jvp)
 
 
 # --- batch norm over columns -------------------------------------------------------------------
@@ -262,19 +289,84 @@ def _bn_tangent_xla(x, scale, mean, residual, var, dx, dscale, dbias, *, eps):
 _bn_tangent = _Tangent("lnjax_native_batch_norm_tangent", _bn_tangent_xla, _bn_backward)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _bn(x, scale, bias, eps):
-    """`(y, mean, residual, var)` of the native training-mode forward, differentiable to any order."""
-    return _bn_forward(x, scale, bias, eps=eps)
-
-
-@_bn.defjvp
-def _bn_jvp(eps, primals, tangents):
-    x, scale, bias = primals
-    out = y, mean, residual, var = _bn(x, scale, bias, eps)
+def _bn_jvp(p, primals, tangents, *, eps):
+    x, scale, _ = primals
+    y, mean, residual, var = p.bind(*primals, eps=eps)
     _, _, _, dmean, dvar = _bn_parts(x, scale, mean, residual, var, tangents[0], eps)
     t = _bn_tangent.bind(x, scale, mean, residual, var, *tangents, eps=eps)
-    return out, (t, dmean[:, 0], jnp.zeros_like(residual), dvar[:, 0])
+    return [y, mean, residual, var], [t, dmean[:, 0], jnp.zeros_like(residual), dvar[:, 0]]
+
+
+_bn = _forward_primitive("lnjax_native_batch_norm", _bn_forward, _bn_jvp)
+
+
+# --- one LSTM step: N_h, the gates, c_t and N_c ----------------------------------------------
+# Kinds: N_h 0 (bias only), 1 (layer), 2 (RMS); N_c 0 (identity), 1 (layer), 2 (RMS).
+
+
+def _lstm_forward(u, ah, cp, gh, bh, gc, bc, *, kh, kc, eps_h, eps_c):
+    stats = jax.ShapeDtypeStruct(cp.shape[:-1] + (4,), cp.dtype)
+    return _call("lnjax_lstm_step_forward", (*_like(cp, cp), stats, stats), u, ah, cp, gh, bh, gc, bc,
+                 kh=np.int64(kh), kc=np.int64(kc), eps_h=np.float64(eps_h), eps_c=np.float64(eps_c))
+
+
+def _lstm_backward(u, ah, cp, gh, bh, gc, bc, sh, sc, ct, *, kh, kc, eps_h, eps_c):
+    dc, dh = ct
+    return _call("lnjax_lstm_step_backward", _like(u, ah, cp, gh, bh, gc, bc), u, ah, cp, gh, bh, gc, bc, sh, sc,
+                 dc, dh, kh=np.int64(kh), kc=np.int64(kc))
+
+
+def _norm_xla(v, g, b, kind, eps):
+    """N(v) * g + b of `[G, rows, n]` rows with `[G, n]` parameters, in XLA (kind 0: v + b)."""
+    if kind == 1:
+        v = v - jnp.mean(v, axis=-1, keepdims=True)
+    if kind:
+        v = v * jax.lax.rsqrt(jnp.mean(v * v, axis=-1, keepdims=True) + jnp.asarray(eps, v.dtype)) * g[:, None]
+    return v + b[:, None]
+
+
+def _lstm_step_xla(u, ah, cp, gh, bh, gc, bc, *, kh, kc, eps_h, eps_c):
+    """`(c_t, h_t)` of the step in XLA: the derivative's reference."""
+    g = gh.shape[0]
+    u, ah, cp = (_grouped(a, g) for a in (u, ah, cp))
+    i, f, gg, o = jnp.split(u + _norm_xla(ah, gh, bh, kh, eps_h), 4, axis=-1)
+    c = jax.nn.sigmoid(f) * cp + jax.nn.sigmoid(i) * jnp.tanh(gg)
+    cn = _norm_xla(c, gc, bc, kc, eps_c) if kc else c
+    h = jax.nn.sigmoid(o) * jnp.tanh(cn)
+    return c.reshape((-1,) + c.shape[2:]), h.reshape((-1,) + h.shape[2:])
+
+
+def _lstm_tangent_xla(u, ah, cp, gh, bh, gc, bc, sh, sc, *tangents, **params):
+    del sh, sc  # the kernels' saved statistics; XLA recomputes them
+    _, t = jax.jvp(functools.partial(_lstm_step_xla, **params), (u, ah, cp, gh, bh, gc, bc), tangents)
+    return t
+
+
+_lstm_tangent = _Tangent("lnjax_native_lstm_step_tangent", _lstm_tangent_xla, _lstm_backward, num_linear=7,
+                         multiple_results=True)
+
+
+def _lstm_jvp(p, primals, tangents, **params):
+    out = c, h, sh, sc = p.bind(*primals, **params)
+    dc, dh = _lstm_tangent.bind(*primals, sh, sc, *tangents, **params)
+    # The statistics only feed the native backward, whose derivative (XLA's) recomputes them.
+    return list(out), [dc, dh, jnp.zeros_like(sh), jnp.zeros_like(sc)]
+
+
+_lstm = _forward_primitive("lnjax_native_lstm_step", _lstm_forward, _lstm_jvp)
+
+
+def lstm_step(u, ah, c, recurrent, cell, *, kinds: tuple[int, int], eps: tuple[float, float]):
+    """`(c_t, h_t)` of one LSTM step by the native kernels: `u` = N_x(W_x x_t) and `ah` =
+    W_h h_{t-1}, `[..., 4H]`; `c` = c_{t-1} `[..., H]`; `recurrent`, `cell`: the `(gain, bias)`
+    of N_h and N_c (None for absent ones); `kinds`, `eps`: of N_h and N_c (see above). All in
+    float32 or float64. Callers check that `available()`."""
+    h, dtype = c.shape[-1], c.dtype
+    params = [*_params_2d(*recurrent, 4 * h, dtype), *_params_2d(*cell, h, dtype)]
+    rows = lambda a: a.reshape((-1, a.shape[-1]))  # noqa: E731
+    c_new, h_new, _, _ = _lstm.bind(rows(u), rows(ah), rows(c), *params, kh=int(kinds[0]), kc=int(kinds[1]),
+                                    eps_h=float(eps[0]), eps_c=float(eps[1]))  # fmt: skip
+    return c_new.reshape(c.shape), h_new.reshape(c.shape)
 
 
 def _params_2d(scale, bias, h, dtype):
@@ -288,7 +380,7 @@ def batch_norm_train(x, scale, bias, eps: float):
     kernels: `(y, mean, var)`, the batch mean and biased variance `[C]` in the statistics
     dtype. Callers check the arguments (`lnjax.batch_norm`) and that `available()`."""
     c, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
-    y, mean, residual, var = _bn(x.reshape((-1, c)), *_params_2d(scale, bias, c, dtype), float(eps))
+    y, mean, residual, var = _bn.bind(x.reshape((-1, c)), *_params_2d(scale, bias, c, dtype), eps=float(eps))
     return y.reshape(x.shape), (mean + residual)[0], var[0]
 
 
@@ -297,4 +389,5 @@ def normalize(x, scale, bias, eps: float, *, center: bool):
     native kernels; `scale`, `bias` `[H]` or None, `eps` a Python float. Callers check the
     arguments (`lnjax.layer_norm`, `lnjax.rms_norm`) and that `available()`."""
     h, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
-    return _row_norm(x.reshape((-1, h)), *_params_2d(scale, bias, h, dtype), float(eps), center)[0].reshape(x.shape)
+    y, _ = _row_norm.bind(x.reshape((-1, h)), *_params_2d(scale, bias, h, dtype), eps=float(eps), center=center)
+    return y.reshape(x.shape)

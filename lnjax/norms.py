@@ -71,6 +71,8 @@ class Normalizer(NamedTuple):
       name: the call that built it, e.g. "layer(eps=1e-06)".
       context: the names of the keyword arguments `apply` takes besides the state and mode
         (e.g. `("axis_name", "mask")`); `run` passes only these.
+      spec: `(factory name, args, sorted keyword options)` of the call that built it, its kind
+        and options as data (e.g. `("layer", (), (("eps", 1e-06),))`).
     """
 
     init: Callable[..., dict]
@@ -78,6 +80,7 @@ class Normalizer(NamedTuple):
     init_state: Callable[..., Any] | None
     name: str
     context: tuple[str, ...] = ()
+    spec: tuple = ()
 
     @property
     def stateful(self) -> bool:
@@ -95,7 +98,9 @@ def _cached(factory):
     @functools.wraps(factory)
     def build(*args, **kwargs):
         shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in sorted(kwargs.items())]
-        make = lambda: factory(*args, **kwargs)._replace(name=f"{factory.__name__}({', '.join(shown)})")  # noqa: E731
+        spec = (factory.__name__, args, tuple(sorted(kwargs.items())))
+        make = lambda: factory(*args, **kwargs)._replace(name=f"{factory.__name__}({', '.join(shown)})",  # noqa: E731
+                                                         spec=spec)  # fmt: skip
         key = (args, tuple(sorted(kwargs.items())))
         try:
             hash(key)

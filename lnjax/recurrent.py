@@ -22,6 +22,7 @@ so that weights map across libraries by slicing.
 
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lnjax import _checks, norms
+from lnjax import _checks, _sharding, normalization, norms
+from lnjax import native as lnjax_native
 from lnjax.norms import Normalizer
 
 __all__ = [
@@ -124,30 +126,6 @@ def _check_input(x, w_x, name="x"):
     return x.astype(w_x.dtype)
 
 
-def _varying_like(carry, inputs):
-    """`carry` marked as varying over every `shard_map` axis that some input varies over.
-
-    Inside `shard_map`, a scan carry must keep its type; the zeros of a default carry vary over
-    no mesh axis, but one step mixes in sharded inputs or parameters and makes the carry vary
-    over their axes. Outside `shard_map` this is the identity.
-    """
-    def varying(x):
-        aval = jax.typeof(x)
-        mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; `vma` before
-        return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
-
-    axes = set().union(*(varying(leaf) for leaf in jax.tree.leaves(inputs)))
-
-    def cast(c):
-        missing = tuple(sorted(axes - varying(c)))
-        # A counter in the carry (an int) does not depend on the data: it stays invariant.
-        if not missing or not jnp.issubdtype(c.dtype, jnp.floating):
-            return c
-        return lax.pcast(c, missing, to="varying")
-
-    return jax.tree.map(cast, carry) if axes else carry
-
-
 def _term(spec, field, role, stateful=False):
     """The normalizer of one term; None is the unnormalized form of its role: `z + b` for a
     gate/candidate pre-activation, the identity for the LSTM's `c_t`."""
@@ -165,6 +143,24 @@ def _term(spec, field, role, stateful=False):
 
 def _unnormalized(norm) -> bool:
     return norm is None or norm in (norms.bias(), norms.identity())
+
+
+def _native_kind(norm, role):
+    """`(kind, eps)` of a term that the native LSTM step computes (kind 0: only a bias for a
+    pre-activation, nothing for the cell; 1: layer norm; 2: RMS norm, each over the whole term
+    with a Python `eps`), or None where the step stays in XLA."""
+    kind, args, options = norm.spec
+    if (kind, role) in (("bias", "pre-activation"), ("identity", "cell")):
+        return 0, 0.0
+    options = dict(options)
+    ops = {"layer": normalization.layer_norm, "rms": normalization.rms_norm}
+    if kind not in ops or args or set(options) - {"eps", "scale_init", "bias", "implementation", "groups"} \
+            or options.get("groups", 1) != 1 or options.get("implementation") not in (None, "native"):  # fmt: skip
+        return None
+    eps = options.get("eps", inspect.signature(ops[kind]).parameters["eps"].default)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return (1 if kind == "layer" else 2), float(eps)
 
 
 def _check_forget_bias(value):
@@ -312,6 +308,9 @@ class LSTMCell(_Cell):
         _check_forget_bias(self.forget_bias)
         _checks.python_bool(self.carry_normalized_cell, "carry_normalized_cell")
         self._set_terms(input_norm="pre-activation", recurrent_norm="pre-activation", cell_norm="cell")
+        terms = (_native_kind(self._recurrent_norm, "pre-activation"), _native_kind(self._cell_norm, "cell"))
+        native = None not in terms and not self.carry_normalized_cell
+        object.__setattr__(self, "_native_kinds", (tuple(k for k, _ in terms), tuple(e for _, e in terms)) if native else None)
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
@@ -334,10 +333,24 @@ class LSTMCell(_Cell):
 
     def step(self, params, carry, u):
         c, h = carry
-        c, o = _lstm_update(u + self._recurrent_norm.apply(params.get("n_h", {}), self._matmul(h, params["w_h"])), c)
-        c_out = self._cell_norm.apply(params.get("n_c", {}), c)
-        h = o * jnp.tanh(c_out)
-        return LSTMCarry(c_out if self.carry_normalized_cell else c, h), h
+        ah = self._matmul(h, params["w_h"])
+
+        def xla(u, ah, c):
+            c_new, o = _lstm_update(u + self._recurrent_norm.apply(params.get("n_h", {}), ah), c)
+            c_out = self._cell_norm.apply(params.get("n_c", {}), c_new)
+            h = o * jnp.tanh(c_out)
+            return c_out if self.carry_normalized_cell else c_new, h
+
+        kinds = self._native_kinds
+        if kinds is None or u.size == 0 or c.dtype not in (jnp.float32, jnp.float64) or u.dtype != c.dtype \
+                or not lnjax_native.available():  # fmt: skip
+            c, h = xla(u, ah, c)
+            return LSTMCarry(c, h), h
+        # The fused native step on CPU, the same step in XLA on other platforms.
+        terms = [(p.get("scale"), p.get("bias")) for p in (params.get("n_h", {}), params.get("n_c", {}))]
+        native = lambda u, ah, c: lnjax_native.lstm_step(u, ah, c, *terms, kinds=kinds[0], eps=kinds[1])  # noqa: E731
+        c, h = lax.platform_dependent(u, ah, c, cpu=native, default=xla)
+        return LSTMCarry(c, h), h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,7 +652,7 @@ def _run(cell, params, xs, *, lengths, initial_carry, reverse, precompute_inputs
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, T)
     default = functools.partial(cell.initial_carry, batch_shape, _carry_dtype(params, xs))
     initial_carry = _checked_initial_carry(initial_carry, default, batch_shape)
-    initial_carry = _varying_like(initial_carry, (params, xs, lengths))
+    initial_carry = _sharding.varying_like(initial_carry, (params, xs, lengths))
     if reverse:
         xs = _reverse_within(xs, lengths)
     xs = _zero_padding(xs, mask)

@@ -260,3 +260,67 @@ def test_batch_norm_check_grads_and_vmap_of_parameters():
     want = jax.vmap(jax.grad(loss["xla"], argnums=(0, 1)))(X, S)
     for a, w in zip(got, want):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+
+
+# --- the fused LSTM step -----------------------------------------------------------------------
+
+TERMS = {"layer": "layer", "rms": "rms", "none": None}
+
+
+def _lstm_run(cell, params, xs, impl_native, **kw):
+    """`rnn` with the native step, or with the same cell's step forced into XLA."""
+    if not impl_native:
+        cell = lnjax.LSTMCell(cell.hidden_size, cell.input_norm, _xla_term(cell.recurrent_norm),
+                              _xla_term(cell.cell_norm), forget_bias=cell.forget_bias)  # fmt: skip
+    return lnjax.rnn(cell, params, xs, **kw)
+
+
+def _xla_term(spec):
+    return None if spec is None else lnjax.norms.get(spec, implementation="xla")
+
+
+@pytest.mark.parametrize("cell_norm", sorted(TERMS))
+@pytest.mark.parametrize("recurrent_norm", sorted(TERMS))
+def test_lstm_step_matches_xla_values_and_gradients(recurrent_norm, cell_norm):
+    cell = lnjax.LSTMCell(16, None, TERMS[recurrent_norm], TERMS[cell_norm])
+    assert cell._native_kinds is not None
+    params = cell.init(jax.random.key(0), 12)
+    xs = jax.random.normal(jax.random.key(1), (5, 9, 12))
+    lengths = jnp.asarray([9, 4, 0, 9, 1], jnp.int32)
+    for kw in ({}, {"lengths": lengths, "reverse": True}, {"precompute_inputs": True}):
+        got = jax.jit(lambda p, x: _lstm_run(cell, p, x, True, **kw))(params, xs)
+        want = _lstm_run(cell, params, xs, False, **kw)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+        loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_lstm_run(cell, p, x, native, **kw)[0]))  # noqa: E731
+        g = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(params, xs)
+        w = jax.grad(loss(False), argnums=(0, 1))(params, xs)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):  # sums over batch and time: atol by size
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("terms", [("layer", "rms"), ("layer", "layer")])
+def test_lstm_step_derivatives_to_second_order_and_vmap_of_parameters(terms):
+    cell = lnjax.LSTMCell(4, None, *terms)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), cell.init(jax.random.key(2), 3))
+    xs = jax.random.normal(jax.random.key(3), (2, 3, 3), jnp.float64)
+    check_grads(lambda p, x: lnjax.rnn(cell, p, x)[0], (params, xs), order=1, modes=["fwd", "rev"])
+    # Second order against the XLA cell in float64 (finite differences of this small LSTM are
+    # too coarse there, for the XLA cell as well).
+    loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_lstm_run(cell, p, x, native)[0]))  # noqa: E731
+    for second in (lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f, argnums=1)(params, x) ** 2)),  # reverse
+                   lambda f: jax.jacfwd(lambda x: jax.grad(f, argnums=1)(params, x))):  # forward over reverse
+        np.testing.assert_allclose(second(loss(True))(xs), second(loss(False))(xs), rtol=1e-9, atol=1e-11)
+    members = jax.vmap(lambda k: cell.init(k, 3))(jax.random.split(jax.random.key(4), 3))
+    loss = lambda native: lambda p: jnp.sum(jnp.sin(_lstm_run(cell, p, xs.astype(jnp.float32), native)[0]))  # noqa: E731
+    got, want = jax.jit(jax.vmap(jax.grad(loss(True))))(members), jax.vmap(jax.grad(loss(False)))(members)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
+
+
+def test_lstm_cells_the_step_does_not_cover_keep_the_xla_path():
+    for cell in (lnjax.LSTMCell(8, recurrent_norm=lnjax.norms.layer(groups=4)),
+                 lnjax.LSTMCell(8, carry_normalized_cell=True),
+                 lnjax.LSTMCell(8, recurrent_norm=lnjax.norms.divisive(2)),
+                 lnjax.LSTMCell(8, recurrent_norm=lnjax.norms.layer(implementation="xla"))):  # fmt: skip
+        assert cell._native_kinds is None

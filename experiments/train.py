@@ -192,19 +192,21 @@ def fit(cfg: ml_collections.ConfigDict, workdir, *, progress=True, desc: str | N
         task: tasks.Task | None = None):
     """Trains the sweep `cfg` describes in `workdir`, resuming from its latest checkpoint.
 
-    Writes `workdir/config.json`, `workdir/metrics.jsonl` (one line per member per
-    evaluation), the same metrics for TensorBoard in `workdir/tensorboard/<member>/` and
-    `workdir/checkpoints/`. `progress`: show a progress bar with the training
-    loss, labelled `desc` (default `config.name`); nested in an open bar, it goes when done.
-    Returns `(final_state, metrics_rows, members)`, the state as global arrays on the mesh `config.mesh` describes. In a multi-process run
-    every process calls `fit` alike: process 0 writes the config and the metrics, all of them
-    write (their shards of) the checkpoints and restore them.
+    Writes `workdir/config.json`, `workdir/run.json` (the members and the implementation
+    choices taken), `workdir/metrics.jsonl` (one line per member per evaluation), the same
+    metrics for TensorBoard in `workdir/tensorboard/<member>/` (with the hyperparameters, and
+    the training loss every `config.log_every` steps in `.../steps/`) and `workdir/checkpoints/`.
+    `progress`: show a progress bar with the training loss, labelled `desc` (default
+    `config.name`); nested in an open bar, it goes when done. Returns `(final_state,
+    metrics_rows, members)`, the state as global arrays on the mesh `config.mesh` describes.
+    In a multi-process run every process calls `fit` alike: process 0 writes the config and
+    the metrics, all of them write (their shards of) the checkpoints and restore them.
 
     Nothing is written before every check has passed: `ConfigError` for a bad config value or
     a workdir whose config.json or checkpoints hold another run, `CheckpointError` if no
     checkpoint restores as saved (see `checkpoints.restore_latest_valid`), `WorkdirError` for a
-    workdir that cannot hold the run (see `workdir.check_workdir`) or that another run is using: process 0
-    holds an exclusive lock on `workdir/.lock` while it runs. A write that fails later (a full
+    workdir that cannot hold the run (see `workdir.check_workdir`) or that another run is
+    using: process 0 holds an exclusive lock on `workdir/.lock` while it runs. A write that fails later (a full
     disk) is a `WorkdirError` naming the file; what was saved before it is kept.
     """
     workdir = workdir_lib.workdir_path(workdir)

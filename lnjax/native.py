@@ -78,6 +78,13 @@ def _call(target, out, *args, **attrs):
     return _sharding.varying_like(out, args)
 
 
+def _alike(*args):
+    """The arguments of a kernel, all varying over the same `shard_map` axes: a parameter
+    replicated across a mesh meets data sharded over it, as in XLA's own ops (whose transpose
+    then sums the parameter's gradient over the axes)."""
+    return _sharding.varying_like(args, args)
+
+
 def _like(*arrays):
     return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays)
 
@@ -364,7 +371,7 @@ def lstm_step(u, ah, c, recurrent, cell, *, kinds: tuple[int, int], eps: tuple[f
     h, dtype = c.shape[-1], c.dtype
     params = [*_params_2d(*recurrent, 4 * h, dtype), *_params_2d(*cell, h, dtype)]
     rows = lambda a: a.reshape((-1, a.shape[-1]))  # noqa: E731
-    c_new, h_new, _, _ = _lstm.bind(rows(u), rows(ah), rows(c), *params, kh=int(kinds[0]), kc=int(kinds[1]),
+    c_new, h_new, _, _ = _lstm.bind(*_alike(rows(u), rows(ah), rows(c), *params), kh=int(kinds[0]), kc=int(kinds[1]),
                                     eps_h=float(eps[0]), eps_c=float(eps[1]))  # fmt: skip
     return c_new.reshape(c.shape), h_new.reshape(c.shape)
 
@@ -380,7 +387,7 @@ def batch_norm_train(x, scale, bias, eps: float):
     kernels: `(y, mean, var)`, the batch mean and biased variance `[C]` in the statistics
     dtype. Callers check the arguments (`lnjax.batch_norm`) and that `available()`."""
     c, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
-    y, mean, residual, var = _bn.bind(x.reshape((-1, c)), *_params_2d(scale, bias, c, dtype), eps=float(eps))
+    y, mean, residual, var = _bn.bind(*_alike(x.reshape((-1, c)), *_params_2d(scale, bias, c, dtype)), eps=float(eps))
     return y.reshape(x.shape), (mean + residual)[0], var[0]
 
 
@@ -389,5 +396,6 @@ def normalize(x, scale, bias, eps: float, *, center: bool):
     native kernels; `scale`, `bias` `[H]` or None, `eps` a Python float. Callers check the
     arguments (`lnjax.layer_norm`, `lnjax.rms_norm`) and that `available()`."""
     h, dtype = x.shape[-1], _checks.stats_dtype(x.dtype)
-    y, _ = _row_norm.bind(x.reshape((-1, h)), *_params_2d(scale, bias, h, dtype), eps=float(eps), center=center)
+    y, _ = _row_norm.bind(*_alike(x.reshape((-1, h)), *_params_2d(scale, bias, h, dtype)), eps=float(eps),
+                          center=center)  # fmt: skip
     return y.reshape(x.shape)

@@ -324,3 +324,25 @@ def test_lstm_cells_the_step_does_not_cover_keep_the_xla_path():
                  lnjax.LSTMCell(8, recurrent_norm=lnjax.norms.divisive(2)),
                  lnjax.LSTMCell(8, recurrent_norm=lnjax.norms.layer(implementation="xla"))):  # fmt: skip
         assert cell._native_kinds is None
+
+
+def test_kernels_inside_shard_map_with_gradients_of_replicated_parameters():
+    # A replicated gain meets sharded data; its gradient sums over the mesh, as on the XLA path.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",))
+    x = jax.device_put(jax.random.normal(jax.random.key(5), (8, 5, 16), jnp.float32), jax.NamedSharding(mesh, P("data")))
+    s = jnp.linspace(0.5, 1.5, 16, dtype=jnp.float32)
+
+    def grads(impl):
+        cell = lnjax.LSTMCell(16, None, lnjax.norms.layer(implementation=impl))
+
+        def loss(s, x):
+            bn = lnjax.batch_norm(x, s, s, lnjax.batch_norm_state(16), training=True, implementation=impl)[0]
+            rnn = lnjax.rnn(cell, cell.init(jax.random.key(6), 16), x)[0]
+            return jnp.sum(jnp.sin(lnjax.layer_norm(x, s, s, implementation=impl))) + jnp.sum(bn**2) + jnp.sum(rnn)
+
+        per_shard = lambda s, x: jax.lax.psum(jax.grad(loss)(s, x), "data")  # noqa: E731
+        return jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(s, x)
+
+    np.testing.assert_allclose(grads("native"), grads("xla"), rtol=1e-4, atol=1e-5)

@@ -182,7 +182,10 @@ def _norm_entries():
         lnjax_name = f"lnjax.{LNJAX_OPS[op]}"
         exact = "" if op == "rms" else ", exact variance"
         default = "training=True, default" if op == "batch" else "default"
-        register(Entry(lnjax_name, "norms", (op,), both, "lnjax", _lnjax(), f"{default}: closed-form custom_jvp{exact}"))
+        register(Entry(lnjax_name, "norms", (op,), both, "lnjax", _lnjax(),
+                       f"{default}: native C++ kernels on CPU{exact}"))
+        register(Entry(f'{lnjax_name}(implementation="fused")', "norms", (op,), both, "fused",
+                       _lnjax(implementation="fused"), f"closed-form custom_jvp in XLA (the default off CPU){exact}"))
         register(Entry(f'{lnjax_name}(implementation="xla")', "norms", (op,), both, "xla", _lnjax(implementation="xla"),
                        f"autodiff of the formula{exact}"))
         if op in fast_ops:

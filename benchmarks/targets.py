@@ -185,8 +185,9 @@ def section(norms, rnn, sweep):
         "reused, `reuse`; see Allocation); the status "
         "follows the medians. Where the load distorts the medians, the ratio of the fastest call "
         "of each contender (its best case, when the machine was momentarily free) is given for "
-        "context. lnjax's default is the closed-form derivative (`lnjax._fused`, a `custom_jvp`); "
-        "`implementation=\"xla\"` is autodiff of the formula, the default before.",
+        "context. lnjax's default on CPU is its native kernels (`lnjax.native`, C++ through XLA's "
+        "FFI); `implementation=\"fused\"` is the closed-form derivative in XLA (`lnjax._fused`, a "
+        "`custom_jvp`; the default off CPU) and `implementation=\"xla\"` autodiff of the formula.",
         "",
         table(["target", "implementation", "status", "measured"], rows),
         "",

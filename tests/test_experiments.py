@@ -1514,7 +1514,7 @@ def test_quick_reproduction_end_to_end(tmp_path, subprocess_env):
         if not same:
             assert f"inconclusive: {text} here, but {there} with seeds [2, 3]" in report
 
-    runs = reproduce._runs(quick=True)
+    runs = reproduce.plan(quick=True)
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(name for _, name, _, _ in runs)
     for _, name, _, cfg in runs:
         run_dir = out / "runs" / name
@@ -1536,19 +1536,20 @@ def test_quick_reproduction_end_to_end(tmp_path, subprocess_env):
 def test_report_statistics():
     """The report's machinery: mean ± standard error (ddof=1), Welch verdicts, paired gaps."""
     from experiments import reproduce
+    from experiments import stats as seed_stats  # scipy's `stats` is used here too
 
-    assert reproduce._fmt([1.0, 2.0, 3.0]) == f"2.0000 ± {np.std([1, 2, 3], ddof=1) / np.sqrt(3):.4f}"
-    assert reproduce._fmt([0.1, 0.2], pct=True) == "15.0 ± 5.0"
+    assert seed_stats.fmt([1.0, 2.0, 3.0]) == f"2.0000 ± {np.std([1, 2, 3], ddof=1) / np.sqrt(3):.4f}"
+    assert seed_stats.fmt([0.1, 0.2], pct=True) == "15.0 ± 5.0"
     low, high = [1.0, 1.1, 0.9, 1.05, 0.95], [2.0, 2.1, 1.9, 2.05, 1.95]
-    assert reproduce.verdict(low, high).startswith("agrees (difference -1, Welch p = ")
-    assert reproduce.verdict(high, low).startswith("disagrees")
-    assert reproduce.verdict(high, low, ">").startswith("agrees")
-    assert reproduce.verdict(low, [1.0, 1.2, 0.8, 1.1, 0.9]).startswith("inconclusive")
-    assert reproduce.verdict([1.0], high).startswith("inconclusive (fewer than 2 seeds)")
+    assert seed_stats.verdict(low, high).startswith("agrees (difference -1, Welch p = ")
+    assert seed_stats.verdict(high, low).startswith("disagrees")
+    assert seed_stats.verdict(high, low, ">").startswith("agrees")
+    assert seed_stats.verdict(low, [1.0, 1.2, 0.8, 1.1, 0.9]).startswith("inconclusive")
+    assert seed_stats.verdict([1.0], high).startswith("inconclusive (fewer than 2 seeds)")
     from scipy import stats
 
     p = stats.ttest_ind(low, high, equal_var=False).pvalue
-    assert f"p = {p:.2g}" in reproduce.verdict(low, high)
+    assert f"p = {p:.2g}" in seed_stats.verdict(low, high)
 
     def rows(values, step=10):
         return [{"step": step, "seed": s, "member": i, "diverged_at": -1, "test_error": v}
@@ -1556,11 +1557,11 @@ def test_report_statistics():
 
     # gaps pair the seeds both runs have; a diverged member is left out
     small, large = rows({0: 0.5, 1: 0.7, 2: 0.9}), rows({1: 0.2, 0: 0.1, 3: 0.0})
-    np.testing.assert_allclose(reproduce._gaps(small, large, "test_error"), [0.4, 0.5])
+    np.testing.assert_allclose(seed_stats.gaps(small, large, "test_error"), [0.4, 0.5])
     small[0]["diverged_at"] = 3
-    np.testing.assert_allclose(reproduce._gaps(small, large, "test_error"), [0.5])
+    np.testing.assert_allclose(seed_stats.gaps(small, large, "test_error"), [0.5])
     # another seed offset gives disjoint seeds
-    seeds = lambda off: {s for _, _, _, cfg in reproduce._runs(False, off) for s in cfg.sweep.seed}  # noqa: E731
+    seeds = lambda off: {s for _, _, _, cfg in reproduce.plan(False, off) for s in cfg.sweep.seed}  # noqa: E731
     assert seeds(0) == set(range(reproduce.SEEDS)) and not seeds(0) & seeds(reproduce.SEEDS)
 
 

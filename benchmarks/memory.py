@@ -79,7 +79,7 @@ def run(job):
                       if k.endswith("_in_bytes") and isinstance(getattr(ma, k, None), int)}
             name = f"remat: {label}; precompute_inputs={pre}"
             mem.append(dict(name=name, remat=label, precompute_inputs=pre, compile_s=cs, **fields))
-            if pre == lnjax.recurrent.default_precompute_inputs(B):  # time the default form only
+            if pre == lnjax.heuristics.default_precompute_inputs(B):  # time the default form only
                 cons.append(H.Contender(name, lambda g=compiled: H.block(g(params, xs, tgt)), cs))
     H.log(f"memory T={T} B={B} H={Hd} I={I}")
     rows, meta = H.compare(cons, warmup=warmup, reps=reps, rtol=1e-4, atol_frac=1e-4,

@@ -48,7 +48,7 @@ def run(job):
                            budget_s=job.get("budget_s", 60.0))
     for r in rows:
         r["tokens_per_s"] = B * T / r["median_s"]
-    default = lnjax.recurrent.default_precompute_inputs(B)
+    default = lnjax.heuristics.default_precompute_inputs(B)
     profile = {}
     if job.get("profile") and jax.default_backend() == "cpu":
         for name in (C.cell_name("LN-LSTM", default), C.PLAIN_LSTM, C.FLAX_LSTM):

@@ -171,7 +171,7 @@ def lnjax_lstm(name):
 
         # Canonical view of the plain LSTM's gradients: (dW_x [I,4H], dW_h [H,4H], d(b_x + b_h)).
         return _jax(ctx, name, "LSTM", loss_fn, ctx.params["LSTM"],
-                    note=f"precompute_inputs={lnjax.recurrent.default_precompute_inputs(ctx.B)} (default)",
+                    note=f"precompute_inputs={lnjax.heuristics.default_precompute_inputs(ctx.B)} (default)",
                     grads_view=lambda g: [g["w_x"], g["w_h"], g["n_h"]["bias"]])
     return build
 

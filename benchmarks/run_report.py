@@ -90,7 +90,7 @@ def _projection_form(rnn):
         "",
         "`True` computes `N_x(W_x x)` for all steps before the scan (one large matmul, then a "
         "`[T, B, 4H]` array); `False` computes it inside the scan, step by step. "
-        "`lnjax.recurrent.default_precompute_inputs(batch_size)` picks the form `rnn` uses "
+        "`lnjax.heuristics.default_precompute_inputs(batch_size)` picks the form `rnn` uses "
         "(column `default`; on CPU, `True` up to 8 sequences per batch).",
         "",
         M.table(["config", "cell", "True ms", "False ms", "True / False", "faster", "default"], rows),

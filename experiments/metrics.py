@@ -191,18 +191,18 @@ def run_metadata(cfg, members, mesh) -> dict:
     """What run.json records beside config.json: the members and the implementation choices
     lnjax takes for this run on this machine, as its own functions decide them."""
     import lnjax
-    from lnjax import _fused, native, recurrent
+    from lnjax import heuristics
 
+    batch = cfg.batch_size // mesh.shape[DATA] if cfg.model.kind == "rnn" else None
     choices = {
-        "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+        **heuristics.choices(batch),  # rnn_precompute_inputs: for each device's share of a batch
+        "devices": jax.device_count(), "processes": jax.process_count(),
         "mesh": dict(mesh.shape), "lnjax": lnjax.__version__, "jax": jax.__version__,
-        "native_kernels": native.available(),  # implementation=None: native on CPU if loaded
-        "fused_block_bytes": _fused.block_bytes(),  # rows per block of the fused kernels
         "norm_implementation_option": cfg.model.norm_args.get("implementation"),
         # Traced per-member options (experiments/sweep.py): lnjax's fused and native paths need
         # a Python eps, so the normalizers reading a swept eps take the XLA path.
         "traced_options": sorted(k for k in members[0] if sweep.is_traced(k)),
     }
-    if cfg.model.kind == "rnn":  # lnjax.rnn's projection form for each device's share of a batch
-        choices["rnn_precompute_inputs"] = recurrent.default_precompute_inputs(cfg.batch_size // mesh.shape[DATA])
+    if cfg.model.kind != "rnn":
+        del choices["rnn_precompute_inputs"]
     return {"members": members, "implementation": choices}

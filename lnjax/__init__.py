@@ -16,7 +16,7 @@ from lnjax.normalization import (
     rms_norm,
     weight_norm,
 )
-from lnjax import native, norms  # noqa: I001  (after the ops they wrap)
+from lnjax import heuristics, native, norms  # noqa: I001  (after the ops they wrap)
 from lnjax.recurrent import (
     BNLSTMCell,
     BNLSTMState,

@@ -27,46 +27,12 @@ than the whole array: XLA:CPU converts sliced narrow floats through float32 buff
 """
 
 import functools
-import glob
-import pathlib
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lnjax import _stats
-
-# Where the OS does not report the L2 size: the per-core L2 of the machine the rule was
-# measured on (a 2-core AMD EPYC, BENCHMARKS.md "what was tried").
-_DEFAULT_BLOCK_BYTES = 1 << 20
-
-
-def parse_cache_size(text: str) -> int:
-    """Bytes of a sysfs cache `size` entry ("1024K", "2M", "512")."""
-    text = text.strip().upper()
-    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    return int(text[:-1] if unit > 1 else text) * unit
-
-
-def l2_bytes(cache_dir="/sys/devices/system/cpu/cpu0/cache") -> int:
-    """The L2 cache size Linux's sysfs reports under `cache_dir` (`index*/level`, `size`), or
-    `_DEFAULT_BLOCK_BYTES` where it reports none."""
-    for level in sorted(glob.glob(f"{cache_dir}/index*/level")):
-        path = pathlib.Path(level)
-        try:
-            if path.read_text().strip() == "2":
-                return parse_cache_size((path.parent / "size").read_text())
-        except (OSError, ValueError):
-            break
-    return _DEFAULT_BLOCK_BYTES
-
-
-@functools.cache
-def block_bytes() -> int:
-    """Working-set size of one block of rows (float32 bytes of one operand): this machine's
-    per-core L2 cache (`l2_bytes`), so that a block's temporaries stay in it."""
-    return l2_bytes()
-
+from lnjax import _stats, heuristics
 
 def _rows(x):
     """`x` as `[rows, H]` (leading axes flattened)."""
@@ -107,7 +73,7 @@ def _row_tangent(tangent, x, dx, row_stats, params):
     n, h = x.shape
     if jax.default_backend() != "cpu":  # blocks are for CPU caches; a GPU wants one kernel
         return fn(x, dx, *row_stats, *params)
-    r, divides = _block_rows(n, h, block_bytes())
+    r, divides = _block_rows(n, h, heuristics.block_bytes())
     if r >= n or not divides or x.dtype.itemsize < 4:
         return fn(x, dx, *row_stats, *params)
 

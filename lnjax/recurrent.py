@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lnjax import _checks, _sharding, normalization, norms
+from lnjax import _checks, _sharding, heuristics, normalization, norms
 from lnjax import native as lnjax_native
 from lnjax.norms import Normalizer
 
@@ -471,19 +471,6 @@ class RNNCell(_Cell):
 # Sequence layers.
 
 
-def default_precompute_inputs(batch_size: int | None = None) -> bool:
-    """Whether `rnn` hoists `project_inputs` out of the scan by default.
-
-    On accelerators, one large matmul before the scan wins. On CPU (BENCHMARKS.md, "projection
-    form") the hoisted form measured faster or equal for batches of 1 to 8 sequences and the
-    per-step form faster for 16 and 32, so it depends on `batch_size` (the number of sequences
-    per batch; None counts as large).
-    """
-    if jax.default_backend() != "cpu":
-        return True
-    return batch_size is not None and batch_size <= 8
-
-
 def _to_time_major(xs, time_major):
     return xs if time_major else jnp.moveaxis(xs, -2, 0)
 
@@ -598,7 +585,7 @@ def rnn(
       time_major: layout of `xs` and of the outputs.
       precompute_inputs: for a cell with `project_inputs`, compute it for all steps before
         the scan (one large matmul) instead of inside it. None picks the faster form for the backend
-        (`default_precompute_inputs`). Both forms compute the same function.
+        (`lnjax.heuristics.default_precompute_inputs`). Both forms compute the same function.
       unroll: passed to `lax.scan`.
 
     Returns:
@@ -660,7 +647,7 @@ def _run(cell, params, xs, *, lengths, initial_carry, reverse, precompute_inputs
         carry, ys = lax.scan(lambda c, inp: cell.masked(params, c, *inp), initial_carry, (xs, mask), unroll=unroll)
     else:
         if precompute_inputs is None:
-            precompute_inputs = default_precompute_inputs(math.prod(batch_shape))
+            precompute_inputs = heuristics.default_precompute_inputs(math.prod(batch_shape))
         if precompute_inputs and hasattr(cell, "project_inputs"):
             xs, step = cell.project_inputs(params, xs), cell.step
         else:

@@ -819,7 +819,7 @@ def test_the_training_loss_of_every_step_reaches_tensorboard_once(tmp_path, jax_
 
 def test_run_json_records_the_implementation_choices_taken(tmp_path, jax_defaults):
     """run.json: the members, and what lnjax's own functions decide for this run and machine."""
-    from lnjax import _fused, native, recurrent
+    from lnjax import heuristics, native
 
     cfg = tiny_config(num_steps=10, norm="batch")
     cfg.sweep.model.norm_args.eps = (1e-5, 1e-3)
@@ -827,13 +827,13 @@ def test_run_json_records_the_implementation_choices_taken(tmp_path, jax_default
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["members"] == sweep.sweep_members(cfg)
     choices = meta["implementation"]
-    assert choices["native_kernels"] == native.available() and choices["fused_block_bytes"] == _fused.block_bytes()
+    assert choices["native_kernels"] == native.available() and choices["fused_block_bytes"] == heuristics.block_bytes()
     assert choices["backend"] == jax.default_backend() and choices["mesh"] == {"sweep": 1, "data": 1}
     assert choices["traced_options"] == ["model.norm_args.eps"] and "rnn_precompute_inputs" not in choices
     cfg = rnn_adding.get_config()
     cfg.batch_size = 8
     got = metrics.run_metadata(cfg, sweep.sweep_members(cfg), jax.make_mesh((1, 1), ("sweep", "data")))
-    assert got["implementation"]["rnn_precompute_inputs"] == recurrent.default_precompute_inputs(8)
+    assert got["implementation"]["rnn_precompute_inputs"] == heuristics.default_precompute_inputs(8)
 
 
 def test_curves_command_draws_every_member_and_rejects_bad_arguments(tmp_path, jax_defaults, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from lnjax import _fused
+from lnjax import _fused, heuristics
 
 
 def _stats_dtype(x):
@@ -83,7 +83,7 @@ def _inputs(shape, dtype, seed=0, offset=1.0):
 @pytest.mark.parametrize("params", ["scale+bias", "none"])
 def test_matches_autodiff_of_plain_formula(op, layout, dtype, params, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
+    monkeypatch.setattr(heuristics, "block_bytes", lambda: block_bytes)
     plain, fused, eps = OPS[op]
     x, g, scale, bias = _inputs(shape, dtype)
     scale = scale if params != "none" else None
@@ -114,7 +114,7 @@ def test_matches_autodiff_of_plain_formula(op, layout, dtype, params, monkeypatc
 @pytest.mark.parametrize("layout", LAYOUTS[1:3], ids=lambda l: f"{l[0]}-{l[1]}")
 def test_check_grads_float64(op, layout, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
+    monkeypatch.setattr(heuristics, "block_bytes", lambda: block_bytes)
     _, fused, eps = OPS[op]
     x, _, scale, bias = _inputs(shape, jnp.float64, seed=1)
     # Second order on the scan path: the hand-written backward is itself differentiable.
@@ -137,7 +137,7 @@ def test_batch_norm_statistics_and_their_gradients():
                          ids=["one-block", "scan", "whole"])
 def test_bfloat16_close_to_float32(op, layout, monkeypatch):
     shape, block_bytes = layout
-    monkeypatch.setattr(_fused, "block_bytes", lambda: block_bytes)
+    monkeypatch.setattr(heuristics, "block_bytes", lambda: block_bytes)
     plain, fused, eps = OPS[op]
     x, g, scale, bias = _inputs(shape, jnp.float32, seed=3)
     xb, gb, sb, bb = (a.astype(jnp.bfloat16) for a in (x, g, scale, bias))
@@ -189,7 +189,7 @@ def test_vmap_and_grad_compose():
 
 def test_block_size_is_the_l2_cache_the_os_reports(tmp_path):
     """No constant tuned to one CPU: a block is the per-core L2 size sysfs reports."""
-    assert [_fused.parse_cache_size(t) for t in ("1024K\n", "2M", "512", "1G")] == [1 << 20, 2 << 20, 512, 1 << 30]
+    assert [heuristics.parse_cache_size(t) for t in ("1024K\n", "2M", "512", "1G")] == [1 << 20, 2 << 20, 512, 1 << 30]
 
     def cache_dir(name, levels):
         for i, (level, size) in enumerate(levels):
@@ -199,17 +199,17 @@ def test_block_size_is_the_l2_cache_the_os_reports(tmp_path):
             (d / "size").write_text(f"{size}\n")
         return str(tmp_path / name)
 
-    assert _fused.l2_bytes(cache_dir("epyc", [(1, "32K"), (1, "32K"), (2, "1024K"), (3, "32768K")])) == 1 << 20
-    assert _fused.l2_bytes(cache_dir("xeon", [(1, "48K"), (2, "2048K"), (3, "105M")])) == 2 << 20
-    assert _fused.l2_bytes(cache_dir("no-l2", [(1, "32K")])) == _fused._DEFAULT_BLOCK_BYTES
-    assert _fused.l2_bytes(str(tmp_path / "absent")) == _fused._DEFAULT_BLOCK_BYTES
-    assert _fused.block_bytes() == _fused.l2_bytes()
+    assert heuristics.l2_bytes(cache_dir("epyc", [(1, "32K"), (1, "32K"), (2, "1024K"), (3, "32768K")])) == 1 << 20
+    assert heuristics.l2_bytes(cache_dir("xeon", [(1, "48K"), (2, "2048K"), (3, "105M")])) == 2 << 20
+    assert heuristics.l2_bytes(cache_dir("no-l2", [(1, "32K")])) == heuristics._DEFAULT_BLOCK_BYTES
+    assert heuristics.l2_bytes(str(tmp_path / "absent")) == heuristics._DEFAULT_BLOCK_BYTES
+    assert heuristics.block_bytes() == heuristics.l2_bytes()
 
 
 def test_blocks_only_on_cpu(monkeypatch):
     """On an accelerator the tangent is one program (a scan over blocks would serialize it)."""
     x, g, scale, bias = _inputs((64, 8), jnp.float32)
-    monkeypatch.setattr(_fused, "block_bytes", lambda: 4 * 8 * 4)
+    monkeypatch.setattr(heuristics, "block_bytes", lambda: 4 * 8 * 4)
 
     def scans():
         jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(_fused.layer_norm_2d(x, scale, bias, 1e-5) * g)))(x)

@@ -1033,7 +1033,7 @@ def test_fused_implementation_keeps_the_corrected_two_pass_precision(op):
 def test_fused_implementation_check_grads_forward_and_reverse_second_order(op, monkeypatch):
     # A custom_jvp: forward mode, reverse mode and their compositions all work; 16 rows in
     # blocks of 4 also exercise the blocked (lax.scan) tangent.
-    monkeypatch.setattr(_fused, "block_bytes", lambda: 4 * 8 * 4)
+    monkeypatch.setattr(lnjax.heuristics, "block_bytes", lambda: 4 * 8 * 4)
     rng = np.random.default_rng(42)
     x = jnp.asarray(rng.normal(size=(16, 8)) + 1)
     s, b = jnp.linspace(0.5, 1.5, 8), jnp.asarray(0.1 * rng.normal(size=8))

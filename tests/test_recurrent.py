@@ -1283,7 +1283,7 @@ def test_nan_in_padding_reaches_no_output_and_no_gradient():
 
 def test_default_projection_form_follows_the_batch_size_on_cpu():
     # BENCHMARKS.md, "projection form": hoisted for small batches, per step for large ones.
-    pick = lnjax.recurrent.default_precompute_inputs
+    pick = lnjax.heuristics.default_precompute_inputs
     if jax.default_backend() == "cpu":
         assert [pick(b) for b in (1, 8, 16, 32, None)] == [True, True, False, False, False]
     else:

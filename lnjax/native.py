@@ -43,6 +43,8 @@ _TARGETS = {  # FFI target name: the C symbol of its handler
     "lnjax_batch_norm_backward": "LnjaxBatchNormBackward",
     "lnjax_lstm_step_forward": "LnjaxLstmStepForward",
     "lnjax_lstm_step_backward": "LnjaxLstmStepBackward",
+    "lnjax_gru_step_forward": "LnjaxGruStepForward",
+    "lnjax_gru_step_backward": "LnjaxGruStepBackward",
 }
 
 
@@ -374,6 +376,64 @@ def lstm_step(u, ah, c, recurrent, cell, *, kinds: tuple[int, int], eps: tuple[f
     c_new, h_new, _, _ = _lstm.bind(*_alike(rows(u), rows(ah), rows(c), *params), kh=int(kinds[0]), kc=int(kinds[1]),
                                     eps_h=float(eps[0]), eps_c=float(eps[1]))  # fmt: skip
     return c_new.reshape(c.shape), h_new.reshape(c.shape)
+
+
+# --- one GRU step: N_1, N_4, the gates and h_t -------------------------------------------------
+# Kinds of N_1 (the 2H gate terms) and N_4 (the H candidate terms): 0 (bias only), 1, 2.
+
+
+def _gru_forward(u, a, hp, g1, b1, g4, b4, *, k1, k4, eps1, eps4):
+    stats = jax.ShapeDtypeStruct(hp.shape[:-1] + (4,), hp.dtype)
+    return _call("lnjax_gru_step_forward", (*_like(hp), stats, stats), u, a, hp, g1, b1, g4, b4,
+                 k1=np.int64(k1), k4=np.int64(k4), eps1=np.float64(eps1), eps4=np.float64(eps4))
+
+
+def _gru_backward(u, a, hp, g1, b1, g4, b4, s1, s4, dh, *, k1, k4, eps1, eps4):
+    return _call("lnjax_gru_step_backward", _like(u, a, hp, g1, b1, g4, b4), u, a, hp, g1, b1, g4, b4, s1, s4, dh,
+                 k1=np.int64(k1), k4=np.int64(k4))
+
+
+def _gru_step_xla(u, a, hp, g1, b1, g4, b4, *, k1, k4, eps1, eps4):
+    """`h_t` of the step in XLA: the derivative's reference."""
+    g = g4.shape[0]
+    u, a, hp = (_grouped(v, g) for v in (u, a, hp))
+    h = hp.shape[-1]
+    rz = jax.nn.sigmoid(u[..., : 2 * h] + _norm_xla(a[..., : 2 * h], g1, b1, k1, eps1))
+    r, z = rz[..., :h], rz[..., h:]
+    n = jnp.tanh(u[..., 2 * h :] + r * _norm_xla(a[..., 2 * h :], g4, b4, k4, eps4))
+    out = z * hp + (1 - z) * n
+    return out.reshape((-1,) + out.shape[2:])
+
+
+def _gru_tangent_xla(u, a, hp, g1, b1, g4, b4, s1, s4, *tangents, **params):
+    del s1, s4  # the kernels' saved statistics; XLA recomputes them
+    return jax.jvp(functools.partial(_gru_step_xla, **params), (u, a, hp, g1, b1, g4, b4), tangents)[1]
+
+
+_gru_tangent = _Tangent("lnjax_native_gru_step_tangent", _gru_tangent_xla,
+                        lambda *args, **params: _gru_backward(*args, **params), num_linear=7)
+
+
+def _gru_jvp(p, primals, tangents, **params):
+    out = _, s1, s4 = p.bind(*primals, **params)
+    dh = _gru_tangent.bind(*primals, s1, s4, *tangents, **params)
+    return list(out), [dh, jnp.zeros_like(s1), jnp.zeros_like(s4)]
+
+
+_gru = _forward_primitive("lnjax_native_gru_step", _gru_forward, _gru_jvp)
+
+
+def gru_step(u, a, h, gates, candidate, *, kinds: tuple[int, int], eps: tuple[float, float]):
+    """`h_t` of one GRU step by the native kernels: `u` = [N_2(W_x x_t), N_3(W x_t)] and `a` =
+    U h_{t-1}, `[..., 3H]`; `h` = h_{t-1} `[..., H]`; `gates`, `candidate`: the `(gain, bias)` of
+    N_1 and N_4 (None for absent ones); `kinds`, `eps`: of N_1 and N_4. All in float32 or
+    float64. Callers check that `available()`."""
+    width, dtype = h.shape[-1], h.dtype
+    params = [*_params_2d(*gates, 2 * width, dtype), *_params_2d(*candidate, width, dtype)]
+    rows = lambda v: v.reshape((-1, v.shape[-1]))  # noqa: E731
+    h_new, _, _ = _gru.bind(*_alike(rows(u), rows(a), rows(h), *params), k1=int(kinds[0]), k4=int(kinds[1]),
+                            eps1=float(eps[0]), eps4=float(eps[1]))  # fmt: skip
+    return h_new.reshape(h.shape)
 
 
 def _params_2d(scale, bias, h, dtype):

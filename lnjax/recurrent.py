@@ -163,6 +163,18 @@ def _native_kind(norm, role):
     return (1 if kind == "layer" else 2), float(eps)
 
 
+def _native_kinds(*terms):
+    """`((kinds...), (eps...))` of `(normalizer, role)` terms a native step computes, or None."""
+    found = [_native_kind(norm, role) for norm, role in terms]
+    return None if None in found else (tuple(k for k, _ in found), tuple(e for _, e in found))
+
+
+def _native_applies(kinds, u, carry) -> bool:
+    """Whether a step with these terms' `kinds` runs natively for these operands."""
+    return (kinds is not None and u.size > 0 and carry.dtype in (jnp.float32, jnp.float64) and u.dtype == carry.dtype
+            and lnjax_native.available())  # fmt: skip
+
+
 def _check_forget_bias(value):
     """`forget_bias` as one finite real number (it is written into a bias array at `init`)."""
     _checks.real_scalar(value, "forget_bias")
@@ -308,9 +320,8 @@ class LSTMCell(_Cell):
         _check_forget_bias(self.forget_bias)
         _checks.python_bool(self.carry_normalized_cell, "carry_normalized_cell")
         self._set_terms(input_norm="pre-activation", recurrent_norm="pre-activation", cell_norm="cell")
-        terms = (_native_kind(self._recurrent_norm, "pre-activation"), _native_kind(self._cell_norm, "cell"))
-        native = None not in terms and not self.carry_normalized_cell
-        object.__setattr__(self, "_native_kinds", (tuple(k for k, _ in terms), tuple(e for _, e in terms)) if native else None)
+        kinds = _native_kinds((self._recurrent_norm, "pre-activation"), (self._cell_norm, "cell"))
+        object.__setattr__(self, "_native_kinds", None if self.carry_normalized_cell else kinds)
 
     def init(self, key, input_size, dtype=jnp.float32):
         input_size = _checks.positive_int(input_size, "input_size")
@@ -342,8 +353,7 @@ class LSTMCell(_Cell):
             return c_out if self.carry_normalized_cell else c_new, h
 
         kinds = self._native_kinds
-        if kinds is None or u.size == 0 or c.dtype not in (jnp.float32, jnp.float64) or u.dtype != c.dtype \
-                or not lnjax_native.available():  # fmt: skip
+        if not _native_applies(kinds, u, c):
             c, h = xla(u, ah, c)
             return LSTMCarry(c, h), h
         # The fused native step on CPU, the same step in XLA on other platforms.
@@ -419,10 +429,21 @@ class GRUCell(_Cell):
     def step(self, params, carry, u):
         H, (n1, n4) = self.hidden_size, self._recurrent_norm
         a = self._matmul(carry, params["w_h"])
-        gates = u[..., : 2 * H] + n1.apply(params.get("n_h_gates", {}), a[..., : 2 * H])
-        r, z = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
-        n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params.get("n_h_cand", {}), a[..., 2 * H :]))
-        h = z * carry + (1 - z) * n
+
+        def xla(u, a, carry):
+            gates = u[..., : 2 * H] + n1.apply(params.get("n_h_gates", {}), a[..., : 2 * H])
+            r, z = jnp.split(jax.nn.sigmoid(gates), 2, axis=-1)
+            n = jnp.tanh(u[..., 2 * H :] + r * n4.apply(params.get("n_h_cand", {}), a[..., 2 * H :]))
+            return z * carry + (1 - z) * n
+
+        kinds = _native_kinds((n1, "pre-activation"), (n4, "pre-activation"))
+        if not _native_applies(kinds, u, carry):
+            h = xla(u, a, carry)
+            return h, h
+        # The fused native step on CPU, the same step in XLA on other platforms.
+        terms = [(p.get("scale"), p.get("bias")) for p in (params.get("n_h_gates", {}), params.get("n_h_cand", {}))]
+        native = lambda u, a, h: lnjax_native.gru_step(u, a, h, *terms, kinds=kinds[0], eps=kinds[1])  # noqa: E731
+        h = lax.platform_dependent(u, a, carry, cpu=native, default=xla)
         return h, h
 
 

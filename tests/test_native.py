@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from unittest import mock
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -267,16 +268,13 @@ def test_batch_norm_check_grads_and_vmap_of_parameters():
 TERMS = {"layer": "layer", "rms": "rms", "none": None}
 
 
-def _lstm_run(cell, params, xs, impl_native, **kw):
-    """`rnn` with the native step, or with the same cell's step forced into XLA."""
-    if not impl_native:
-        cell = lnjax.LSTMCell(cell.hidden_size, cell.input_norm, _xla_term(cell.recurrent_norm),
-                              _xla_term(cell.cell_norm), forget_bias=cell.forget_bias)  # fmt: skip
-    return lnjax.rnn(cell, params, xs, **kw)
-
-
-def _xla_term(spec):
-    return None if spec is None else lnjax.norms.get(spec, implementation="xla")
+def _run(cell, params, xs, native, **kw):
+    """`rnn` with the native kernels, or with them hidden (every op and step then in XLA; the
+    check is made while tracing, so the call is traced here, not reused from a cache)."""
+    if native:
+        return lnjax.rnn(cell, params, xs, **kw)
+    with mock.patch.object(lnjax.native, "available", lambda: False):
+        return jax.jit(lambda p, x: lnjax.rnn(cell, p, x, **kw))(params, xs)
 
 
 @pytest.mark.parametrize("cell_norm", sorted(TERMS))
@@ -287,12 +285,14 @@ def test_lstm_step_matches_xla_values_and_gradients(recurrent_norm, cell_norm):
     params = cell.init(jax.random.key(0), 12)
     xs = jax.random.normal(jax.random.key(1), (5, 9, 12))
     lengths = jnp.asarray([9, 4, 0, 9, 1], jnp.int32)
+    assert "lnjax_native_lstm_step" in str(jax.make_jaxpr(lambda p: _run(cell, p, xs, True))(params))
+    assert "lnjax_native_lstm_step" not in str(jax.make_jaxpr(lambda p: _run(cell, p, xs, False))(params))
     for kw in ({}, {"lengths": lengths, "reverse": True}, {"precompute_inputs": True}):
-        got = jax.jit(lambda p, x: _lstm_run(cell, p, x, True, **kw))(params, xs)
-        want = _lstm_run(cell, params, xs, False, **kw)
+        got = jax.jit(lambda p, x: _run(cell, p, x, True, **kw))(params, xs)
+        want = _run(cell, params, xs, False, **kw)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-        loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_lstm_run(cell, p, x, native, **kw)[0]))  # noqa: E731
+        loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_run(cell, p, x, native, **kw)[0]))  # noqa: E731
         g = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(params, xs)
         w = jax.grad(loss(False), argnums=(0, 1))(params, xs)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w)):  # sums over batch and time: atol by size
@@ -307,15 +307,34 @@ def test_lstm_step_derivatives_to_second_order_and_vmap_of_parameters(terms):
     check_grads(lambda p, x: lnjax.rnn(cell, p, x)[0], (params, xs), order=1, modes=["fwd", "rev"])
     # Second order against the XLA cell in float64 (finite differences of this small LSTM are
     # too coarse there, for the XLA cell as well).
-    loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_lstm_run(cell, p, x, native)[0]))  # noqa: E731
+    loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_run(cell, p, x, native)[0]))  # noqa: E731
     for second in (lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f, argnums=1)(params, x) ** 2)),  # reverse
                    lambda f: jax.jacfwd(lambda x: jax.grad(f, argnums=1)(params, x))):  # forward over reverse
         np.testing.assert_allclose(second(loss(True))(xs), second(loss(False))(xs), rtol=1e-9, atol=1e-11)
     members = jax.vmap(lambda k: cell.init(k, 3))(jax.random.split(jax.random.key(4), 3))
-    loss = lambda native: lambda p: jnp.sum(jnp.sin(_lstm_run(cell, p, xs.astype(jnp.float32), native)[0]))  # noqa: E731
+    loss = lambda native: lambda p: jnp.sum(jnp.sin(_run(cell, p, xs.astype(jnp.float32), native)[0]))  # noqa: E731
     got, want = jax.jit(jax.vmap(jax.grad(loss(True))))(members), jax.vmap(jax.grad(loss(False)))(members)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("candidate", sorted(TERMS))
+@pytest.mark.parametrize("gates", sorted(TERMS))
+def test_gru_step_matches_xla_values_and_gradients(gates, candidate):
+    cell = lnjax.GRUCell(16, None, (TERMS[gates], TERMS[candidate]))
+    params = cell.init(jax.random.key(0), 12)
+    xs = jax.random.normal(jax.random.key(1), (5, 9, 12))
+    kw = {"lengths": jnp.asarray([9, 4, 0, 9, 1], jnp.int32), "reverse": True}
+    for a, b in zip(jax.tree.leaves(jax.jit(lambda p, x: _run(cell, p, x, True, **kw))(params, xs)),
+                    jax.tree.leaves(_run(cell, params, xs, False, **kw))):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    loss = lambda native: lambda p, x: jnp.sum(jnp.sin(_run(cell, p, x, native, **kw)[0]))  # noqa: E731
+    got = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(params, xs)
+    want = jax.grad(loss(False), argnums=(0, 1))(params, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
+    assert "lnjax_native_gru_step" in str(jax.make_jaxpr(lambda p: _run(cell, p, xs, True))(params))
+    assert "lnjax_native_gru_step" not in str(jax.make_jaxpr(lambda p: _run(cell, p, xs, False))(params))
 
 
 def test_lstm_cells_the_step_does_not_cover_keep_the_xla_path():

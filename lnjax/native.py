@@ -1,16 +1,18 @@
-"""Native CPU kernels for layer and RMS norm over the last axis, through XLA's FFI.
+"""Native CPU kernels through XLA's FFI: layer and RMS norm over the last axis, training-mode
+batch norm, and one step of the LSTM and GRU cells (`csrc/`, built by `pip install .` with the
+machine's compiler).
 
-The C++ kernels (`csrc/row_norms.cc`, built by `pip install .` with the machine's compiler)
-normalize each row in cache, in one thread, with the same code whatever the batch: a row's
-output is bitwise independent of the other rows, of jit vs eager and of the thread count.
-The statistics are the exact corrected two-pass ones, and a row whose magnitude would
-overflow or underflow its squares is first scaled by a power of two (exact), so every
-finite input gives a finite, correct output.
+The row kernels normalize each row in cache, in one thread, with the same code whatever the
+batch: a row's output is bitwise independent of the other rows, of jit vs eager and of the
+thread count. The statistics are the exact corrected two-pass ones, and a row whose squares
+would overflow or underflow is first scaled by a power of two (exact), so every finite input
+gives a finite, correct output. Sums across rows (batch statistics, parameter gradients) are
+combined in a fixed order.
 
-Differentiation: forward mode, reverse mode and higher derivatives all work. The derivative
-is a `jax.custom_jvp` whose tangent is one linear primitive: it lowers to the closed form in
-XLA (so `jvp`, `jacfwd` and second derivatives run through XLA), and its transpose, the
-backward of `grad`/`vjp`, is the native backward kernel.
+Differentiation: every kernel call is a primitive with its own JVP rule, whose tangent is one
+linear primitive: it lowers to the closed form in XLA (so `jvp`, `jacfwd` and second
+derivatives run through XLA), and its transpose, the backward of `grad`/`vjp`, is the native
+backward kernel. Under `vmap` the mapped axis joins the rows and the parameter groups.
 
 `available()` says whether the kernels are loaded; where they are not (no C++ compiler at
 install time), lnjax warns once and uses its XLA path, with the same results to float
@@ -67,7 +69,7 @@ def available() -> bool:
     path = _library_path()
     if path is None:
         warnings.warn("lnjax: the native CPU kernels were not built (no C++ compiler when lnjax was "
-                      "installed?); layer and RMS norm use the XLA path.", RuntimeWarning, stacklevel=2)  # fmt: skip
+                      "installed?); the norms and RNN steps use the XLA path.", RuntimeWarning, stacklevel=2)  # fmt: skip
         return False
     lib = ctypes.CDLL(str(path))
     for target, symbol in _TARGETS.items():

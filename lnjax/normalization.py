@@ -16,7 +16,7 @@ run on CPU in the native kernels of `lnjax.native` (C++ through XLA's FFI: one p
 row in cache, exact and overflow-safe statistics, bitwise batch-invariant), and on other
 platforms, or where the kernels were not built, in the fused path of `lnjax._fused`; the
 choice is made per platform when the program is lowered. Training-mode batch norm over every
-axis but the last, without `mask` or `axis_name`, takes the fused path. The fused path is a
+axis but the last, without `mask` or `axis_name`, takes the same two paths. The fused path is a
 `jax.custom_jvp` whose tangent is the closed form: reverse mode then saves only `x` and the
 per-row statistics and runs the textbook backward (for float32, one cache-sized block of rows
 at a time). Forward mode, second derivatives, vmap and checkpointing work on every path.
@@ -242,8 +242,8 @@ def batch_norm(x, scale, bias, state: BatchNormState, *, training: bool, axis=-1
       fast_variance: one-pass variance (see `moments`).
       unbiased_running_var: the running variance averages the unbiased batch variance (True)
         or the biased one (False).
-      implementation: None (default: "fused" where it applies, else "xla"), "xla" (autodiff
-        of the formula) or "fused" (closed-form derivative; see the module docstring).
+      implementation: None (default: "native" on CPU where it applies, else "fused" where it
+        applies, else "xla"), "native", "fused" or "xla", as for `layer_norm`.
         Training mode only (inference is elementwise), over every axis but the last, without
         `mask`/`axis_name`.
 
